@@ -1,0 +1,42 @@
+# Quick start: `make demo` (build the demo corpus) and `make test` (run the suite). Both create .venv when missing.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Set-up is redone only when the dependency declaration changes.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+export PATH := $(abspath $(BIN)):$(PATH)
+export PYSPARK_PYTHON := $(abspath $(BIN))/python
+export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN))/python
+
+.PHONY: setup demo test lint bench clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*##' Makefile | sed 's/:.*## /\t/'
+
+$(STAMP):
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch pinned: 2.13.0 takes the CPU build here and the normal CUDA build on a GPU machine.
+	$(BIN)/python -m pip install -q "torch==2.13.0" -e ".[train,knowledge,dev]"
+	# The official cell2sentence package, used only as the reference in tests and benchmarks.
+	# --no-deps: its declared deps (jupyterlab, sphinx, ...) are not needed for its conversion code.
+	$(BIN)/python -m pip install -q --no-deps "cell2sentence==1.2.0" && $(BIN)/python -m pip install -q "plotnine>=0.13" "scikit-learn>=1.3"
+	@rm -f $(VENV)/.installed-*; touch $@
+
+setup: $(STAMP)  ## create .venv and install the project (editable) with all extras
+
+demo: setup  ## build the demo corpus into ./corpus with spark-submit (generates the demo Census at first run)
+	$(BIN)/spark-submit etl/build_corpus.py
+
+test: setup  ## run the test suite
+	$(BIN)/python -m pytest -q tests
+
+lint: setup  ## ruff
+	$(BIN)/ruff check etl training schemas tests benchmarks jobs
+
+bench: setup  ## the ETL benchmark (see BENCHMARKS.md)
+	$(BIN)/python benchmarks/etl_bench.py --cells 20000
+
+clean:  ## remove generated data (not .venv)
+	rm -rf corpus data .pytest_cache

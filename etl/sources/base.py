@@ -1,0 +1,112 @@
+"""What every source hands the pipeline: a plan of tasks (driver side) and blocks of cells (worker side).
+
+Nothing downstream knows which source a block came from. A task is a plain, picklable description of a
+contiguous slice of one dataset (a joinid range, or a sampled list of joinids); workers rebuild their
+handles (SOMA contexts, h5py files) from it and never receive one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+ORGANISMS: dict[str, str] = {
+    "homo_sapiens": "Homo sapiens",
+    "mus_musculus": "Mus musculus",
+    "macaca_mulatta": "Macaca mulatta",
+    "callithrix_jacchus": "Callithrix jacchus",
+    "pan_troglodytes": "Pan troglodytes",
+}
+_ALIASES = {"human": "homo_sapiens", "mouse": "mus_musculus", "rhesus": "macaca_mulatta",
+            "marmoset": "callithrix_jacchus", "chimpanzee": "pan_troglodytes"}
+
+
+class InputError(ValueError):
+    """Bad input, with a message that names the input (file, URI, column, organism)."""
+
+
+def normalise_organism(name: str) -> str:
+    """'Homo sapiens', 'homo_sapiens', 'human' -> 'homo_sapiens'; anything else is an InputError."""
+    key = name.strip().lower().replace(" ", "_")
+    key = _ALIASES.get(key, key)
+    if key not in ORGANISMS:
+        raise InputError(f"unknown organism {name!r}; known: {', '.join(ORGANISMS)} (or human, mouse)")
+    return key
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(value: str) -> str:
+    """A value usable as a partition directory name (dataset ids from file names may hold anything)."""
+    out = _SAFE.sub("_", value).strip("._")
+    if not out:
+        raise InputError(f"cannot make a directory name from {value!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class Task:
+    """One Spark task: cells [lo, hi] (inclusive joinids) of one dataset, or explicit sampled joinids."""
+
+    task_id: str  # deterministic: organism/dataset_id/index; names the output part
+    kind: str  # "census" | "h5ad"
+    uri: str  # Census root URI, or the h5ad path
+    organism: str
+    dataset_id: str
+    index: int
+    lo: int
+    hi: int
+    n_cells: int  # cells the plan expects this task to read
+    var_key: str  # which var table (VarTable) the block's column ids index
+    joinids: tuple[int, ...] | None = None
+    options: dict = field(default_factory=dict, hash=False, compare=False)  # source options (plain data)
+
+    @property
+    def part_name(self) -> str:
+        return f"part-{self.index:05d}.parquet"
+
+    @property
+    def rel_path(self) -> str:
+        return f"sentences/organism={self.organism}/dataset_id={self.dataset_id}/{self.part_name}"
+
+
+@dataclass
+class Block:
+    """Whole cells: obs labels (one row per cell, in row order) and their raw counts as CSR."""
+
+    obs: pa.Table  # soma_joinid, cell_id, and label columns as plain strings
+    indptr: np.ndarray
+    indices: np.ndarray  # column ids into the source's var (col_token index)
+    data: np.ndarray
+    joinids: np.ndarray  # int64, stable per-cell ids (seed the tie-break)
+
+
+@dataclass
+class VarTable:
+    """One source var table: the word each column is written as (see encode.var_words)."""
+
+    organism: str
+    feature_ids: list[str]
+    words: list[str]
+    missing_symbol: int  # rows without a symbol; their feature_id is their word
+
+
+@dataclass
+class SourcePlan:
+    """What the driver learned: tasks, var tables, and the source description."""
+
+    tasks: list[Task]
+    vars: dict[str, VarTable]  # var_key -> table
+    description: dict  # kind, URIs, versions: recorded in the manifest and the run key
+    planned: dict[str, dict[str, int]]  # organism -> dataset_id -> cells planned
+
+
+def split_sorted(joinids: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    """Chunks of at most `size` from sorted joinids."""
+    for i in range(0, len(joinids), size):
+        yield joinids[i : i + size]

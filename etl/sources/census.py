@@ -1,0 +1,214 @@
+"""The CELLxGENE Census (or any Census-shaped SOMA collection) as a source.
+
+Driver: resolve the version to a URI once, read obs joinids (and dataset ids) under the value filter, read
+var, and cut each dataset into tasks of contiguous joinids. Workers: open the collection from the URI with
+their own context (cached per Python worker; contexts are never pickled), and read X `raw` with
+`blockwise(axis=0)`, the only read that keeps whole cells per block.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from etl.encode import var_words
+from etl.sources.base import (
+    Block,
+    InputError,
+    SourcePlan,
+    Task,
+    VarTable,
+    normalise_organism,
+    split_sorted,
+)
+from schemas import LABEL_COLUMNS, UNKNOWN
+
+log = logging.getLogger(__name__)
+
+MiB = 1024**2
+
+
+def tiledb_config(cores: int = 1, buffer_mib: int = 128, region: str | None = None) -> dict[str, Any]:
+    """A TileDB config sized for one Spark task: small per-column buffers, concurrency near the cores."""
+    cfg: dict[str, Any] = {
+        "soma.init_buffer_bytes": buffer_mib * MiB,
+        "py.init_buffer_bytes": buffer_mib * MiB,
+        "sm.compute_concurrency_level": max(1, cores),
+        "sm.io_concurrency_level": max(1, cores),
+        "soma.compute_concurrency_level": max(1, cores),
+    }
+    if region:
+        cfg["vfs.s3.region"] = region
+    return cfg
+
+
+_OPEN: dict[tuple, Any] = {}
+
+
+def open_census(uri: str, config: dict[str, Any] | None = None):
+    """The collection at `uri`, opened once per process and config (a worker's cache)."""
+    import cellxgene_census
+
+    # the pid guards against a handle inherited through a fork (TileDB state must not cross one)
+    key = (uri, os.getpid(), tuple(sorted((config or {}).items())))
+    if key not in _OPEN:
+        try:
+            _OPEN[key] = cellxgene_census.open_soma(uri=uri, tiledb_config=config or {})
+        except Exception as e:  # tiledbsoma raises several types for a missing or unreadable URI
+            raise InputError(f"cannot open the Census-shaped SOMA collection at {uri!r}: {e}") from e
+    return _OPEN[key]
+
+
+def resolve(census_version: str | None, census_uri: str | None) -> dict[str, Any]:
+    """Resolve the source once on the driver: a version becomes its URI and region (network call)."""
+    if census_uri:
+        return {"kind": "census", "uri": census_uri, "census_version": None, "s3_region": None}
+    import cellxgene_census
+
+    try:
+        desc = cellxgene_census.get_census_version_description(census_version)
+        with cellxgene_census.open_soma(census_version=census_version) as census:
+            uri = census.uri
+    except Exception as e:
+        raise InputError(f"cannot resolve Census version {census_version!r}: {e}") from e
+    return {
+        "kind": "census",
+        "uri": uri,
+        "census_version": desc.get("release_build", census_version),
+        "s3_region": desc.get("soma", {}).get("s3_region"),
+    }
+
+
+def _summary(census) -> dict[str, str]:
+    try:
+        t = census["census_info"]["summary"].read().concat().to_pydict()
+        return dict(zip(t["label"], map(str, t["value"]), strict=True))
+    except Exception:
+        return {}
+
+
+def plan(
+    source: dict[str, Any],
+    *,
+    organisms: list[str],
+    obs_filter: str | None,
+    max_cells: int | None,
+    cells_per_task: int,
+    seed: int,
+    uppercase: bool,
+) -> SourcePlan:
+    """Plan tasks from obs joinids only (never X)."""
+    config = tiledb_config(cores=os.cpu_count() or 1, buffer_mib=256, region=source.get("s3_region"))
+    census = open_census(source["uri"], config)
+    if "census_data" not in census:
+        raise InputError(f"{source['uri']!r} is not a Census: no census_data collection")
+    desc = dict(source)
+    desc["summary"] = _summary(census)
+    tasks: list[Task] = []
+    vars_: dict[str, VarTable] = {}
+    planned: dict[str, dict[str, int]] = {}
+    for org_name in organisms:
+        organism = normalise_organism(org_name)
+        if organism not in census["census_data"]:
+            present = ", ".join(sorted(census["census_data"].keys()))
+            raise InputError(f"organism {organism!r} is not in {source['uri']!r} (present: {present})")
+        exp = census["census_data"][organism]
+        var = exp.ms["RNA"].var.read(column_names=["soma_joinid", "feature_id", "feature_name"]).concat()
+        if "feature_name" not in var.column_names:
+            raise InputError(f"{source['uri']!r} {organism} var has no feature_name column")
+        order = np.argsort(var["soma_joinid"].to_numpy())
+        var_joinids = var["soma_joinid"].to_numpy()[order]
+        if not np.array_equal(var_joinids, np.arange(len(var_joinids))):
+            raise InputError(f"{source['uri']!r} {organism} var soma_joinids are not 0..n-1")
+        fids = np.asarray(var["feature_id"].to_pylist(), dtype=object)[order]
+        names = np.asarray(var["feature_name"].to_pylist(), dtype=object)[order]
+        words, missing = var_words(fids, names, uppercase=uppercase)
+        vars_[organism] = VarTable(organism, list(fids), words, missing)
+
+        try:
+            obs = exp.obs.read(column_names=["soma_joinid", "dataset_id"], value_filter=obs_filter).concat()
+        except Exception as e:
+            raise InputError(f"obs filter {obs_filter!r} failed on {organism}: {e}") from e
+        joinids = obs["soma_joinid"].to_numpy()
+        datasets = obs["dataset_id"].combine_chunks()
+        if pa.types.is_dictionary(datasets.type):
+            codes = datasets.indices.to_numpy(zero_copy_only=False)
+            labels = np.asarray(datasets.dictionary.to_pylist(), dtype=object)
+        else:
+            labels, codes = np.unique(np.asarray(datasets.to_pylist(), dtype=object), return_inverse=True)
+        if max_cells and len(joinids) > max_cells:
+            rng = np.random.default_rng(seed)
+            pick = np.sort(rng.choice(len(joinids), size=max_cells, replace=False))
+            joinids, codes = joinids[pick], codes[pick]
+        planned[organism] = {}
+        for code in np.unique(codes):
+            dataset_id = str(labels[code])
+            ids = np.sort(joinids[codes == code])
+            planned[organism][dataset_id] = len(ids)
+            contiguous_all = max_cells is None or len(joinids) <= max_cells
+            for i, chunk in enumerate(split_sorted(ids, cells_per_task)):
+                lo, hi = int(chunk[0]), int(chunk[-1])
+                # a range (re-filtered by the worker) when the plan took every matching cell; else the list
+                explicit = None if contiguous_all else tuple(int(x) for x in chunk)
+                tasks.append(Task(
+                    task_id=f"{organism}/{dataset_id}/{i:05d}", kind="census", uri=source["uri"],
+                    organism=organism, dataset_id=dataset_id, index=i, lo=lo, hi=hi, n_cells=len(chunk),
+                    var_key=organism, joinids=explicit,
+                    options={"obs_filter": obs_filter, "s3_region": source.get("s3_region")},
+                ))  # fmt: skip
+        log.info("%s: %d cells in %d datasets planned", organism, sum(planned[organism].values()),
+                 len(planned[organism]))
+    return SourcePlan(tasks=tasks, vars=vars_, description=desc, planned=planned)
+
+
+OBS_READ = ["soma_joinid", "observation_joinid", "dataset_id", *LABEL_COLUMNS, "is_primary_data"]
+
+
+def _plain(col: pa.ChunkedArray) -> pa.Array:
+    """Dictionary / large_string label columns as plain strings (Spark and parquet readers want those)."""
+    col = col.combine_chunks()
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    return col.cast(pa.string())
+
+
+def read_task(task: Task, *, block_size: int, cores: int = 1, buffer_mib: int = 128) -> Iterator[Block]:
+    """Whole-cell blocks of one task, in joinid order."""
+    import tiledbsoma as soma
+
+    census = open_census(task.uri, tiledb_config(cores, buffer_mib, task.options.get("s3_region")))
+    exp = census["census_data"][task.organism]
+    coords = (np.asarray(task.joinids, dtype=np.int64),) if task.joinids else (slice(task.lo, task.hi),)
+    query = exp.axis_query(
+        "RNA", obs_query=soma.AxisQuery(coords=coords, value_filter=task.options.get("obs_filter"))
+    )
+    with query:
+        present = set(exp.obs.schema.names)
+        obs = query.obs(column_names=[c for c in OBS_READ if c in present]).concat()
+        obs = obs.sort_by("soma_joinid")
+        obs_ids = obs["soma_joinid"].to_numpy()
+        n = obs.num_rows
+        cols: dict[str, pa.Array] = {"soma_joinid": pa.array(obs_ids, pa.int64())}
+        cols["cell_id"] = (_plain(obs["observation_joinid"]) if "observation_joinid" in present
+                           else pa.array(obs_ids.astype(str), pa.string()))
+        for c in LABEL_COLUMNS:
+            cols[c] = _plain(obs[c]) if c in present else pa.array([UNKNOWN] * n, pa.string())
+        cols["is_primary_data"] = (obs["is_primary_data"].combine_chunks() if "is_primary_data" in present
+                                   else pa.array([True] * n))
+        labels = pa.table(cols)
+        blocks = query.X("raw").blockwise(axis=0, size=block_size, reindex_disable_on_axis=[1]).scipy()
+        for csr, (row_ids, _col_ids) in blocks:
+            row_ids = np.asarray(row_ids, dtype=np.int64)
+            pos = np.searchsorted(obs_ids, row_ids)
+            yield Block(
+                obs=labels.take(pa.array(pos)),
+                indptr=csr.indptr,
+                indices=csr.indices,
+                data=csr.data,
+                joinids=row_ids,
+            )

@@ -1,0 +1,247 @@
+"""The sentences stage: tasks → rank-encoded parquet parts, plus the statistics gathered in the same pass.
+
+`run_task` is plain Python (tests and benchmarks call it without Spark): it reads one task's blocks, encodes
+them, streams them into one parquet part, and writes a small `.npz` beside the staging area as the task's
+commit marker. A re-run finds finished tasks by that marker and reuses them, so a killed run resumes with
+no duplicate or partial part. `run_spark` is the thin orchestration: one Spark task per plan task, results
+merged with treeReduce (never collected one by one to the driver).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import xxhash
+
+from etl.encode import Encoder
+from etl.inverse import FitStats
+from etl.sources import census, h5ad
+from etl.sources.base import InputError, Task
+from etl.storage import Store
+from schemas import SENTENCES
+
+log = logging.getLogger(__name__)
+
+# The in-memory/written schema: genes' values dictionary-encoded over the vocabulary. Files are written
+# without the Arrow schema override, so every reader sees the declared list<string>.
+WRITE_SCHEMA = SENTENCES.set(
+    SENTENCES.get_field_index("genes"),
+    pa.field("genes", pa.list_(pa.field("item", pa.dictionary(pa.int32(), pa.string()), nullable=False)),
+             nullable=False),
+)
+_READERS = {"census": census.read_task, "h5ad": h5ad.read_task}
+
+
+@dataclass
+class TaskOptions:
+    """Plain options every task needs (shipped to executors)."""
+
+    seed: int = 0
+    max_genes: int = 2048
+    block_cells: int = 4096
+    row_group_cells: int = 1024
+    compression: str = "zstd"
+    cores: int = 1
+    buffer_mib: int = 128
+    on_invalid: str = "skip"  # or "error": stop at the first cell with NaN/inf/negative values
+
+
+@dataclass
+class DatasetCounts:
+    planned: int = 0
+    read: int = 0
+    written: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    fit: FitStats = field(default_factory=FitStats)
+
+    def __add__(self, o: DatasetCounts) -> DatasetCounts:
+        sk = dict(self.skipped)
+        for k, v in o.skipped.items():
+            sk[k] = sk.get(k, 0) + v
+        return DatasetCounts(self.planned + o.planned, self.read + o.read, self.written + o.written, sk,
+                             self.fit + o.fit)
+
+
+@dataclass
+class Summary:
+    """What the stage learned; merged across tasks with `+` (associative, so treeReduce can do it)."""
+
+    datasets: dict[tuple[str, str], DatasetCounts] = field(default_factory=dict)
+    token_cells: dict[str, np.ndarray] = field(default_factory=dict)  # organism -> cells per token
+    files: dict[str, dict] = field(default_factory=dict)  # rel path -> rows, hash, bytes
+    tasks: int = 0
+    resumed: int = 0
+    task_seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+    def __add__(self, o: Summary) -> Summary:
+        ds = dict(self.datasets)
+        for k, v in o.datasets.items():
+            ds[k] = ds[k] + v if k in ds else v
+        tc = dict(self.token_cells)
+        for k, v in o.token_cells.items():
+            tc[k] = tc[k] + v if k in tc else v
+        return Summary(ds, tc, {**self.files, **o.files}, self.tasks + o.tasks, self.resumed + o.resumed,
+                       self.task_seconds + o.task_seconds, max(self.peak_rss_mb, o.peak_rss_mb))
+
+
+def _stats_rel(task: Task) -> str:
+    return f"tasks/{task.organism}/{task.dataset_id}/{task.part_name}.npz"
+
+
+def _save_result(staging: Store, task: Task, s: Summary, token_cells: np.ndarray) -> None:
+    counts = s.datasets[(task.organism, task.dataset_id)]
+    meta = {
+        "planned": counts.planned, "read": counts.read, "written": counts.written, "skipped": counts.skipped,
+        "fit": [counts.fit.n_cells, counts.fit.n, counts.fit.sum_x, counts.fit.sum_y, counts.fit.sum_xx,
+                counts.fit.sum_xy, counts.fit.sum_yy],
+        "file": s.files[task.rel_path], "seconds": s.task_seconds, "peak_rss_mb": s.peak_rss_mb,
+    }  # fmt: skip
+    nz = np.flatnonzero(token_cells).astype(np.int32)
+    buf = io.BytesIO()
+    np.savez(buf, token_ids=nz, token_counts=token_cells[nz], meta=np.array(json.dumps(meta)))
+    staging.write_bytes(_stats_rel(task), buf.getvalue())
+
+
+def _load_result(staging: Store, task: Task, n_tokens: int) -> Summary:
+    z = np.load(io.BytesIO(staging.read_bytes(_stats_rel(task))))
+    meta = json.loads(str(z["meta"]))
+    tc = np.zeros(n_tokens, np.int64)
+    tc[z["token_ids"]] = z["token_counts"]
+    f = meta["fit"]
+    counts = DatasetCounts(meta["planned"], meta["read"], meta["written"], meta["skipped"],
+                           FitStats(int(f[0]), *f[1:]))
+    return Summary({(task.organism, task.dataset_id): counts}, {task.organism: tc},
+                   {task.rel_path: meta["file"]}, 1, 1, 0.0, 0.0)
+
+
+def _label_ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def run_task(task: Task, staging: Store, col_token: np.ndarray, vocab: pa.Array, vocab_digest: str,
+             opts: TaskOptions) -> Summary:
+    """Encode one task into `staging/<task.rel_path>`; reuse it if a previous run finished it."""
+    if staging.exists(_stats_rel(task)) and staging.exists(task.rel_path):
+        return _load_result(staging, task, len(vocab))
+    t0 = time.perf_counter()
+    proc = psutil.Process()
+    peak = proc.memory_info().rss
+    encoder = Encoder(col_token, vocab, seed=opts.seed, max_genes=opts.max_genes)
+    counts = DatasetCounts(planned=task.n_cells)
+    h = xxhash.xxh3_128()
+    h.update(vocab_digest.encode())
+    stats_cols = [n for n in WRITE_SCHEMA.names if n != "genes"]
+    read = _READERS[task.kind]
+    with staging.parquet_writer(task.rel_path, WRITE_SCHEMA, compression=opts.compression,
+                                write_statistics=stats_cols, store_schema=False) as writer:
+        for block in read(task, block_size=opts.block_cells, cores=opts.cores, buffer_mib=opts.buffer_mib):
+            enc = encoder.encode(block.indptr, block.indices, block.data, block.joinids)
+            if opts.on_invalid == "error" and ({"nan_or_inf", "negative"} & enc.skipped.keys()):
+                row = int(np.flatnonzero((enc.status == 1) | (enc.status == 2))[0])
+                reason = "NaN or infinite" if enc.status[row] == 1 else "negative"
+                raise InputError(f"{task.uri} dataset {task.dataset_id}: cell {block.obs['cell_id'][row]} "
+                                 f"(joinid {block.joinids[row]}) has {reason} values "
+                                 "(--on-invalid skip counts and skips such cells)")
+            counts.read += len(block.joinids)
+            for k, v in enc.skipped.items():
+                counts.skipped[k] = counts.skipped.get(k, 0) + v
+            n = len(enc.kept)
+            if n:
+                obs = block.obs.take(pa.array(enc.kept))
+                cols = {
+                    "cell_id": obs["cell_id"], "soma_joinid": obs["soma_joinid"],
+                    "organism": pa.array([task.organism] * n, pa.string()),
+                    "dataset_id": pa.array([task.dataset_id] * n, pa.string()),
+                    **{c: obs[c] for c in WRITE_SCHEMA.names if c in obs.column_names and c not in
+                       ("cell_id", "soma_joinid")},
+                    "raw_sum": pa.array(enc.raw_sum), "n_expressed": pa.array(enc.n_expressed),
+                    "genes": enc.genes,
+                }  # fmt: skip
+                table = pa.table(cols).select(WRITE_SCHEMA.names).cast(WRITE_SCHEMA)
+                writer.write_table(table, row_group_size=opts.row_group_cells)
+                counts.written += n
+                counts.fit = counts.fit + FitStats.from_cells(enc.fit)
+                h.update(_label_ipc(table.drop_columns(["genes"])))
+                h.update(np.ascontiguousarray(enc.offsets).tobytes())
+                h.update(np.ascontiguousarray(enc.tokens).tobytes())
+            peak = max(peak, proc.memory_info().rss)
+    size = staging.fs_root[0].get_file_info(staging.path(task.rel_path)).size
+    file_info = {"rows": counts.written, "hash": h.hexdigest(), "bytes": int(size or 0)}
+    s = Summary({(task.organism, task.dataset_id): counts}, {task.organism: encoder.token_cells.copy()},
+                {task.rel_path: file_info}, 1, 0, time.perf_counter() - t0, peak / 2**20)
+    _save_result(staging, task, s, encoder.token_cells)
+    return s
+
+
+# ---- Spark orchestration --------------------------------------------------------------------------------
+
+_WORKER_READY = False
+_VOCAB_CACHE: dict[str, pa.Array] = {}
+
+
+def worker_init(cores: int) -> None:
+    """Once per Python worker: thread limits near the task's cores, and logging."""
+    global _WORKER_READY
+    if _WORKER_READY:
+        return
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(var, str(cores))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _WORKER_READY = True
+
+
+def _vocab(digest: str, symbols: list[str]) -> pa.Array:
+    if digest not in _VOCAB_CACHE:
+        _VOCAB_CACHE[digest] = pa.array(symbols, pa.string())
+    return _VOCAB_CACHE[digest]
+
+
+def run_spark(spark, tasks: list[Task], staging_uri: str, shared: dict, opts: TaskOptions) -> Summary:
+    """One Spark task per plan task; returns the merged Summary.
+
+    `shared` holds, per organism, `symbols` and `digest`, and per var key the `col_token` array: broadcast
+    once, never pickled per task.
+    """
+    sc = spark.sparkContext
+    bc = sc.broadcast(shared)
+
+    def part(it):
+        worker_init(opts.cores)
+        s = Summary()
+        store = Store(staging_uri)
+        for t in it:
+            org = bc.value["organisms"][t.organism]
+            s = s + run_task(t, store, bc.value["col_token"][t.var_key], _vocab(org["digest"], org["symbols"]),
+                             org["digest"], opts)
+        yield s
+
+    if not tasks:
+        return Summary()
+    rdd = sc.parallelize(tasks, numSlices=len(tasks))
+    depth = 2 if len(tasks) < 10_000 else 3
+    result = rdd.mapPartitions(part).treeReduce(lambda a, b: a + b, depth=depth)
+    bc.destroy()
+    return result
+
+
+def run_local(tasks: list[Task], staging_uri: str, shared: dict, opts: TaskOptions) -> Summary:
+    """The same work without Spark, in this process (tests, benchmarks, tiny inputs)."""
+    s = Summary()
+    store = Store(staging_uri)
+    for t in tasks:
+        org = shared["organisms"][t.organism]
+        s = s + run_task(t, store, shared["col_token"][t.var_key], _vocab(org["digest"], org["symbols"]),
+                         org["digest"], opts)
+    return s

@@ -1,0 +1,150 @@
+"""Output storage: local paths and object stores (s3://, s3a://, gs://) through pyarrow.fs.
+
+Every file is written so that it either exists whole or not at all: on a local file system through a
+temporary name and a rename; on an object store the object appears only when its upload completes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+@dataclass(frozen=True)
+class Store:
+    """A root directory on some file system; paths below it are relative POSIX paths."""
+
+    uri: str
+
+    @property
+    def fs_root(self) -> tuple[pafs.FileSystem, str]:
+        uri = self.uri
+        if uri.startswith("s3a://") or uri.startswith("s3n://"):
+            uri = "s3://" + uri.split("://", 1)[1]
+        if "://" not in uri:
+            return pafs.LocalFileSystem(), os.path.abspath(uri)
+        fs, root = pafs.FileSystem.from_uri(uri)
+        return fs, root.rstrip("/")
+
+    @property
+    def local(self) -> bool:
+        return isinstance(self.fs_root[0], pafs.LocalFileSystem)
+
+    def path(self, rel: str = "") -> str:
+        root = self.fs_root[1]
+        return posixpath.join(root, rel) if rel else root
+
+    def child(self, rel: str) -> Store:
+        if "://" in self.uri:
+            return Store(self.uri.rstrip("/") + "/" + rel)
+        return Store(os.path.join(self.uri, rel))
+
+    def exists(self, rel: str) -> bool:
+        fs, _ = self.fs_root
+        return fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def makedirs(self, rel: str) -> None:
+        fs, _ = self.fs_root
+        fs.create_dir(self.path(rel), recursive=True)
+
+    def remove(self, rel: str) -> None:
+        """Delete a file or a directory tree; nothing there is fine."""
+        fs, _ = self.fs_root
+        info = fs.get_file_info(self.path(rel))
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(self.path(rel))
+        elif info.type == pafs.FileType.File:
+            fs.delete_file(self.path(rel))
+
+    def move(self, src: str, dst: str) -> None:
+        fs, _ = self.fs_root
+        self.remove(dst)
+        parent = posixpath.dirname(self.path(dst))
+        fs.create_dir(parent, recursive=True)
+        fs.move(self.path(src), self.path(dst))
+
+    def list(self, rel: str, suffix: str = "") -> list[str]:
+        """Relative paths of the files below `rel`, sorted."""
+        fs, root = self.fs_root
+        sel = pafs.FileSelector(self.path(rel), recursive=True, allow_not_found=True)
+        out = [posixpath.relpath(i.path, root) for i in fs.get_file_info(sel) if i.type == pafs.FileType.File]
+        return sorted(p for p in out if p.endswith(suffix))
+
+    def read_bytes(self, rel: str) -> bytes:
+        fs, _ = self.fs_root
+        with fs.open_input_stream(self.path(rel)) as f:
+            return f.read()
+
+    def read_json(self, rel: str) -> dict:
+        return json.loads(self.read_bytes(rel))
+
+    def _tmp(self, rel: str) -> str:
+        d, name = posixpath.split(rel)
+        return posixpath.join(d, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        fs, _ = self.fs_root
+        fs.create_dir(posixpath.dirname(self.path(rel)), recursive=True)
+        target = self._tmp(rel) if self.local else rel
+        with fs.open_output_stream(self.path(target)) as f:
+            f.write(data)
+        if self.local:
+            os.replace(self.path(target), self.path(rel))
+
+    def write_json(self, rel: str, obj: dict) -> None:
+        self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+    def write_table(self, rel: str, table: pa.Table, **kwargs) -> None:
+        """One small table as one parquet file, atomically."""
+        with self.parquet_writer(rel, table.schema, **kwargs) as w:
+            w.write_table(table)
+
+    def parquet_writer(self, rel: str, schema: pa.Schema, **kwargs) -> AtomicParquetWriter:
+        return AtomicParquetWriter(self, rel, schema, **kwargs)
+
+
+class AtomicParquetWriter:
+    """A ParquetWriter whose file appears under its final name only when closed without error."""
+
+    def __init__(self, store: Store, rel: str, schema: pa.Schema, **kwargs):
+        self.store, self.rel = store, rel
+        fs, _ = store.fs_root
+        fs.create_dir(posixpath.dirname(store.path(rel)), recursive=True)
+        self.target = store._tmp(rel) if store.local else rel
+        self._stream = fs.open_output_stream(store.path(self.target))
+        self._writer = pq.ParquetWriter(self._stream, schema, **kwargs)
+        self.rows = 0
+
+    def write_table(self, table: pa.Table, row_group_size: int | None = None) -> None:
+        self._writer.write_table(table, row_group_size=row_group_size)
+        self.rows += table.num_rows
+
+    def close(self, ok: bool = True) -> None:
+        self._writer.close()
+        self._stream.close()
+        if not self.store.local:
+            if not ok:
+                self.store.remove(self.target)
+            return
+        if ok:
+            os.replace(self.store.path(self.target), self.store.path(self.rel))
+        else:
+            self.store.remove(self.target)
+
+    def __enter__(self) -> AtomicParquetWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(ok=exc_type is None)
+
+    @property
+    def bytes_written(self) -> int:
+        fs, _ = self.store.fs_root
+        return fs.get_file_info(self.store.path(self.rel)).size or 0

@@ -1,0 +1,202 @@
+"""Every table the project writes, declared once as data.
+
+Writers build their Arrow tables against these schemas, the validator re-reads outputs against them, the
+Spark side derives its StructTypes from them, and docs/SCHEMAS.md is generated from them (a test keeps the
+two in step). Bump SCHEMA_VERSION on any change that a reader could notice.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1.0.0"
+
+
+def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable, metadata={"description": doc})
+
+
+# Label columns copied from the source's obs (Census names). Missing labels in user data become "unknown",
+# the Census convention, and the manifest records which columns were absent.
+LABEL_COLUMNS: tuple[str, ...] = (
+    "donor_id",
+    "assay",
+    "assay_ontology_term_id",
+    "cell_type",
+    "cell_type_ontology_term_id",
+    "tissue",
+    "tissue_ontology_term_id",
+    "tissue_general",
+    "tissue_type",
+    "disease",
+    "disease_ontology_term_id",
+    "sex",
+    "development_stage",
+    "self_reported_ethnicity",
+    "suspension_type",
+)
+UNKNOWN = "unknown"
+
+SENTENCES = pa.schema(
+    [
+        _f("cell_id", pa.string(), "Source cell id: Census observation_joinid, or the h5ad obs index."),
+        _f("soma_joinid", pa.int64(), "Census obs soma_joinid, or the row number in the h5ad file."),
+        _f("organism", pa.string(), "Census organism key, e.g. homo_sapiens (also the partition directory)."),
+        _f("dataset_id", pa.string(), "Census dataset_id, or the h5ad's dataset id (also the partition directory)."),
+        *[_f(c, pa.string(), f"obs `{c}` label ('unknown' where the source has none).") for c in LABEL_COLUMNS],
+        _f("is_primary_data", pa.bool_(), "Census is_primary_data (True for h5ad input)."),
+        _f("raw_sum", pa.float64(), "Sum of the cell's raw counts over all genes."),
+        _f("n_expressed", pa.int32(), "Number of distinct gene symbols with a nonzero count (before truncation)."),
+        _f(
+            "genes",
+            pa.list_(pa.field("item", pa.string(), nullable=False)),
+            "The cell sentence: gene symbols in descending raw count, ties in a per-cell seeded random order; "
+            "truncated to --max-genes.",
+        ),
+    ]
+)
+
+VOCAB = pa.schema(
+    [
+        _f("token_id", pa.int32(), "Position of the symbol in the sorted vocabulary of this organism."),
+        _f("gene_symbol", pa.string(), "Gene symbol as written in sentences (upper-cased, as cell2sentence does)."),
+        _f(
+            "feature_ids",
+            pa.list_(pa.field("item", pa.string(), nullable=False)),
+            "Every source feature_id (Ensembl) whose counts are summed under this symbol.",
+        ),
+        _f("n_cells", pa.int64(), "Number of written cells in which the symbol is expressed."),
+    ]
+)
+
+INVERSE_TRANSFORM = pa.schema(
+    [
+        _f("organism", pa.string(), "Organism key."),
+        _f("dataset_id", pa.string(), "Dataset the fit belongs to (C2S keeps one fit per dataset)."),
+        _f("n_cells", pa.int64(), "Cells that contributed."),
+        _f("n_points", pa.int64(), "(rank, expression) points in the fit: ranks below max_rank of each cell."),
+        _f("sum_x", pa.float64(), "Sum of x = log10(1 + rank), rank 0-based. Sufficient statistic (mergeable)."),
+        _f("sum_y", pa.float64(), "Sum of y = log10(1 + normalised expression). Sufficient statistic."),
+        _f("sum_xx", pa.float64(), "Sum of x*x. Sufficient statistic."),
+        _f("sum_xy", pa.float64(), "Sum of x*y. Sufficient statistic."),
+        _f("sum_yy", pa.float64(), "Sum of y*y. Sufficient statistic."),
+        _f("slope", pa.float64(), "Least-squares slope of y on x (typically about -0.7)."),
+        _f("intercept", pa.float64(), "Least-squares intercept (typically about 2.2 at target 1e4)."),
+        _f("r2", pa.float64(), "Coefficient of determination of the fit."),
+        _f("normalize_target", pa.float64(), "Counts are scaled to this total per cell before log10(1+x)."),
+        _f("max_rank", pa.int32(), "Only ranks < max_rank enter the fit (C2S: log10(1+rank) < 3)."),
+    ]
+)
+
+# The manifest is JSON; its required top-level keys and their types, as data, for writer and validator.
+MANIFEST_FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "schema_version": (str, "SCHEMA_VERSION of the tables."),
+    "code_version": (str, "Package version and git commit of the code that wrote the corpus."),
+    "run_key": (str, "Hash of source identity and options: equal keys mean an equal build."),
+    "created_at": (str, "UTC time the manifest was written (ISO 8601)."),
+    "source": (dict, "kind (census|h5ad|demo), resolved URI, Census version, h5ad files with sizes."),
+    "filters": (dict, "obs value filter, organisms, max_cells."),
+    "options": (dict, "Every build option that shapes the output."),
+    "counts": (dict, "Per organism and dataset: read, written, skipped by reason; totals."),
+    "files": (dict, "Relative path of every output file -> rows (sentences) and content hash."),
+    "content_hash": (str, "sha256 over the sentences' content; equal for equal inputs and options."),
+    "timings_s": (dict, "Wall seconds per stage."),
+    "stages": (list, "Stages this corpus contains."),
+}
+
+TABLES: dict[str, pa.Schema] = {
+    "sentences": SENTENCES,
+    "vocab": VOCAB,
+    "inverse_transform": INVERSE_TRANSFORM,
+}
+
+
+class SchemaMismatch(ValueError):
+    """An Arrow table or file does not match the declared schema."""
+
+
+def conform(table: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
+    """Select and cast `table` to `schema` (column order, types), raising with the names of what differs."""
+    missing = [n for n in schema.names if n not in table.column_names]
+    if missing:
+        raise SchemaMismatch(f"{what}: missing column(s) {missing}; expected {schema.names}")
+    try:
+        return table.select(schema.names).cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        raise SchemaMismatch(f"{what}: cannot cast to the declared schema: {e}") from e
+
+
+def check(schema_found: pa.Schema, schema: pa.Schema, what: str) -> None:
+    """Raise SchemaMismatch unless `schema_found` has every declared column with the declared type."""
+    problems = []
+    for field in schema:
+        idx = schema_found.get_field_index(field.name)
+        if idx < 0:
+            problems.append(f"missing {field.name}")
+            continue
+        found = schema_found.field(idx).type
+        # Readers may see dictionary-encoded or large variants; compare on the logical type.
+        if not _same_logical(found, field.type):
+            problems.append(f"{field.name}: {found} != {field.type}")
+    if problems:
+        raise SchemaMismatch(f"{what}: " + "; ".join(problems))
+
+
+def _same_logical(a: pa.DataType, b: pa.DataType) -> bool:
+    if pa.types.is_dictionary(a):
+        a = a.value_type
+    if pa.types.is_large_string(a):
+        a = pa.string()
+    if pa.types.is_large_list(a) or pa.types.is_list(a):
+        return (pa.types.is_list(b) or pa.types.is_large_list(b)) and _same_logical(a.value_type, b.value_type)
+    return a.equals(b)
+
+
+def check_manifest(manifest: dict, what: str = "manifest.json") -> None:
+    """Raise SchemaMismatch when a manifest lacks a required key or has one of the wrong type."""
+    problems = [
+        f"{k}: missing" if k not in manifest else f"{k}: expected {t}, found {type(manifest[k]).__name__}"
+        for k, (t, _) in MANIFEST_FIELDS.items()
+        if k not in manifest or not isinstance(manifest[k], t)
+    ]
+    if problems:
+        raise SchemaMismatch(f"{what}: " + "; ".join(problems))
+    if manifest["schema_version"].split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        raise SchemaMismatch(
+            f"{what}: schema_version {manifest['schema_version']} is not readable by {SCHEMA_VERSION}"
+        )
+
+
+def to_spark(schema: pa.Schema):
+    """The Spark StructType of a declared schema (imported lazily: pure-Arrow users need no pyspark)."""
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    return from_arrow_schema(schema)
+
+
+def markdown() -> str:
+    """docs/SCHEMAS.md, generated from the declarations above."""
+    out = [
+        "# Tables",
+        "",
+        f"Generated from `schemas/tables.py` (schema version {SCHEMA_VERSION}); "
+        "`python -m schemas > docs/SCHEMAS.md` rewrites it.",
+        "",
+    ]
+    where = {
+        "sentences": "`DIR/sentences/organism=<o>/dataset_id=<d>/part-*.parquet`",
+        "vocab": "`DIR/vocab/<organism>.parquet`",
+        "inverse_transform": "`DIR/stats/inverse_transform.parquet`",
+    }
+    for name, schema in TABLES.items():
+        out += [f"## {name}", "", f"Path: {where[name]}", "", "| column | type | description |", "|---|---|---|"]
+        for f in schema:
+            out.append(f"| `{f.name}` | `{f.type}` | {f.metadata[b'description'].decode()} |")
+        out.append("")
+    out += ["## manifest", "", "Path: `DIR/manifest.json`, written last (the commit marker).", "",
+            "| key | type | description |", "|---|---|---|"]
+    for k, (t, doc) in MANIFEST_FIELDS.items():
+        tname = t.__name__ if isinstance(t, type) else "/".join(x.__name__ for x in t)
+        out.append(f"| `{k}` | `{tname}` | {doc} |")
+    out.append("")
+    return "\n".join(out)
