@@ -1,0 +1,54 @@
+"""Shared fixtures: one local Spark session per test run, and inputs generated at test time."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from etl.spark import get_spark
+
+    session = get_spark("c2s-tests", "local[2]")
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_census(tmp_path_factory) -> str:
+    """A Census-shaped collection (two organisms, several datasets), built once per test run."""
+    from etl.sources.demo import build_demo_census
+
+    return build_demo_census(str(tmp_path_factory.mktemp("census") / "census"), n_cells=1200, n_genes=400,
+                             mean_nnz=120, seed=1)
+
+
+def write_h5ad(path, n_cells=300, n_genes=120, seed=0, *, symbols=None, obs_extra=None, dense=False,
+               values=None) -> tuple[str, sp.csr_matrix]:
+    """An AnnData file with Poisson counts, a cell type column `celltype` and a donor column `patient`."""
+    import anndata as ad
+
+    rng = np.random.default_rng(seed)
+    x = values if values is not None else sp.csr_matrix(rng.poisson(1.2, size=(n_cells, n_genes)).astype(np.float32))
+    n_cells, n_genes = x.shape
+    obs = pd.DataFrame(
+        {"celltype": pd.Categorical(rng.choice(["T cell", "B cell", "monocyte"], n_cells)),
+         "patient": [f"p{i % 4}" for i in range(n_cells)]},
+        index=[f"cell-{i}" for i in range(n_cells)],
+    )
+    for k, v in (obs_extra or {}).items():
+        obs[k] = v
+    var = pd.DataFrame({"feature_name": symbols or [f"GENE{i}" for i in range(n_genes)]},
+                       index=[f"ENSG{i:011d}" for i in range(n_genes)])
+    adata = ad.AnnData(X=x.toarray() if dense else x, obs=obs, var=var)
+    adata.write_h5ad(path)
+    return str(path), sp.csr_matrix(x)
