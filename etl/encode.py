@@ -83,6 +83,7 @@ def _encode_kernel(
     ranked = np.empty(maxlen, np.int32)  # tokens in rank order
     over = np.empty(maxlen, np.int64)  # entries outside the counting-sort buckets
     hist = np.zeros(_CAP + 1, np.int64)
+    start = np.zeros(_CAP + 1, np.int64)
     acc = np.zeros(3)
     # prefix sums of x = log10(1 + rank) and x^2, so a run of equal values costs O(1)
     sx = np.zeros(fit_max_rank + 1)
@@ -95,12 +96,16 @@ def _encode_kernel(
     w = 0
     out_offsets[0] = 0
     for r in range(n_rows):
-        # one pass: validate, total, drop zeros; only columns whose symbol is shared by several
-        # feature_ids (col_token < 0 encodes -(token + 1)) go through the summing table
+        # One pass: validate, total, drop zeros, count cells per token, histogram the counts. Only
+        # columns whose symbol several feature_ids share (col_token < 0 encodes -(token + 1)) go
+        # through the summing table.
         m = 0
         bad = 0
         total = 0.0
         n_shared = 0
+        n_o = 0  # entries above the buckets: comparison-sorted, ranked first
+        n_frac = 0  # non-integer entries: the whole cell then takes the comparison sort
+        h = 0  # highest bucket used
         for k in range(indptr[r], indptr[r + 1]):
             v = np.float64(data[k])
             if not np.isfinite(v):
@@ -113,81 +118,85 @@ def _encode_kernel(
                 continue
             total += v
             t = col_token[indices[k]]
-            if t >= 0:
-                tok[m] = t
-                val[m] = v
-                m += 1
-            else:
+            if t < 0:
                 t = -t - 1
                 p = pos[t]
-                if p < 0:
-                    pos[t] = m
-                    tok[m] = t
-                    val[m] = v
-                    m += 1
-                    n_shared += 1
-                else:
+                if p >= 0:
                     val[p] += v
+                    continue
+                pos[t] = m
+                n_shared += 1
+            tok[m] = t
+            val[m] = v
+            token_cells[t] += 1
+            m += 1
+            if v > _CAP:
+                n_o += 1
+            elif v == np.floor(v):
+                b = np.int64(v)
+                hist[b] += 1
+                h = max(h, b)
+            else:
+                n_frac += 1
         if n_shared:
+            # summed values may have changed bucket: rebuild the histogram
             for i in range(m):
                 pos[tok[i]] = -1
-        integral = True
-        vmax = 0.0
-        for i in range(m):
-            v = val[i]
-            if v != np.floor(v):
-                integral = False
-            if v > vmax:
-                vmax = v
-        if bad:
-            status[r] = bad
+            hist[: h + 1] = 0
+            h = 0
+            n_o = 0
+            n_frac = 0
+            for i in range(m):
+                v = val[i]
+                if v > _CAP:
+                    n_o += 1
+                elif v == np.floor(v):
+                    b = np.int64(v)
+                    hist[b] += 1
+                    h = max(h, b)
+                else:
+                    n_frac += 1
+        if n_frac:  # not counts: every entry takes the comparison sort
+            hist[: h + 1] = 0
+            h = 0
+            n_o = m
+        if bad or m == 0:
+            for i in range(m):
+                token_cells[tok[i]] -= 1
+            hist[: h + 1] = 0
+            status[r] = bad if bad else 3
             continue
-        if m == 0:
-            status[r] = 3
-            continue
-        for i in range(m):
-            token_cells[tok[i]] += 1
         s = cell_seed(seed, joinids[r])
         top = min(m, fit_max_rank)
         scale = norm_target / total
         acc[:] = 0.0
-        n_o = 0
-        if integral:
-            # counting sort, descending; ties then shuffled within their bucket (same law as C2S's
-            # shuffle-then-stable-sort); values above _CAP go first and take a comparison sort
-            h = min(np.int64(vmax), _CAP)
-            for i in range(m):
-                v = val[i]
-                if v > _CAP:
-                    n_o += 1
-                else:
-                    hist[np.int64(v)] += 1
-            end = n_o
-            for b in range(h, 0, -1):
-                end += hist[b]
-                hist[b] = end - hist[b]  # bucket start
-            n_o = 0
-            for i in range(m):
-                v = val[i]
-                if v > _CAP:
-                    over[n_o] = i
-                    n_o += 1
-                else:
-                    b = np.int64(v)
-                    ranked[hist[b]] = tok[i]
-                    hist[b] += 1  # ends as the bucket's end
-            a = n_o
-            for b in range(h, 0, -1):
-                e = hist[b]
+        # bucket starts in descending value order, after the comparison-sorted entries
+        end = n_o
+        for b in range(h, 0, -1):
+            start[b] = end
+            end += hist[b]
+            hist[b] = 0  # from here: entries placed so far
+        # Place and shuffle in one pass (inside-out Fisher-Yates within each bucket): every bucket ends
+        # in a uniformly random order, the same law as C2S's shuffle-then-stable-sort.
+        j_o = 0
+        for i in range(m):
+            v = val[i]
+            if v <= _CAP and not n_frac:
+                b = np.int64(v)
+                c = hist[b]
+                s = _xorshift(s)
+                j = start[b] + np.int64(((s >> _U(32)) * _U(c + 1)) >> _U(32))
+                ranked[start[b] + c] = ranked[j]
+                ranked[j] = tok[i]
+                hist[b] = c + 1
+            else:
+                over[j_o] = i
+                j_o += 1
+        for b in range(h, 0, -1):
+            c = hist[b]
+            if c:
+                _fit_run(min(start[b], top), min(start[b] + c, top), np.float64(b), scale, sx, acc)
                 hist[b] = 0
-                if e > a:
-                    s = _shuffle(ranked, a, e, s)
-                    _fit_run(min(a, top), min(e, top), np.float64(b), scale, sx, acc)
-                    a = e
-        else:
-            for i in range(m):
-                over[i] = i
-            n_o = m
         if n_o > 0:
             # shuffle, then stable sort by descending value: the C2S tie-break, literally
             s = _shuffle(over, 0, n_o, s)
@@ -277,7 +286,7 @@ class Encoder:
         status = np.zeros(n_rows, np.int8)
         fit = np.empty((n_rows, 6), np.float64)
         n_out, w = _encode_kernel(
-            np.asarray(indptr, np.int64), np.asarray(indices, np.int64), data,
+            np.asarray(indptr, np.int64), indices, data,
             self._kernel_tokens, len(self.vocab), np.asarray(joinids, np.int64), self.seed, self.max_genes,
             self.fit_max_rank, self.normalize_target,
             offsets, tokens, nexpr, rawsum, kept, status, fit, self.token_cells,

@@ -242,7 +242,7 @@ def test_bad_inputs_name_the_input(tmp_path):
 
 
 def test_unknown_census_organism_and_empty_selection(demo_census, tmp_path):
-    with pytest.raises(InputError, match="macaca_mulatta.*not in"):
+    with pytest.raises(InputError, match=r"macaca_mulatta.*not in"):
         build(BuildConfig(output=str(tmp_path / "o"), census_uri=demo_census, organisms=["macaca_mulatta"]))
     with pytest.raises(InputError, match="selected no cells"):
         build(BuildConfig(output=str(tmp_path / "o"), census_uri=demo_census, obs_filter="cell_type == 'no such'"))
