@@ -29,7 +29,8 @@ setup: $(STAMP)  ## create .venv and install the project (editable) with all ext
 demo: setup  ## build the demo corpus into ./corpus with spark-submit (generates the demo Census at first run)
 	$(BIN)/spark-submit etl/build_corpus.py
 
-test: setup  ## run the test suite
+test: setup  ## lint, then run the test suite
+	$(BIN)/ruff check etl training schemas tests benchmarks jobs
 	$(BIN)/python -m pytest -q tests
 
 lint: setup  ## ruff

@@ -8,7 +8,7 @@ prints one JSON line, all measured in this run on the same cells (a generated Ce
   c2s_cells_per_s         cell2sentence 1.2.0 conversion (generate_vocabulary + generate_sentences)
   read_floor_cells_per_s  plain tiledbsoma blockwise(axis=0).scipy() read of X raw, nothing else
   end_to_end_cells_per_s  the whole build in one process: plan, read, encode, parquet, vocab, manifest
-and peak RSS of one task (fresh process) at N/10 and N cells, to show memory stays flat.
+and peak RSS of one task (fresh process, 1,024-cell blocks) at N/10 and N cells: memory stays flat.
 """
 
 from __future__ import annotations
@@ -125,16 +125,16 @@ from etl.stages.sentences import run_task, TaskOptions
 from etl.storage import Store
 import numpy as np
 uri = {uri!r}
-var = census.open_census(uri)["census_data"]["homo_sapiens"].ms["RNA"].var.read().concat().to_pandas()
-var = var.sort_values("soma_joinid")
+var = census.open_census(uri, census.tiledb_config(1))["census_data"]["homo_sapiens"].ms["RNA"].var
+var = var.read().concat().to_pandas().sort_values("soma_joinid")
 words, _ = var_words(var["feature_id"], var["feature_name"])
 voc = Vocabulary.from_sources([(list(var["feature_id"]), words)])
 task = Task("bench/0", "census", uri, "homo_sapiens", "bench", 0, 0, {cells} - 1, {cells}, "homo_sapiens")
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 with tempfile.TemporaryDirectory() as d:
-    s = run_task(task, Store(d), voc.col_token(words), voc.symbols, "x", TaskOptions())
+    s = run_task(task, Store(d), voc.col_token(words), voc.symbols, "x", TaskOptions(block_cells=1024))
 print(json.dumps({{"cells": {cells}, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "before_task_mib": base}}))
+                  "before_task_mib": base, "task_sampled_peak_mib": s.peak_rss_mb}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -165,8 +165,8 @@ def main() -> None:
         "encode_vs_c2s": round(enc / c2s, 1), "encode_materialised_cells_per_s": round(enc_str),
         "read_floor_cells_per_s": round(floor), "end_to_end_cells_per_s": round(e2e),
         "end_to_end_vs_read_floor": round(e2e / floor, 3),
-        "task_peak_rss_mib": {str(small["cells"]): round(small["peak_rss_mib"]),
-                              str(large["cells"]): round(large["peak_rss_mib"])},
+        "task_peak_rss_mib": {str(r["cells"]): round(r["peak_rss_mib"]) for r in (small, large)},
+        "task_process_rss_before_task_mib": {str(r["cells"]): round(r["before_task_mib"]) for r in (small, large)},
         "census_build_s": round(build_s, 1), "python": platform.python_version(), "cpus": os.cpu_count(),
         "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }))  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -44,7 +46,7 @@ def test_order_matches_counts_ranked_here():
         truth = {SYMBOLS[j]: dense[i, j] for j in np.flatnonzero(dense[i])}
         assert set(sentence) == set(truth) and len(sentence) == len(truth)
         values = [truth[g] for g in sentence]
-        assert all(a >= b for a, b in zip(values, values[1:], strict=False)), f"cell {i} not descending"
+        assert all(a >= b for a, b in itertools.pairwise(values)), f"cell {i} not descending"
 
 
 def test_equals_argsort_when_values_distinct():

@@ -6,6 +6,7 @@ matrix), summed per symbol and ranked in the test.
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -53,7 +54,7 @@ def assert_sentences_ranked(table, x: sp.csr_matrix, symbols: list[str], max_gen
         assert len(genes) == (len(summed) if max_genes == 0 else min(max_genes, len(summed)))
         assert len(set(genes)) == len(genes), "a symbol appears twice in a sentence"
         values = [summed[g] for g in genes]
-        assert all(a >= b for a, b in zip(values, values[1:], strict=False)), f"cell {joinid} is not ranked"
+        assert all(a >= b for a, b in itertools.pairwise(values)), f"cell {joinid} is not ranked"
         if max_genes == 0:
             assert set(genes) == set(summed)
         else:  # the top of the ranking: nothing left out is larger than the smallest kept

@@ -77,7 +77,7 @@ def _column(group, name: str, lo: int, hi: int) -> np.ndarray:
 
 
 def _columns(group) -> list[str]:
-    return [k for k in group.keys() if not k.startswith("__")] + list(group.attrs.get("column-order", []))
+    return [k for k in group if not k.startswith("__")] + list(group.attrs.get("column-order", []))
 
 
 def label_mapping(path: str, obs_columns: set[str], cell_type_column: str,
