@@ -126,7 +126,8 @@ from etl.storage import Store
 import numpy as np
 uri = {uri!r}
 var = census.open_census(uri, census.tiledb_config(1))["census_data"]["homo_sapiens"].ms["RNA"].var
-var = var.read().concat().to_pandas().sort_values("soma_joinid")
+var = var.read(column_names=["soma_joinid", "feature_id", "feature_name"]).concat().to_pandas()
+var = var.sort_values("soma_joinid")
 words, _ = var_words(var["feature_id"], var["feature_name"])
 voc = Vocabulary.from_sources([(list(var["feature_id"]), words)])
 task = Task("bench/0", "census", uri, "homo_sapiens", "bench", 0, 0, {cells} - 1, {cells}, "homo_sapiens")
@@ -167,6 +168,7 @@ def main() -> None:
         "end_to_end_vs_read_floor": round(e2e / floor, 3),
         "task_peak_rss_mib": {str(r["cells"]): round(r["peak_rss_mib"]) for r in (small, large)},
         "task_process_rss_before_task_mib": {str(r["cells"]): round(r["before_task_mib"]) for r in (small, large)},
+        "task_rss_sampled_per_block_mib": {str(r["cells"]): round(r["task_sampled_peak_mib"]) for r in (small, large)},
         "census_build_s": round(build_s, 1), "python": platform.python_version(), "cpus": os.cpu_count(),
         "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }))  # fmt: skip
