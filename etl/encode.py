@@ -68,6 +68,18 @@ def _fit_run(a, b, v, scale, sx, acc):
         acc[2] += y * (sx[b] - sx[a])
 
 
+@nb.njit(cache=True, inline="always")
+def _bucket(v, hist):
+    """Count v in its counting-sort bucket and return the bucket; -1: above the buckets; -2: not a count."""
+    if v > _CAP:
+        return -1
+    if v != np.floor(v):
+        return -2
+    b = np.int64(v)
+    hist[b] += 1
+    return b
+
+
 @nb.njit(cache=True, nogil=True)
 def _encode_kernel(
     indptr, indices, data, col_token, n_tokens, joinids, seed, max_genes, fit_max_rank, norm_target,
@@ -130,14 +142,10 @@ def _encode_kernel(
             val[m] = v
             token_cells[t] += 1
             m += 1
-            if v > _CAP:
-                n_o += 1
-            elif v == np.floor(v):
-                b = np.int64(v)
-                hist[b] += 1
-                h = max(h, b)
-            else:
-                n_frac += 1
+            b = _bucket(v, hist)
+            n_o += b == -1
+            n_frac += b == -2
+            h = max(h, b)
         if n_shared:
             # summed values may have changed bucket: rebuild the histogram
             for i in range(m):
@@ -147,15 +155,10 @@ def _encode_kernel(
             n_o = 0
             n_frac = 0
             for i in range(m):
-                v = val[i]
-                if v > _CAP:
-                    n_o += 1
-                elif v == np.floor(v):
-                    b = np.int64(v)
-                    hist[b] += 1
-                    h = max(h, b)
-                else:
-                    n_frac += 1
+                b = _bucket(val[i], hist)
+                n_o += b == -1
+                n_frac += b == -2
+                h = max(h, b)
         if n_frac:  # not counts: every entry takes the comparison sort
             hist[: h + 1] = 0
             h = 0

@@ -20,7 +20,6 @@ import schemas
 from etl import manifest as mf
 from etl.config import BuildConfig
 from etl.encode import Vocabulary
-from etl.inverse import FitStats
 from etl.sources import census, h5ad
 from etl.sources.base import InputError, SourcePlan
 from etl.stages import sentences
@@ -178,8 +177,3 @@ def build(cfg: BuildConfig, spark=None) -> dict:
              manifest["counts"]["totals"]["written"], manifest["content_hash"][:16])
     return manifest
 
-
-def merged_fit(rows: list[dict]) -> FitStats:
-    """Sum the per-dataset sufficient statistics of an inverse_transform table (e.g. per organism)."""
-    return sum((FitStats(r["n_cells"], r["n_points"], r["sum_x"], r["sum_y"], r["sum_xx"], r["sum_xy"],
-                         r["sum_yy"]) for r in rows), FitStats())
