@@ -5,8 +5,10 @@ counts of feature_ids that share a symbol are summed (Census 2.4.0 has such symb
 entries shuffled with a generator seeded from (seed, soma_joinid) — so ties break randomly but the same
 way in any partitioning — and then stably sorted by descending count. Raw counts are small integers, so the
 sort is a counting sort over value buckets (O(nnz + distinct values)); values above the bucket cap, and
-non-integer data, take a stable comparison sort. The same pass accumulates the sufficient statistics of
-the C2S inverse-transform fit (log10(1+normalised expression) on log10(1+rank)), per run of equal values.
+non-integer data, take a stable comparison sort. Count 1 (about three quarters of raw UMI counts) is
+split off without branches in the first pass and shuffled straight into the tail of the sentence. The same
+pass accumulates the sufficient statistics of the C2S inverse-transform fit (log10(1+normalised
+expression) on log10(1+rank)), per run of equal values. See BENCHMARKS.md for what each step costs.
 """
 
 from __future__ import annotations
@@ -69,15 +71,76 @@ def _fit_run(a, b, v, scale, sx, acc):
 
 
 @nb.njit(cache=True, inline="always")
-def _bucket(v, hist):
-    """Count v in its counting-sort bucket and return the bucket; -1: above the buckets; -2: not a count."""
-    if v > _CAP:
-        return -1
-    if v != np.floor(v):
-        return -2
-    b = np.int64(v)
-    hist[b] += 1
-    return b
+def _draw(s):
+    """Advance the xorshift state; return (state, 64 scrambled bits) (xorshift64*): two 32-bit draws."""
+    s = _xorshift(s)
+    return s, s * _U(0x2545F4914F6CDD1D)
+
+
+@nb.njit(cache=True, inline="always")
+def _below(r32, n):
+    """A draw in [0, n) from 32 random bits (Lemire's multiply-shift)."""
+    return np.int64((r32 * _U(n)) >> _U(32))
+
+
+@nb.njit(cache=True, inline="always")
+def _shuffle_into(dst, o, src, n, s):
+    """dst[o:o+n] = a uniformly random permutation of src[:n] (inside-out Fisher-Yates).
+
+    Four bounded draws per generator step: each 32-bit half gives one index by Lemire's multiply-shift,
+    and the low 32 bits of that product a second (batched dice rolls, Brackett-Rozinsky & Lemire 2024).
+    """
+    c = 0
+    m32 = _U(0xFFFFFFFF)
+    while c + 3 < n:
+        s, x = _draw(s)
+        pa_ = (x >> _U(32)) * _U(c + 1)
+        pb = (x & m32) * _U(c + 2)
+        pc = (pa_ & m32) * _U(c + 3)
+        pd = (pb & m32) * _U(c + 4)
+        j = o + np.int64(pa_ >> _U(32))
+        dst[o + c] = dst[j]
+        dst[j] = src[c]
+        j = o + np.int64(pb >> _U(32))
+        dst[o + c + 1] = dst[j]
+        dst[j] = src[c + 1]
+        j = o + np.int64(pc >> _U(32))
+        dst[o + c + 2] = dst[j]
+        dst[j] = src[c + 2]
+        j = o + np.int64(pd >> _U(32))
+        dst[o + c + 3] = dst[j]
+        dst[j] = src[c + 3]
+        c += 4
+    while c < n:
+        s, x = _draw(s)
+        j = o + _below(x >> _U(32), c + 1)
+        dst[o + c] = dst[j]
+        dst[j] = src[c]
+        c += 1
+    return s
+
+
+@nb.njit(cache=True, fastmath=True)
+def _sum(val, m):
+    """Σ val[:m], vectorised (order-free; exact for integer counts)."""
+    t = 0.0
+    for i in range(m):
+        t += val[i]
+    return t
+
+
+@nb.njit(cache=True, inline="always")
+def _split_ones(tok, val, m, ones, rest):
+    """Branch-free split of entries [0, m) into tokens of value 1 and indices of the others."""
+    n1 = 0
+    nr = 0
+    for i in range(m):
+        one = val[i] == 1.0
+        ones[n1] = tok[i]
+        rest[nr] = i
+        n1 += one
+        nr += not one
+    return n1, nr
 
 
 @nb.njit(cache=True, nogil=True)
@@ -90,9 +153,11 @@ def _encode_kernel(
     for r in range(n_rows):
         maxlen = max(maxlen, indptr[r + 1] - indptr[r])
     pos = np.full(n_tokens, -1, np.int32)
+    cells = np.zeros(n_tokens, np.int32)  # this block's share of token_cells, compact for the cache
     tok = np.empty(maxlen, np.int32)
     val = np.empty(maxlen, np.float64)
-    ranked = np.empty(maxlen, np.int32)  # tokens in rank order
+    ones = np.empty(maxlen, np.int32)  # tokens of value-1 entries: most raw counts, ranked last
+    rest = np.empty(maxlen, np.int64)  # indices of the other entries
     over = np.empty(maxlen, np.int64)  # entries outside the counting-sort buckets
     hist = np.zeros(_CAP + 1, np.int64)
     start = np.zeros(_CAP + 1, np.int64)
@@ -108,27 +173,24 @@ def _encode_kernel(
     w = 0
     out_offsets[0] = 0
     for r in range(n_rows):
-        # One pass: validate, total, drop zeros, count cells per token, histogram the counts. Only
-        # columns whose symbol several feature_ids share (col_token < 0 encodes -(token + 1)) go
-        # through the summing table.
+        # Pass 1: validate, drop zeros, count cells per token, split value-1 entries (most raw counts)
+        # from the rest without branches. Only columns whose symbol several feature_ids share
+        # (col_token < 0 encodes -(token + 1)) go through the summing table.
         m = 0
         bad = 0
-        total = 0.0
         n_shared = 0
-        n_o = 0  # entries above the buckets: comparison-sorted, ranked first
-        n_frac = 0  # non-integer entries: the whole cell then takes the comparison sort
-        h = 0  # highest bucket used
+        n1 = 0
+        nr = 0
         for k in range(indptr[r], indptr[r + 1]):
             v = np.float64(data[k])
-            if not np.isfinite(v):
+            if not v > 0.0:  # zero (skipped), negative or NaN
+                if v == 0.0:
+                    continue
+                bad = 2 if v < 0.0 else 1
+                break
+            if v == np.inf:
                 bad = 1
                 break
-            if v < 0.0:
-                bad = 2
-                break
-            if v == 0.0:
-                continue
-            total += v
             t = col_token[indices[k]]
             if t < 0:
                 t = -t - 1
@@ -140,66 +202,90 @@ def _encode_kernel(
                 n_shared += 1
             tok[m] = t
             val[m] = v
-            token_cells[t] += 1
+            cells[t] += 1
+            one = v == 1.0
+            ones[n1] = t
+            rest[nr] = m
+            n1 += one
+            nr += not one
             m += 1
-            b = _bucket(v, hist)
-            n_o += b == -1
-            n_frac += b == -2
-            h = max(h, b)
-        if n_shared:
-            # summed values may have changed bucket: rebuild the histogram
+        if n_shared:  # summed values may no longer be 1: split again
             for i in range(m):
                 pos[tok[i]] = -1
-            hist[: h + 1] = 0
-            h = 0
-            n_o = 0
-            n_frac = 0
-            for i in range(m):
-                b = _bucket(val[i], hist)
-                n_o += b == -1
-                n_frac += b == -2
-                h = max(h, b)
-        if n_frac:  # not counts: every entry takes the comparison sort
-            hist[: h + 1] = 0
-            h = 0
-            n_o = m
+            n1, nr = _split_ones(tok, val, m, ones, rest)
         if bad or m == 0:
             for i in range(m):
-                token_cells[tok[i]] -= 1
-            hist[: h + 1] = 0
+                cells[tok[i]] -= 1
             status[r] = bad if bad else 3
             continue
+        total = _sum(val, m)
+        # Pass 2, over the non-1 entries only: histogram the integer counts up to the cap; larger values
+        # are comparison-sorted and ranked first; any non-integer sends the whole cell to that sort.
+        h = 1
+        n_o = 0
+        frac = False
+        for q in range(nr):
+            i = rest[q]
+            v = val[i]
+            if v > _CAP:
+                over[n_o] = i
+                n_o += 1
+                continue
+            b = np.int64(v)
+            if b != v:
+                frac = True
+                break
+            hist[b] += 1
+            h = max(h, b)
+        if frac:
+            hist[: h + 1] = 0
+            h = 1
+            for i in range(m):
+                over[i] = i
+            n_o = m
+            n1 = 0
+            nr = 0
         s = cell_seed(seed, joinids[r])
+        ranked = out_tokens[w : w + m]  # tokens in rank order, written in place
         top = min(m, fit_max_rank)
         scale = norm_target / total
         acc[:] = 0.0
-        # bucket starts in descending value order, after the comparison-sorted entries
+        # bucket starts in descending value order, after the comparison-sorted entries; value 1 last
         end = n_o
-        for b in range(h, 0, -1):
+        for b in range(h, 1, -1):
             start[b] = end
             end += hist[b]
             hist[b] = 0  # from here: entries placed so far
         # Place and shuffle in one pass (inside-out Fisher-Yates within each bucket): every bucket ends
         # in a uniformly random order, the same law as C2S's shuffle-then-stable-sort.
-        j_o = 0
-        for i in range(m):
+        half = False
+        x = _U(0)
+        for q in range(nr):
+            i = rest[q]
             v = val[i]
-            if v <= _CAP and not n_frac:
-                b = np.int64(v)
-                c = hist[b]
-                s = _xorshift(s)
-                j = start[b] + np.int64(((s >> _U(32)) * _U(c + 1)) >> _U(32))
-                ranked[start[b] + c] = ranked[j]
-                ranked[j] = tok[i]
-                hist[b] = c + 1
+            if v > _CAP:
+                continue
+            b = np.int64(v)
+            c = hist[b]
+            if half:  # the low 32 bits of the last draw
+                r32 = x & _U(0xFFFFFFFF)
             else:
-                over[j_o] = i
-                j_o += 1
-        for b in range(h, 0, -1):
+                s, x = _draw(s)
+                r32 = x >> _U(32)
+            half = not half
+            j = start[b] + _below(r32, c + 1)
+            ranked[start[b] + c] = ranked[j]
+            ranked[j] = tok[i]
+            hist[b] = c + 1
+        for b in range(h, 1, -1):
             c = hist[b]
             if c:
                 _fit_run(min(start[b], top), min(start[b] + c, top), np.float64(b), scale, sx, acc)
                 hist[b] = 0
+        # the value-1 bucket (most entries): four draws per generator step
+        o = end
+        _shuffle_into(ranked, o, ones, n1, s)
+        _fit_run(min(o, top), min(o + n1, top), 1.0, scale, sx, acc)
         if n_o > 0:
             # shuffle, then stable sort by descending value: the C2S tie-break, literally
             s = _shuffle(over, 0, n_o, s)
@@ -224,13 +310,14 @@ def _encode_kernel(
         fit[n_out, 4] = acc[2]
         fit[n_out, 5] = acc[1]
         kk = m if max_genes <= 0 else min(m, max_genes)
-        out_tokens[w : w + kk] = ranked[:kk]
         w += kk
         out_nexpr[n_out] = m
         out_rawsum[n_out] = total
         out_kept[n_out] = r
         n_out += 1
         out_offsets[n_out] = w
+    for t in range(n_tokens):
+        token_cells[t] += cells[t]
     return n_out, w
 
 
@@ -280,7 +367,7 @@ class Encoder:
         if len(joinids) != n_rows:
             raise ValueError(f"{len(joinids)} joinids for {n_rows} rows")
         nnz = int(indptr[-1]) if n_rows else 0
-        cap = nnz if self.max_genes <= 0 else min(nnz, n_rows * self.max_genes)
+        cap = nnz  # each kept cell ranks all its entries in place before truncation
         offsets = np.empty(n_rows + 1, np.int64)
         tokens = np.empty(cap, np.int32)
         nexpr = np.empty(n_rows, np.int32)
