@@ -46,6 +46,8 @@ class BuildConfig:
     # parallelism and files
     cells_per_task: int = _f(16384, "Cells per Spark task (one parquet part each).", metavar="N")
     block_cells: int = _f(4096, "Cells per X read inside a task (memory per task scales with this).", metavar="N")
+    read_ahead: int = _f(1, "Blocks a task reads ahead in a thread while it encodes and writes the current "
+                         "one (0: no read-ahead; each adds one block of memory).", metavar="N")
     row_group_cells: int = _f(1024, "Rows per parquet row group (the unit of a streaming read).", metavar="N")
     compression: str = _f("zstd", "Parquet compression.", choices=["zstd", "snappy", "gzip", "none"])
     buffer_mib: int = _f(128, "TileDB buffer per column per task (soma.init_buffer_bytes).", metavar="MIB")
@@ -69,6 +71,8 @@ class BuildConfig:
         for n in ("cells_per_task", "block_cells", "row_group_cells"):
             if getattr(self, n) < 1:
                 raise InputError(f"--{n.replace('_', '-')} must be at least 1")
+        if self.read_ahead < 0:
+            raise InputError("--read-ahead must be >= 0")
         if self.max_genes < 0:
             raise InputError("--max-genes must be >= 0")
         if self.obs_filter == "":

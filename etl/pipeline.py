@@ -116,7 +116,8 @@ def build(cfg: BuildConfig, spark=None) -> dict:
     staging = out.child(staging_rel)
     opts = sentences.TaskOptions(seed=cfg.seed, max_genes=cfg.max_genes, block_cells=cfg.block_cells,
                                  row_group_cells=cfg.row_group_cells, compression=cfg.compression,
-                                 buffer_mib=cfg.buffer_mib, on_invalid=cfg.on_invalid)
+                                 buffer_mib=cfg.buffer_mib, on_invalid=cfg.on_invalid,
+                                 read_ahead=cfg.read_ahead)
     t = time.perf_counter()
     if spark is not None:
         from etl.spark import task_cores

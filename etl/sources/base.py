@@ -7,8 +7,11 @@ handles (SOMA contexts, h5py files) from it and never receive one.
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import re
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -110,3 +113,49 @@ def split_sorted(joinids: np.ndarray, size: int) -> Iterator[np.ndarray]:
     """Chunks of at most `size` from sorted joinids."""
     for i in range(0, len(joinids), size):
         yield joinids[i : i + size]
+
+
+_DONE = object()
+
+
+def read_ahead(items: Iterable, depth: int = 1) -> Iterator:
+    """Iterate `items` in a background thread, `depth` items ahead of the consumer.
+
+    The reads (TileDB, h5py) release the GIL, and so do the encoder and the parquet writer, so reading
+    block k+1 overlaps encoding and writing block k. Memory grows by `depth` blocks, not with the task.
+    An exception in the reader is raised in the consumer; a consumer that stops early stops the thread.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((_DONE, None))
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            q.put((_DONE, e))
+
+    thread = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = q.get()
+            if err is not None:
+                raise err
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                q.get_nowait()
+            thread.join(timeout=0.05)

@@ -24,7 +24,7 @@ import xxhash
 from etl.encode import Encoder
 from etl.inverse import FitStats
 from etl.sources import census, h5ad
-from etl.sources.base import InputError, Task
+from etl.sources.base import InputError, Task, read_ahead
 from etl.storage import Store
 from schemas import SENTENCES
 
@@ -52,6 +52,7 @@ class TaskOptions:
     cores: int = 1
     buffer_mib: int = 128
     on_invalid: str = "skip"  # or "error": stop at the first cell with NaN/inf/negative values
+    read_ahead: int = 1  # blocks read ahead in a thread while the current one is encoded and written
 
 
 @dataclass
@@ -146,7 +147,8 @@ def run_task(task: Task, staging: Store, col_token: np.ndarray, vocab: pa.Array,
     read = _READERS[task.kind]
     with staging.parquet_writer(task.rel_path, WRITE_SCHEMA, compression=opts.compression,
                                 write_statistics=stats_cols, store_schema=False) as writer:
-        for block in read(task, block_size=opts.block_cells, cores=opts.cores, buffer_mib=opts.buffer_mib):
+        blocks = read(task, block_size=opts.block_cells, cores=opts.cores, buffer_mib=opts.buffer_mib)
+        for block in read_ahead(blocks, depth=opts.read_ahead) if opts.read_ahead else blocks:
             enc = encoder.encode(block.indptr, block.indices, block.data, block.joinids)
             if opts.on_invalid == "error" and ({"nan_or_inf", "negative"} & enc.skipped.keys()):
                 row = int(np.flatnonzero((enc.status == 1) | (enc.status == 2))[0])
