@@ -1,9 +1,14 @@
 """The project's table schemas: the single source of truth for writers, validators, Spark and docs."""
 
 from schemas.tables import (
+    ABSTRACTS,
+    BIOGRID,
+    GENE_SETS,
     INVERSE_TRANSFORM,
     LABEL_COLUMNS,
+    LIGAND_RECEPTOR,
     MANIFEST_FIELDS,
+    SAMPLES,
     SCHEMA_VERSION,
     SENTENCES,
     TABLES,
@@ -18,9 +23,14 @@ from schemas.tables import (
 )
 
 __all__ = [
+    "ABSTRACTS",
+    "BIOGRID",
+    "GENE_SETS",
     "INVERSE_TRANSFORM",
     "LABEL_COLUMNS",
+    "LIGAND_RECEPTOR",
     "MANIFEST_FIELDS",
+    "SAMPLES",
     "SCHEMA_VERSION",
     "SENTENCES",
     "TABLES",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0.0"
+SCHEMA_VERSION = "1.1.0"
 
 
 def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
@@ -88,6 +88,70 @@ INVERSE_TRANSFORM = pa.schema(
     ]
 )
 
+_STRS = pa.list_(pa.field("item", pa.string(), nullable=False))
+
+SAMPLES = pa.schema(
+    [
+        _f("sample_id", pa.string(), "Stable id: hash of (task, cells or knowledge item, draw, seed)."),
+        _f("task", pa.string(), "Task name (also the partition directory), e.g. cell_type_prediction."),
+        _f("split", pa.string(), "train | val | test | test_ood (also the partition directory)."),
+        _f("prompt", pa.string(), "Completion-style prompt; the model continues after it (no trailing space)."),
+        _f("response", pa.string(), "What the model should write, starting with a space (C2S style)."),
+        _f("organism", pa.string(), "Organism key ('' for knowledge samples that have none)."),
+        _f("dataset_id", pa.string(), "Dataset of the cells ('' for knowledge-only samples)."),
+        _f("cell_ids", _STRS, "The cells the sample is built from, in prompt order (empty for knowledge-only)."),
+        _f("n_genes", pa.int32(), "Genes per cell sentence in this sample after the token budget (0: none)."),
+        _f("est_tokens", pa.int32(), "Estimated tokens of prompt + response (exact per gene with --tokenizer)."),
+        _f("template", pa.int16(), "Index of the template used, within the task's template file."),
+    ]
+)
+
+BIOGRID = pa.schema(
+    [
+        _f("interaction_id", pa.int64(), "#BioGRID Interaction ID."),
+        _f("symbol_a", pa.string(), "Official Symbol Interactor A (upper-cased when the corpus is)."),
+        _f("symbol_b", pa.string(), "Official Symbol Interactor B."),
+        _f("entrez_a", pa.int64(), "Entrez Gene Interactor A (null if '-').", nullable=True),
+        _f("entrez_b", pa.int64(), "Entrez Gene Interactor B (null if '-').", nullable=True),
+        _f("system", pa.string(), "Experimental System, e.g. Two-hybrid, Affinity Capture-MS."),
+        _f("system_type", pa.string(), "Experimental System Type: physical or genetic (kept apart)."),
+        _f("pubmed_id", pa.string(), "Publication Source, e.g. PUBMED:9006895."),
+        _f("taxid", pa.int32(), "NCBI taxonomy id of both interactors (9606 human, 10090 mouse)."),
+    ]
+)
+
+LIGAND_RECEPTOR = pa.schema(
+    [
+        _f("interaction_id", pa.string(), "CellPhoneDB id_cp_interaction."),
+        _f("ligand", pa.string(), "Ligand-side partner: gene symbol, or complex name."),
+        _f("receptor", pa.string(), "Receptor-side partner: gene symbol, or complex name."),
+        _f("ligand_genes", _STRS, "Gene symbols of the ligand side (every subunit of a complex)."),
+        _f("receptor_genes", _STRS, "Gene symbols of the receptor side (every subunit of a complex)."),
+        _f("directionality", pa.string(), "CellPhoneDB directionality, as the ligand/receptor sides were read."),
+        _f("classification", pa.string(), "CellPhoneDB classification, e.g. Signaling by Chemokines."),
+    ]
+)
+
+ABSTRACTS = pa.schema(
+    [
+        _f("pmid", pa.string(), "PubMed id."),
+        _f("doi", pa.string(), "DOI (lower-case, no resolver prefix), '' if the record has none."),
+        _f("title", pa.string(), "Article title."),
+        _f("abstract", pa.string(), "Abstract text."),
+        _f("source_file", pa.string(), "File the record was read from (or the Entrez cache file)."),
+    ]
+)
+
+GENE_SETS = pa.schema(
+    [
+        _f("name", pa.string(), "Gene set name, e.g. HALLMARK_APOPTOSIS."),
+        _f("description", pa.string(), "Second GMT column (often a URL)."),
+        _f("genes", _STRS, "Member symbols, in file order, duplicates removed."),
+        _f("source_file", pa.string(), "GMT file the set came from."),
+    ]
+)
+
+
 # The manifest is JSON; its required top-level keys and their types, as data, for writer and validator.
 MANIFEST_FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "schema_version": (str, "SCHEMA_VERSION of the tables."),
@@ -108,6 +172,11 @@ TABLES: dict[str, pa.Schema] = {
     "sentences": SENTENCES,
     "vocab": VOCAB,
     "inverse_transform": INVERSE_TRANSFORM,
+    "samples": SAMPLES,
+    "knowledge/biogrid": BIOGRID,
+    "knowledge/ligand_receptor": LIGAND_RECEPTOR,
+    "knowledge/abstracts": ABSTRACTS,
+    "knowledge/gene_sets": GENE_SETS,
 }
 
 
@@ -187,6 +256,11 @@ def markdown() -> str:
         "sentences": "`DIR/sentences/organism=<o>/dataset_id=<d>/part-*.parquet`",
         "vocab": "`DIR/vocab/<organism>.parquet`",
         "inverse_transform": "`DIR/stats/inverse_transform.parquet`",
+        "samples": "`DIR/samples/task=<t>/split=<s>/part-*.parquet`",
+        "knowledge/biogrid": "`DIR/knowledge/biogrid.parquet` (the organism's BioGRID rows, as joined)",
+        "knowledge/ligand_receptor": "`DIR/knowledge/ligand_receptor.parquet` (CellPhoneDB, resolved to symbols)",
+        "knowledge/abstracts": "`DIR/knowledge/abstracts.parquet` (PubMed records matched to datasets)",
+        "knowledge/gene_sets": "`DIR/knowledge/gene_sets.parquet` (the GMT sets used)",
     }
     for name, schema in TABLES.items():
         out += [f"## {name}", "", f"Path: {where[name]}", "", "| column | type | description |", "|---|---|---|"]
