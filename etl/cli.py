@@ -79,8 +79,8 @@ def parse(cls: type[T], argv: list[str] | None, description: str, epilog: str = 
     ns.pop("config", None)
     hints = typing.get_type_hints(cls)
     for k, v in ns.items():
-        _, is_list = _base(hints[k])
+        inner, is_list = _base(hints[k])
         if is_list:
-            v = [x for item in v for x in str(item).split(",") if x]
+            v = [inner(x) for item in v for x in str(item).split(",") if x]
         values[k] = v
     return cls(**values)

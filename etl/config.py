@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-STAGES = ("sentences",)  # stages that exist, in order; the samples stage comes with the task corpus
+STAGES = ("sentences", "samples")  # stages that exist, in order
 
 
 def _f(default, help: str, **kw):
@@ -53,6 +53,39 @@ class BuildConfig:
     buffer_mib: int = _f(128, "TileDB buffer per column per task (soma.init_buffer_bytes).", metavar="MIB")
     master: str | None = _f(None, "Spark master when not set by spark-submit (default local[*]).", metavar="URL")
     force: bool = _f(False, "Rebuild even when the manifest says the corpus is current.")
+    # samples stage: knowledge
+    biogrid: str | None = _f(None, "BioGRID TAB3 file (.txt, or the release .zip) for gene_interaction_prediction.",
+                             metavar="FILE")
+    cellphonedb: str | None = _f(None, "CellPhoneDB v5 folder (interaction_input.csv, complex_input.csv, "
+                                 "gene_input.csv) for ligand_receptor_prediction.", metavar="DIR")
+    abstracts: list[str] = _f([], "PubMed records, MEDLINE text or PubMed XML, files or folders (repeatable), "
+                              "matched to datasets by DOI/PMID.", metavar="PATH")
+    fetch_abstracts: bool = _f(False, "Look the datasets' DOIs up in PubMed (Bio.Entrez, needs --email and network) "
+                               "and cache the records in --abstracts-cache for offline runs.")
+    email: str | None = _f(None, "Contact e-mail NCBI asks Entrez users for (--fetch-abstracts).", metavar="ADDR")
+    ncbi_api_key: str | None = _f(None, "NCBI API key: 10 requests/s instead of 3.", metavar="KEY")
+    abstracts_cache: str = _f("data/pubmed_cache", "Where fetched PubMed records are cached (read by later runs).",
+                              metavar="DIR")
+    gene_sets: list[str] = _f([], "GMT gene set file(s) for gene_set_enumeration / gene_set_naming (repeatable).",
+                              metavar="FILE")
+    # samples stage: tasks, budget, splits
+    tasks: list[str] = _f([], "Tasks to build (default: every built task whose inputs are present).")
+    mixture: list[str] = _f([], "TASK=RATE: samples per cell (single-cell), per group (multi-cell) or per gene "
+                            "set (knowledge); overrides the default mixture (repeatable).", metavar="TASK=RATE")
+    max_tokens: int = _f(1024, "Token budget of prompt + response; gene lists are cut to fit (8192 supported).",
+                         metavar="N")
+    tokenizer: str | None = _f(None, "tokenizer.json or a Hugging Face tokenizer folder: exact token counts "
+                               "(default: 3.3 tokens per gene, 4 characters per token).", metavar="PATH")
+    tokens_per_gene: float = _f(3.3, "Tokens per gene symbol when no --tokenizer is given.", metavar="X")
+    split_key: str = _f("donor", "What a split is drawn for: donor (within dataset), dataset or cell.",
+                        choices=["donor", "dataset", "cell"])
+    split_fractions: list[float] = _f([0.9, 0.05, 0.05], "train, val, test fractions (comma-separated).")
+    ood_fraction: float = _f(0.1, "Fraction of datasets held out whole as test_ood (at least one when there "
+                             "are 3 or more datasets and the fraction is > 0).", metavar="F")
+    ood_datasets: list[str] = _f([], "Datasets to hold out as test_ood (replaces --ood-fraction).", metavar="ID")
+    group_max: int = _f(20, "Most cells in a multi-cell sample (2-20 in C2S-Scale).", metavar="N")
+    samples_partitions: int = _f(0, "Spark partitions of the samples stage (0: about one per 20k cells).",
+                                 metavar="N")
     # demo
     demo_uri: str = _f("data/demo_census", "Where the generated demo Census lives (built at first use).",
                        metavar="PATH")
@@ -71,6 +104,15 @@ class BuildConfig:
         for n in ("cells_per_task", "block_cells", "row_group_cells"):
             if getattr(self, n) < 1:
                 raise InputError(f"--{n.replace('_', '-')} must be at least 1")
+        if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6 or min(self.split_fractions) < 0:
+            raise InputError(f"--split-fractions takes three fractions summing to 1, got {self.split_fractions}")
+        if self.max_tokens < 64:
+            raise InputError("--max-tokens must be at least 64")
+        if not 2 <= self.group_max <= 64:
+            raise InputError("--group-max must be between 2 and 64")
+        for item in self.mixture:
+            if "=" not in item:
+                raise InputError(f"--mixture takes TASK=RATE, got {item!r}")
         if self.read_ahead < 0:
             raise InputError("--read-ahead must be >= 0")
         if self.max_genes < 0:
@@ -98,3 +140,10 @@ class BuildConfig:
                 "block_cells": self.block_cells, "row_group_cells": self.row_group_cells,
                 "compression": self.compression, "cell_type_column": self.cell_type_column,
                 "label_columns": self.label_columns, "h5ad_layer": self.h5ad_layer}
+
+    def samples_options(self) -> dict:
+        """The options that shape the samples (they enter the samples run key and the manifest)."""
+        return {"tasks": sorted(self.tasks), "mixture": sorted(self.mixture), "max_tokens": self.max_tokens,
+                "tokens_per_gene": self.tokens_per_gene, "split_key": self.split_key,
+                "split_fractions": list(self.split_fractions), "ood_fraction": self.ood_fraction,
+                "ood_datasets": sorted(self.ood_datasets), "group_max": self.group_max, "seed": self.seed}

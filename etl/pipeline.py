@@ -91,6 +91,23 @@ def _counts(plan: SourcePlan, summary: sentences.Summary) -> dict:
 
 def build(cfg: BuildConfig, spark=None) -> dict:
     """Run the configured stages; returns the manifest. `spark=None` runs the tasks in this process."""
+    if "sentences" in cfg.stages:
+        manifest = build_sentences(cfg, spark)
+    else:
+        manifest = mf.read_manifest(Store(cfg.output))
+        if manifest is None:
+            raise InputError(f"{cfg.output} has no corpus (manifest.json) to build samples from: run the "
+                             "sentences stage first")
+        mf.validate(Store(cfg.output))
+    if "samples" in cfg.stages:
+        from etl.stages import samples_plan
+
+        manifest = samples_plan.run(cfg, Store(cfg.output), spark, manifest)
+    return manifest
+
+
+def build_sentences(cfg: BuildConfig, spark=None) -> dict:
+    """The sentences stage: plan, encode, commit, manifest, validate (skipped when current)."""
     t_start = time.perf_counter()
     out = Store(cfg.output)
     timings: dict[str, float] = {}
@@ -106,8 +123,9 @@ def build(cfg: BuildConfig, spark=None) -> dict:
 
     current = mf.read_manifest(out)
     if current and current.get("run_key") == key and not cfg.force:
-        log.info("%s is current (same inputs and options); nothing to do (--force rebuilds)", cfg.output)
-        return mf.validate(out)
+        log.info("%s sentences are current (same inputs and options); nothing to do (--force rebuilds)", cfg.output)
+        mf.validate(out)
+        return current
     if not plan.tasks:
         raise InputError("the source selected no cells (check --obs-filter, --organisms, the inputs)")
 

@@ -64,7 +64,7 @@ import tiledbsoma.io
 
 logger = logging.getLogger(__name__)
 
-DEMO_VERSION = "1"
+DEMO_VERSION = "2"  # 2: ligand and receptor genes expressed higher, so L-R pairs show within a 1024-token prompt
 """Bump whenever the generated data change; ``ensure_demo_census`` rebuilds on a mismatch."""
 
 CENSUS_SCHEMA_VERSION = "2.4.0"
@@ -328,7 +328,7 @@ _MOUSE_SYMBOLS: dict[str, str | None] = {
 # Log-scale mean expression by gene role (relative to a median synthetic gene at 0).
 _ROLE_LEVEL: dict[str, tuple[float, float]] = {
     "housekeeping": (5.5, 0.6), "ribosomal": (5.5, 0.5), "mitochondrial": (5.7, 0.6), "hla": (2.5, 0.8),
-    "marker": (-0.5, 0.7), "ligand_receptor": (0.3, 1.0), "transcription_factor": (0.0, 0.7),
+    "marker": (-0.5, 0.7), "ligand_receptor": (2.0, 1.0), "transcription_factor": (0.0, 0.7),
     "interferon": (1.5, 0.5), "cell_cycle": (0.0, 0.5), "stress": (2.5, 0.6), "sex_female": (3.5, 0.2),
     "sex_male": (2.0, 0.3), "hemoglobin": (-2.0, 0.3), "other": (0.5, 1.0), "duplicate_name": (-1.0, 0.8),
 }
