@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 
-from etl.storage import Store
+from etl.storage import AtomicParquetWriter, Store
 from etl.tasks.builders import (
     CELL_FIELDS,
     Counts,
@@ -29,7 +29,7 @@ from etl.tasks.builders import (
     group_key,
     knowledge_samples,
 )
-from schemas import SAMPLES, conform
+from schemas import SAMPLES
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,7 @@ class PartWriter:
     def __init__(self, staging: Store, part: str, compression: str = "zstd"):
         self.staging, self.part, self.compression = staging, part, compression
         self.buffers: dict[tuple[str, str], list[dict]] = {}
-        self.writers: dict[tuple[str, str], object] = {}
-        self.bytes = 0
+        self.writers: dict[tuple[str, str], AtomicParquetWriter] = {}
         self.digest = 0  # order-free: sum of per-sample hashes mod 2^64
         self.counts = Counts()
 
@@ -64,21 +63,23 @@ class PartWriter:
             return
         if key not in self.writers:
             rel = f"samples/task={key[0]}/split={key[1]}/{self.part}.parquet"
-            w = self.staging.parquet_writer(rel, SAMPLES, compression=self.compression)
-            self.writers[key] = (w.__enter__(), w, rel)
-        self.writers[key][0].write_table(pa.Table.from_pylist(rows, schema=SAMPLES))
+            self.writers[key] = self.staging.parquet_writer(rel, SAMPLES, compression=self.compression)
+        self.writers[key].write_table(pa.Table.from_pylist(rows, schema=SAMPLES))
         self.buffers[key] = []
 
     def close(self) -> dict:
         for key in list(self.buffers):
             self._flush(key)
         files = {}
-        for opened, w, rel in self.writers.values():
-            w.__exit__(None, None, None)
-            info = self.staging.fs_root[0].get_file_info(self.staging.path(rel))
-            files[rel] = int(info.size or 0)
-            del opened
+        for w in self.writers.values():
+            w.close()
+            files[w.rel] = int(w.bytes_written)
         return {"files": files, "digest": self.digest, "counts": self.counts.as_dict()}
+
+    def abort(self) -> None:
+        """Drop every part this partition started: nothing half-written stays behind."""
+        for w in self.writers.values():
+            w.close(ok=False)
 
 
 def cells_of(batch: pa.RecordBatch | pa.Table) -> Iterator[dict]:
@@ -103,9 +104,12 @@ def annotate(batch: pa.RecordBatch, ctx: SampleContext) -> pa.RecordBatch:
 
 def build_partition(cells: Iterable[dict], ctx: SampleContext, staging: Store, part: str) -> dict:
     writer = PartWriter(staging, part)
-    counts = writer.counts
-    for row in build_samples(cells, ctx, counts):
-        writer.add(row)
+    try:
+        for row in build_samples(cells, ctx, writer.counts):
+            writer.add(row)
+    except BaseException:
+        writer.abort()
+        raise
     return writer.close()
 
 
@@ -115,8 +119,7 @@ def run_local(sentence_files: list[str], root: Store, ctx: SampleContext, stagin
     t = pa.concat_tables(tables) if tables else None
     if t is None or t.num_rows == 0:
         return {"files": {}, "digest": 0, "counts": Counts().as_dict()}
-    b = annotate(t.combine_chunks().to_batches()[0] if t.num_rows else t, ctx)
-    t = pa.Table.from_batches([b]).sort_by([("gkey", "ascending"), ("ord", "ascending")])
+    t = pa.Table.from_batches([annotate(t.combine_chunks().to_batches()[0], ctx)]).sort_by([("gkey", "ascending"), ("ord", "ascending")])
     return build_partition(cells_of(t), ctx, staging, "part-00000")
 
 
@@ -155,22 +158,19 @@ def run_spark(spark, sentences_uri: str, ctx: SampleContext, staging_uri: str, p
 def run_knowledge(gene_sets: list[tuple[str, list[str]]], ctx: SampleContext, staging: Store) -> dict:
     """Gene-set samples (no cells): small, built on the driver."""
     writer = PartWriter(staging, "part-knowledge")
-    for row in knowledge_samples(gene_sets, ctx, writer.counts):
-        writer.add(row)
+    try:
+        for row in knowledge_samples(gene_sets, ctx, writer.counts):
+            writer.add(row)
+    except BaseException:
+        writer.abort()
+        raise
     return writer.close()
 
 
 def merge_results(results: Iterable[dict]) -> dict:
     counts, files, digest = Counts(), {}, 0
     for r in results:
-        c = Counts()
-        c.samples, c.tokens, c.skipped = r["counts"]["samples"], r["counts"]["est_tokens"], r["counts"]["skipped"]
-        c.cells, c.groups, c.ungrouped_cells = (r["counts"][k] for k in ("cells", "groups", "ungrouped_cells"))
-        counts.merge(c)
+        counts.merge(Counts.from_dict(r["counts"]))
         files.update(r["files"])
         digest = (digest + r["digest"]) % 2**64
     return {"counts": counts, "files": files, "digest": f"{digest:016x}"}
-
-
-def check_table(table: pa.Table) -> pa.Table:
-    return conform(table, SAMPLES, "samples")

@@ -51,7 +51,11 @@ class SplitConfig:
         k = self.key_of(dataset_id, donor_id, cell_id)
         if k in self.assigned:
             return self.assigned[k]
-        u = unit("split", self.seed, k)
+        return self.by_fraction("split", self.seed, k)
+
+    def by_fraction(self, *key) -> str:
+        """train/val/test by where a hash of `key` falls among the fractions (for keys not assigned)."""
+        u = unit(*key)
         tr, va, _ = self.fractions
         return "train" if u < tr else "val" if u < tr + va else "test"
 
@@ -107,6 +111,11 @@ class SampleContext:
         self.__post_init__()
 
 
+def _bump(d: dict, a: str, b: str, n: int = 1) -> None:
+    inner = d.setdefault(a, {})
+    inner[b] = inner.get(b, 0) + n
+
+
 class Counts:
     """Samples per (task, split), est_tokens per task, and why samples were not made, per task."""
 
@@ -119,23 +128,19 @@ class Counts:
         self.ungrouped_cells = 0
 
     def add(self, row: dict) -> None:
-        d = self.samples.setdefault(row["task"], {})
-        d[row["split"]] = d.get(row["split"], 0) + 1
+        _bump(self.samples, row["task"], row["split"])
         self.tokens[row["task"]] = self.tokens.get(row["task"], 0) + row["est_tokens"]
 
     def skip(self, task: str, reason: str) -> None:
-        d = self.skipped.setdefault(task, {})
-        d[reason] = d.get(reason, 0) + 1
+        _bump(self.skipped, task, reason)
 
     def merge(self, other: Counts) -> Counts:
-        for t, d in other.samples.items():
-            for s, n in d.items():
-                self.samples.setdefault(t, {})[s] = self.samples.get(t, {}).get(s, 0) + n
+        for mine, theirs in ((self.samples, other.samples), (self.skipped, other.skipped)):
+            for a, d in theirs.items():
+                for b, n in d.items():
+                    _bump(mine, a, b, n)
         for t, n in other.tokens.items():
             self.tokens[t] = self.tokens.get(t, 0) + n
-        for t, d in other.skipped.items():
-            for r, n in d.items():
-                self.skipped.setdefault(t, {})[r] = self.skipped.get(t, {}).get(r, 0) + n
         self.cells += other.cells
         self.groups += other.groups
         self.ungrouped_cells += other.ungrouped_cells
@@ -144,6 +149,13 @@ class Counts:
     def as_dict(self) -> dict:
         return {"samples": self.samples, "est_tokens": self.tokens, "skipped": self.skipped, "cells": self.cells,
                 "groups": self.groups, "ungrouped_cells": self.ungrouped_cells}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Counts:
+        c = cls()
+        c.samples, c.tokens, c.skipped = d["samples"], d["est_tokens"], d["skipped"]
+        c.cells, c.groups, c.ungrouped_cells = d["cells"], d["groups"], d["ungrouped_cells"]
+        return c
 
 
 def draws(rate: float, *key) -> int:
@@ -173,7 +185,6 @@ def _render(task: str, sample_id: str, values: dict, sentences: list[list[str]] 
     spec = tpl.load(task)
     t = h64("template", sample_id) % len(spec["prompts"])
     prompt_t, response_t = spec["prompts"][t], spec["response"]
-    n = 0
     if sentences is not None:
         # fixed part: the template with empty sentences and a placeholder count
         probe = {**values, "num_genes": 100, "cell_sentence": "", "cells": _cells_block([[] for _ in sentences])}
@@ -184,9 +195,8 @@ def _render(task: str, sample_id: str, values: dict, sentences: list[list[str]] 
             return None
         prompt, response, est = _finish(task, t, values, [s[:n] for s in sentences], ctx)
         return prompt, response, n, est, t
-    prompt, response = prompt_t.format(**values), response_t.format(**values)
-    est = ctx.budget.text(prompt) + ctx.budget.text(response)
-    return prompt, response, 0, max(est, 1), t
+    prompt, response, est = _finish(task, t, values, [], ctx)
+    return prompt, response, 0, est, t
 
 
 def _finish(task: str, t: int, values: dict, sentences: list[list[str]], ctx: SampleContext) -> tuple[str, str, int]:
@@ -371,9 +381,7 @@ def knowledge_samples(gene_sets: list[tuple[str, list[str]]], ctx: SampleContext
         if task not in ctx.mixture:
             continue
         for name, genes in gene_sets:
-            u = unit("split", ctx.seed, "gene_set", name)
-            tr, va, _ = ctx.splits.fractions
-            split = "train" if u < tr else "val" if u < tr + va else "test"
+            split = ctx.splits.by_fraction("split", ctx.seed, "gene_set", name)
             for d in range(draws(ctx.mixture[task], ctx.seed, task, name)):
                 sid = xxhash.xxh3_128_hexdigest(f"{task}|{name}|{d}|{ctx.seed}".encode())
                 n = len(genes)
@@ -385,5 +393,4 @@ def knowledge_samples(gene_sets: list[tuple[str, list[str]]], ctx: SampleContext
                 if est > ctx.budget.max_tokens:
                     counts.skip(task, "over_token_budget")
                     continue
-                row = _row(task, split, [], prompt, response, n, est, t, sid)
-                yield row
+                yield _row(task, split, [], prompt, response, n, est, t, sid)
