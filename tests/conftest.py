@@ -52,3 +52,23 @@ def write_h5ad(path, n_cells=300, n_genes=120, seed=0, *, symbols=None, obs_extr
     adata = ad.AnnData(X=x.toarray() if dense else x, obs=obs, var=var)
     adata.write_h5ad(path)
     return str(path), sp.csr_matrix(x)
+
+
+@pytest.fixture(scope="session")
+def train_corpus(tmp_path_factory) -> str:
+    """A small real samples corpus (every built task, demo knowledge files), built in-process without Spark
+    in ~3 s: the input of the training tests."""
+    from pathlib import Path
+
+    from etl.config import BuildConfig
+    from etl.pipeline import build
+    from etl.sources.demo import build_demo_census
+
+    root = tmp_path_factory.mktemp("train_corpus")
+    census = build_demo_census(str(root / "census"), n_cells=600, n_genes=400, mean_nnz=100, seed=3)
+    demo = Path(__file__).resolve().parents[1] / "etl" / "knowledge" / "data" / "demo"
+    cfg = BuildConfig(output=str(root / "corpus"), census_uri=census, cells_per_task=300, max_genes=200,
+                      biogrid=str(demo / "BIOGRID-DEMO.tab3.txt"), cellphonedb=str(demo / "cellphonedb"),
+                      abstracts=[str(demo)], gene_sets=[str(demo / "hallmark_demo.gmt")])
+    build(cfg, None)
+    return cfg.output
