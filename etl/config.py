@@ -37,6 +37,9 @@ class BuildConfig:
                                  "present, else 'unknown'.", metavar="FIELD=COL")
     h5ad_layer: str | None = _f(None, "Matrix to rank: X (default), raw (raw.X) or a layer name; use raw counts.",
                                 metavar="NAME")
+    spatial_key: str = _f("spatial", "obsm key of the cells' spatial coordinates (n x 2+ array) in --h5ad files; "
+                          "files without the default key get no coordinates (spatial tasks skipped).",
+                          metavar="KEY")
     # encoding
     max_genes: int = _f(2048, "Keep the top K genes of each sentence; 0 keeps every expressed gene.", metavar="K")
     uppercase: bool = _f(True, "Upper-case gene symbols, as cell2sentence does.")
@@ -68,6 +71,27 @@ class BuildConfig:
                               metavar="DIR")
     gene_sets: list[str] = _f([], "GMT gene set file(s) for gene_set_enumeration / gene_set_naming (repeatable).",
                               metavar="FILE")
+    # samples stage: perturbation
+    perturbation_h5ad: list[str] = _f([], "Perturbation AnnData file (e.g. Perturb-seq; repeatable) for "
+                                      "perturbation_prediction: control sentence + perturbation -> perturbed "
+                                      "sentence. Organism from --organism, dataset id from the file name.",
+                                      metavar="FILE")
+    perturbation_column: str = _f("perturbation", "obs column of the perturbation files naming each cell's "
+                                  "perturbation (a gene, or genes joined by --combination-separator).", metavar="COL")
+    control_label: list[str] = _f(["control"], "Label(s) of control cells in --perturbation-column (comma-separated "
+                                  "or repeated); a combination part equal to one (KLF1+ctrl) is dropped.",
+                                  metavar="LABEL")
+    perturbation_context: list[str] = _f([], "obs column(s) a paired control must share with the perturbed cell "
+                                         "(default: cell_type when the file has it; 'none': any control).",
+                                         metavar="COL")
+    perturbation_layer: str | None = _f(None, "Matrix of the perturbation files to rank: X (default), raw (raw.X) "
+                                        "or a layer name; use raw counts.", metavar="NAME")
+    combination_separator: str = _f("+", "Separator of the genes of a combination label (KLF1+MAP2K6).",
+                                    metavar="SEP")
+    perturbation_holdout: float = _f(0.1, "Fraction of single perturbations held out as test, alone and inside "
+                                     "combinations (at least one when there are 3 or more).", metavar="F")
+    combination_holdout: float = _f(0.2, "Fraction of combinations whose genes all have train cells held out as "
+                                    "test (unseen combinations of seen perturbations).", metavar="F")
     # samples stage: tasks, budget, splits
     tasks: list[str] = _f([], "Tasks to build (default: every built task whose inputs are present).")
     mixture: list[str] = _f([], "TASK=RATE: samples per cell (single-cell), per group (multi-cell) or per gene "
@@ -84,6 +108,9 @@ class BuildConfig:
                              "are 3 or more datasets and the fraction is > 0).", metavar="F")
     ood_datasets: list[str] = _f([], "Datasets to hold out as test_ood (replaces --ood-fraction).", metavar="ID")
     group_max: int = _f(20, "Most cells in a multi-cell sample (2-20 in C2S-Scale).", metavar="N")
+    spatial_tile_cells: int = _f(2000, "Spatial tasks: cells per square tile a section is cut into so it "
+                                 "streams with bounded memory (centres whose neighbours may lie across a tile "
+                                 "border are skipped and counted).", metavar="N")
     samples_partitions: int = _f(0, "Spark partitions of the samples stage (0: about one per 20k cells).",
                                  metavar="N")
     # demo
@@ -108,6 +135,8 @@ class BuildConfig:
             raise InputError(f"--split-fractions takes three fractions summing to 1, got {self.split_fractions}")
         if self.max_tokens < 64:
             raise InputError("--max-tokens must be at least 64")
+        if self.spatial_tile_cells < 20:
+            raise InputError("--spatial-tile-cells must be at least 20")
         if not 2 <= self.group_max <= 64:
             raise InputError("--group-max must be between 2 and 64")
         for item in self.mixture:
@@ -115,6 +144,13 @@ class BuildConfig:
                 raise InputError(f"--mixture takes TASK=RATE, got {item!r}")
         if self.read_ahead < 0:
             raise InputError("--read-ahead must be >= 0")
+        for n in ("perturbation_holdout", "combination_holdout"):
+            if not 0 <= getattr(self, n) <= 1:
+                raise InputError(f"--{n.replace('_', '-')} must be between 0 and 1")
+        if not self.combination_separator.strip():
+            raise InputError("--combination-separator must not be empty")
+        if not self.control_label:
+            raise InputError("--control-label needs at least one label")
         if self.max_genes < 0:
             raise InputError("--max-genes must be >= 0")
         if self.obs_filter == "":
@@ -146,4 +182,9 @@ class BuildConfig:
         return {"tasks": sorted(self.tasks), "mixture": sorted(self.mixture), "max_tokens": self.max_tokens,
                 "tokens_per_gene": self.tokens_per_gene, "split_key": self.split_key,
                 "split_fractions": list(self.split_fractions), "ood_fraction": self.ood_fraction,
-                "ood_datasets": sorted(self.ood_datasets), "group_max": self.group_max, "seed": self.seed}
+                "ood_datasets": sorted(self.ood_datasets), "group_max": self.group_max, "seed": self.seed,
+                "spatial_tile_cells": self.spatial_tile_cells,
+                "perturbation": {"column": self.perturbation_column, "control_label": sorted(self.control_label),
+                                 "context": list(self.perturbation_context), "layer": self.perturbation_layer,
+                                 "separator": self.combination_separator, "holdout": self.perturbation_holdout,
+                                 "combination_holdout": self.combination_holdout}}

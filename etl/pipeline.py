@@ -34,7 +34,7 @@ def plan_source(cfg: BuildConfig) -> SourcePlan:
     if cfg.source_kind == "h5ad":
         return h5ad.plan(cfg.h5ad, organism=cfg.organism, dataset_ids=cfg.dataset_id or None,
                          cell_type_column=cfg.cell_type_column, label_columns=cfg.label_columns,
-                         layer=cfg.h5ad_layer, **common)
+                         layer=cfg.h5ad_layer, spatial_key=cfg.spatial_key, **common)
     if cfg.source_kind == "demo":
         from etl.sources.demo import ensure_demo_census
 

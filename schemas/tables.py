@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.1.0"
+SCHEMA_VERSION = "1.2.0"
 
 
 def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
@@ -47,6 +47,10 @@ SENTENCES = pa.schema(
         _f("is_primary_data", pa.bool_(), "Census is_primary_data (True for h5ad input)."),
         _f("raw_sum", pa.float64(), "Sum of the cell's raw counts over all genes."),
         _f("n_expressed", pa.int32(), "Number of distinct gene symbols with a nonzero count (before truncation)."),
+        _f("spatial_x", pa.float64(), "First spatial coordinate (h5ad obsm[--spatial-key] column 0); null where "
+           "the source has none (Census, demo) or the value is not finite.", nullable=True),
+        _f("spatial_y", pa.float64(), "Second spatial coordinate (obsm[--spatial-key] column 1); null with "
+           "spatial_x.", nullable=True),
         _f(
             "genes",
             pa.list_(pa.field("item", pa.string(), nullable=False)),

@@ -33,8 +33,9 @@ def demo_census(tmp_path_factory) -> str:
 
 
 def write_h5ad(path, n_cells=300, n_genes=120, seed=0, *, symbols=None, obs_extra=None, dense=False,
-               values=None) -> tuple[str, sp.csr_matrix]:
-    """An AnnData file with Poisson counts, a cell type column `celltype` and a donor column `patient`."""
+               values=None, obsm=None) -> tuple[str, sp.csr_matrix]:
+    """An AnnData file with Poisson counts, a cell type column `celltype` and a donor column `patient`
+    (`obsm`: e.g. {"spatial": n x 2 coordinates})."""
     import anndata as ad
 
     rng = np.random.default_rng(seed)
@@ -49,7 +50,7 @@ def write_h5ad(path, n_cells=300, n_genes=120, seed=0, *, symbols=None, obs_extr
         obs[k] = v
     var = pd.DataFrame({"feature_name": symbols or [f"GENE{i}" for i in range(n_genes)]},
                        index=[f"ENSG{i:011d}" for i in range(n_genes)])
-    adata = ad.AnnData(X=x.toarray() if dense else x, obs=obs, var=var)
+    adata = ad.AnnData(X=x.toarray() if dense else x, obs=obs, var=var, obsm=obsm)
     adata.write_h5ad(path)
     return str(path), sp.csr_matrix(x)
 

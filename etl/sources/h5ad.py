@@ -1,9 +1,9 @@
 """User AnnData files (.h5ad) as a source.
 
 Each file is one dataset (its id from --dataset-id, else the file name). Workers read only their row range:
-the matrix through anndata's sparse_dataset (or an h5py slice when dense) and the obs columns they need,
-so memory stays flat however large the file. Paths must be readable from the executors (local mode, or a
-shared file system on a cluster).
+the matrix through anndata's sparse_dataset (or an h5py slice when dense), the obs columns they need and
+their rows of the obsm coordinates (if any), so memory stays flat however large the file. Paths must be
+readable from the executors (local mode, or a shared file system on a cluster).
 """
 
 from __future__ import annotations
@@ -98,6 +98,39 @@ def label_mapping(path: str, obs_columns: set[str], cell_type_column: str,
     return mapping
 
 
+DEFAULT_SPATIAL_KEY = "spatial"
+
+
+def spatial_element(f, path: str, key: str, n_obs: int) -> str | None:
+    """The obsm key coordinates are read from, or None when the file has none (the default key absent).
+
+    Why so strict: a wrong layout would give every cell wrong neighbours silently. AnnData writes numpy
+    obsm arrays as a dense (n_obs, d) dataset; a dataframe or sparse obsm entry is refused by name.
+    """
+    obsm = f.get("obsm")
+    if obsm is None or key not in obsm:
+        if key != DEFAULT_SPATIAL_KEY:
+            keys = sorted(obsm) if obsm is not None else []
+            raise InputError(f"{path}: no obsm[{key!r}] (--spatial-key); obsm keys: {keys}")
+        return None
+    el = obsm[key]
+    if hasattr(el, "keys"):
+        enc = el.attrs.get("encoding-type", "a group")
+        raise InputError(f"{path}: obsm[{key!r}] is stored as {enc}; coordinates must be a dense numeric "
+                         f"array of shape ({n_obs}, 2 or more)")
+    if el.ndim != 2 or el.shape[0] != n_obs or el.shape[1] < 2 or el.dtype.kind not in "iuf":
+        raise InputError(f"{path}: obsm[{key!r}] has shape {el.shape} and dtype {el.dtype}; coordinates must "
+                         f"be a numeric array of shape ({n_obs}, 2 or more)")
+    return key
+
+
+def _coordinates(f, key: str, lo: int, hi: int, sel: np.ndarray) -> tuple[pa.Array, pa.Array]:
+    """Rows lo:hi of obsm[key][:, :2] (only those rows are read); non-finite rows become nulls."""
+    xy = np.asarray(f["obsm"][key][lo:hi, :2], dtype=np.float64)[sel]
+    bad = ~np.isfinite(xy).all(axis=1)
+    return pa.array(xy[:, 0], pa.float64(), mask=bad), pa.array(xy[:, 1], pa.float64(), mask=bad)
+
+
 def plan(
     paths: list[str],
     *,
@@ -110,6 +143,7 @@ def plan(
     cells_per_task: int,
     seed: int,
     uppercase: bool,
+    spatial_key: str = DEFAULT_SPATIAL_KEY,
 ) -> SourcePlan:
     organism = normalise_organism(organism)
     if dataset_ids and len(dataset_ids) != len(paths):
@@ -134,6 +168,7 @@ def plan(
             obs_cols = set(_columns(f["obs"]))
             mapping = label_mapping(path, obs_cols, cell_type_column, label_columns)
             n_obs = len(_index(f["obs"]))
+            spatial = spatial_element(f, path, spatial_key, n_obs)
             var = f[vpath]
             ids = _index(var)
             names = _column(var, "feature_name", 0, len(ids)) if "feature_name" in _columns(var) else ids
@@ -148,13 +183,13 @@ def plan(
             rows = np.sort(np.random.default_rng(seed).choice(n_obs, size=max_cells, replace=False))
         planned[organism][dataset_id] = len(rows)
         files.append({"path": path, "bytes": os.path.getsize(path), "mtime": os.path.getmtime(path),
-                      "dataset_id": dataset_id, "n_obs": n_obs, "labels": mapping})
+                      "dataset_id": dataset_id, "n_obs": n_obs, "labels": mapping, "spatial_key": spatial})
         for i, chunk in enumerate(split_sorted(rows, cells_per_task)):
             tasks.append(Task(
                 task_id=f"{organism}/{dataset_id}/{i:05d}", kind="h5ad", uri=path, organism=organism,
                 dataset_id=dataset_id, index=i, lo=int(chunk[0]), hi=int(chunk[-1]), n_cells=len(chunk),
                 var_key=path, joinids=tuple(int(x) for x in chunk) if sampled else None,
-                options={"layer": layer, "labels": mapping},
+                options={"layer": layer, "labels": mapping, "spatial_key": spatial},
             ))  # fmt: skip
     desc = {"kind": "h5ad", "files": files, "organism": organism, "layer": layer or "X"}
     return SourcePlan(tasks=tasks, vars=vars_, description=desc, planned=planned)
@@ -197,5 +232,7 @@ def read_task(task: Task, *, block_size: int, **_: object) -> Iterator[Block]:
                     v = _column(obs, col, lo, hi)[sel]
                     cols[field] = pa.array([UNKNOWN if x is None else str(x) for x in v], pa.string())
             cols["is_primary_data"] = pa.array(np.ones(len(rows), dtype=bool))
+            if task.options.get("spatial_key"):
+                cols["spatial_x"], cols["spatial_y"] = _coordinates(f, task.options["spatial_key"], lo, hi, sel)
             m.sort_indices()
             yield Block(obs=pa.table(cols), indptr=m.indptr, indices=m.indices, data=m.data, joinids=rows)

@@ -26,14 +26,14 @@ from etl.tasks.builders import (
     SampleContext,
     build_samples,
     cell_order,
-    group_key,
     knowledge_samples,
 )
+from etl.tasks.spatial import SECTION_FIELDS, SPATIAL_COLUMNS, extents, run_key
 from schemas import SAMPLES
 
 log = logging.getLogger(__name__)
 
-READ_COLUMNS = [*CELL_FIELDS, "genes"]
+READ_COLUMNS = [*CELL_FIELDS, *SPATIAL_COLUMNS, "genes"]
 FLUSH_ROWS = 2048
 
 
@@ -96,8 +96,9 @@ def annotate(batch: pa.RecordBatch, ctx: SampleContext) -> pa.RecordBatch:
     ds, donors, cells = (t[c].to_pylist() for c in ("dataset_id", "donor_id", "cell_id"))
     splits = [ctx.splits.split(d, o, c) for d, o, c in zip(ds, donors, cells, strict=True)]
     t = t.append_column("split", pa.array(splits, pa.string()))
-    rows = t.select(["organism", "dataset_id", "donor_id", "tissue", "split", "cell_id"]).to_pylist()
-    t = t.append_column("gkey", pa.array([group_key(r) for r in rows], pa.string()))
+    rows = t.select(["organism", "dataset_id", "donor_id", "tissue", "split", "cell_id",
+                     *SPATIAL_COLUMNS]).to_pylist()
+    t = t.append_column("gkey", pa.array([run_key(r, ctx.spatial) for r in rows], pa.string()))
     t = t.append_column("ord", pa.array([cell_order(r, ctx.seed) >> 1 for r in rows], pa.int64()))
     return t.combine_chunks().to_batches()[0] if t.num_rows else pa.RecordBatch.from_pylist([], schema=t.schema)
 
@@ -130,6 +131,7 @@ def run_spark(spark, sentences_uri: str, ctx: SampleContext, staging_uri: str, p
     """One shuffle of the (cut) gene lists by group key; each partition writes its own parts."""
     df = (spark.read.option("recursiveFileLookup", "true").parquet(sentences_uri).select(*READ_COLUMNS))
     ann_schema = (", ".join(f"`{c}` string" for c in CELL_FIELDS)
+                  + "".join(f", `{c}` double" for c in SPATIAL_COLUMNS)
                   + ", genes array<string>, split string, gkey string, ord long")
 
     def add_keys(batches):
@@ -153,6 +155,23 @@ def run_spark(spark, sentences_uri: str, ctx: SampleContext, staging_uri: str, p
            .sortWithinPartitions("gkey", "ord")
            .mapInArrow(build, SUMMARY_DDL))  # fmt: skip
     return [json.loads(r["result"]) for r in out.collect()]
+
+
+def spatial_extents(spark, root: Store, sentence_files: list[str]) -> list[dict]:
+    """Per section (organism, dataset, donor, tissue): cells with coordinates (n) and their bounding box
+    (x0, x1, y0, y1). A small aggregate over six narrow columns: Spark groupBy, or pyarrow in process."""
+    cols = [*SECTION_FIELDS, *SPATIAL_COLUMNS]
+    if spark is None:
+        tables = [pq.read_table(root.path(f), columns=cols) for f in sentence_files]
+        return extents(pa.concat_tables(tables)) if tables else []
+    from pyspark.sql import functions as F
+
+    df = (spark.read.option("recursiveFileLookup", "true").parquet(root.path("sentences")).select(*cols)
+          .where(F.col("spatial_x").isNotNull() & F.col("spatial_y").isNotNull()))
+    agg = df.groupBy(*SECTION_FIELDS).agg(
+        F.count("*").alias("n"), F.min("spatial_x").alias("x0"), F.max("spatial_x").alias("x1"),
+        F.min("spatial_y").alias("y0"), F.max("spatial_y").alias("y1"))  # fmt: skip
+    return [r.asDict() for r in agg.collect()]
 
 
 def run_knowledge(gene_sets: list[tuple[str, list[str]]], ctx: SampleContext, staging: Store) -> dict:

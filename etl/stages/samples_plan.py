@@ -18,7 +18,7 @@ from etl.config import BuildConfig
 from etl.sources.base import InputError
 from etl.stages import samples
 from etl.storage import Store
-from etl.tasks import DEFAULT_MIXTURE, NOT_BUILT_REASON, TASKS
+from etl.tasks import DEFAULT_MIXTURE, NOT_BUILT_REASON, TASKS, perturbation, spatial
 from etl.tasks.budget import TokenBudget, load_tokenizer_json
 from etl.tasks.builders import SampleContext, SplitConfig, choose_ood
 
@@ -34,7 +34,8 @@ def _file_digest(path: str) -> str:
         for n in sorted(names):
             with open(os.path.join(root, n), "rb") as f:
                 h.update(n.encode())
-                h.update(f.read())
+                for chunk in iter(lambda: f.read(1 << 24), b""):  # large h5ad files: bounded memory
+                    h.update(chunk)
     return h.hexdigest()[:16]
 
 
@@ -78,6 +79,16 @@ def _assign_splits(splits: SplitConfig, ood: frozenset, cfg: BuildConfig, out: S
     return splits.assign(keys)
 
 
+def _spatial_extents(cfg: BuildConfig, out: Store, spark, manifest: dict) -> list[dict]:
+    """Per-section extents of the cells with coordinates (driver aggregate); [] without a scan when no
+    spatial task is wanted or no source file had coordinates (only h5ad obsm carries them)."""
+    mix = _mixture(cfg)
+    wanted = [t for t in (cfg.tasks or TASKS) if TASKS[t].family == "spatial" and mix.get(t, 0) > 0]
+    if not wanted or not any(f.get("spatial_key") for f in manifest["source"].get("files", [])):
+        return []
+    return samples.spatial_extents(spark, out, sorted(manifest["files"]))
+
+
 def _mixture(cfg: BuildConfig) -> dict[str, float]:
     mix = dict(DEFAULT_MIXTURE)
     for item in cfg.mixture:
@@ -100,6 +111,8 @@ def run(cfg: BuildConfig, out: Store, spark, manifest: dict) -> dict:
     if unknown:
         raise InputError(f"unknown task(s) {unknown}; tasks: {', '.join(TASKS)}")
     inputs = knowledge_inputs(cfg)
+    if cfg.perturbation_h5ad:
+        inputs["perturbation"] = perturbation.check_files(cfg.perturbation_h5ad)  # their digests enter the key
     tok_json = load_tokenizer_json(cfg.tokenizer) if cfg.tokenizer else None
     key_src = {"sentences": manifest["content_hash"], "options": cfg.samples_options(),
                "inputs": {k: ([_file_digest(p) for p in v] if isinstance(v, list) else (_file_digest(v) if v else None))
@@ -168,9 +181,12 @@ def run(cfg: BuildConfig, out: Store, spark, manifest: dict) -> dict:
         gene_sets = list(zip(gs["name"].to_pylist(), gs["genes"].to_pylist(), strict=True))
         knowledge_counts["gene_sets"] = {"sets": gs.num_rows}
 
+    spatial_rows = _spatial_extents(cfg, out, spark, manifest)
+
     # which tasks run, and why the others do not
     present = {"biogrid": bool(biogrid), "cellphonedb": bool(lr_pairs), "abstracts": bool(abstracts),
-               "gene_sets": bool(gene_sets), "spatial": False, "perturbation": False}
+               "gene_sets": bool(gene_sets), "spatial": bool(spatial_rows),
+               "perturbation": bool(cfg.perturbation_h5ad)}
     mix = _mixture(cfg)
     wanted = cfg.tasks or list(TASKS)
     status: dict[str, dict] = {}
@@ -181,7 +197,10 @@ def run(cfg: BuildConfig, out: Store, spark, manifest: dict) -> dict:
             status[name] = {"status": "skipped", "reason": NOT_BUILT_REASON[spec.family]}
         elif missing := [n for n in spec.needs if not present[n]]:
             status[name] = {"status": "skipped", "reason": f"input absent: {', '.join(missing)}"
-                            + (" (no dataset matched an abstract)" if "abstracts" in missing and inputs["abstracts"] else "")}
+                            + (" (no dataset matched an abstract)" if "abstracts" in missing and inputs["abstracts"] else "")
+                            + (" (--perturbation-h5ad not given)" if "perturbation" in missing else "")
+                            + (f" (no cell has coordinates; h5ad obsm[{cfg.spatial_key!r}])"
+                               if "spatial" in missing else "")}
         elif mix.get(name, 0) <= 0:
             status[name] = {"status": "skipped", "reason": "mixture rate 0"}
         else:
@@ -198,6 +217,8 @@ def run(cfg: BuildConfig, out: Store, spark, manifest: dict) -> dict:
         budget=TokenBudget(max_tokens=cfg.max_tokens, tokens_per_gene=cfg.tokens_per_gene, tokenizer_json=tok_json),
         splits=_assign_splits(splits, ood, cfg, out, manifest, spark),
         seed=cfg.seed, abstracts=abstracts, lr_pairs=lr_pairs, biogrid=biogrid, group_max=cfg.group_max,
+        spatial=(spatial.sections(spatial_rows, cfg.spatial_tile_cells)
+                 if any(TASKS[t].family == "spatial" for t in active) else {}),
     )
     staging_rel = f"_staging/samples-{key[:16]}"
     out.remove(staging_rel)
@@ -208,13 +229,17 @@ def run(cfg: BuildConfig, out: Store, spark, manifest: dict) -> dict:
     n_cells = manifest["counts"]["totals"]["written"]
     files = sorted(manifest["files"])
     results = []
-    if any(TASKS[t].family in ("single", "multi") for t in active):
+    if any(TASKS[t].family in ("single", "multi", "spatial") for t in active):
         if spark is not None:
             parts = cfg.samples_partitions or max(spark.sparkContext.defaultParallelism, n_cells // CELLS_PER_PARTITION)
             results = samples.run_spark(spark, out.path("sentences"), ctx, staging.uri, parts)
         else:
             results = [samples.run_local(files, out, ctx, staging)]
     results.append(samples.run_knowledge(gene_sets, ctx, staging))
+    if "perturbation_prediction" in active:  # on the driver, one file at a time (etl/tasks/perturbation.py)
+        pert_results, knowledge_counts["perturbation"] = perturbation.run(
+            inputs["perturbation"], perturbation.options_from_config(cfg), ctx, staging)
+        results.extend(pert_results)
     merged = samples.merge_results(results)
     counts = merged["counts"]
     total = sum(n for d in counts.samples.values() for n in d.values())
@@ -249,6 +274,7 @@ def run(cfg: BuildConfig, out: Store, spark, manifest: dict) -> dict:
         "files": merged["files"],
         "samples_hash": merged["digest"],
         "knowledge": knowledge_counts,
+        "spatial": spatial.summary(ctx.spatial, cfg.spatial_tile_cells),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     manifest = {**manifest, "samples": section, "stages": ["sentences", "samples"], "created_at": mf.now()}

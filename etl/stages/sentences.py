@@ -171,6 +171,9 @@ def run_task(task: Task, staging: Store, col_token: np.ndarray, vocab: pa.Array,
                     "raw_sum": pa.array(enc.raw_sum), "n_expressed": pa.array(enc.n_expressed),
                     "genes": enc.genes,
                 }  # fmt: skip
+                for f in WRITE_SCHEMA:  # optional columns a source does not have (coordinates): nulls
+                    if f.nullable and f.name not in cols:
+                        cols[f.name] = pa.nulls(n, f.type)
                 table = pa.table(cols).select(WRITE_SCHEMA.names).cast(WRITE_SCHEMA)
                 writer.write_table(table, row_group_size=opts.row_group_cells)
                 counts.written += n

@@ -97,6 +97,7 @@ class SampleContext:
     max_genes: int = 1024  # genes per cell in any prompt (before the budget)
     interaction_genes: int = 100  # top genes of a cell searched for BioGRID pairs
     max_pairs: int = 10
+    spatial: dict = field(default_factory=dict)  # section key -> spatial.Section; empty: no spatial tasks
 
     def __post_init__(self):
         self._lr_index: dict[str, list[int]] = {}
@@ -341,10 +342,16 @@ def cell_order(c: dict, seed: int) -> int:
 
 def build_samples(cells: Iterable[dict], ctx: SampleContext, counts: Counts) -> Iterator[dict]:
     """Samples of a stream of cells sorted by (group_key, cell_order): single-cell tasks per cell, and
-    multi-cell tasks per consecutive group of the same key (sizes drawn in [group_min, group_max])."""
+    multi-cell tasks per consecutive group of the same key (sizes drawn in [group_min, group_max]), and
+    spatial tasks per tile (cells with coordinates: the key has their tile appended, etl/tasks/spatial.py)."""
+    from etl.tasks import spatial  # here, not at the top: spatial builds on this module's helpers
+
     has_multi = any(TASKS[t].family == "multi" for t in ctx.mixture)
+    has_spatial = bool(ctx.spatial) and any(TASKS[t].family == "spatial" for t in ctx.mixture)
     buf: list[dict] = []
     key, index, target = None, 0, 0
+    tile: list[dict] = []
+    tkey = None
 
     def flush():
         nonlocal buf
@@ -358,9 +365,16 @@ def build_samples(cells: Iterable[dict], ctx: SampleContext, counts: Counts) -> 
     for c in cells:
         counts.cells += 1
         yield from single_cell_samples(c, ctx, counts)
+        tk = spatial.tile_key(c, ctx.spatial)
+        if has_spatial:
+            if tk != tkey:
+                yield from spatial.spatial_samples(tile, ctx, counts)
+                tile, tkey = [], tk
+            if tk is not None:
+                tile.append(c)
         if not has_multi:
             continue
-        k = group_key(c)
+        k = tk or group_key(c)  # the stage's sort key: groups never straddle a tile (one partition each)
         if k != key:
             yield from flush()
             key, index = k, 0
@@ -370,6 +384,8 @@ def build_samples(cells: Iterable[dict], ctx: SampleContext, counts: Counts) -> 
             yield from flush()
             index += 1
             target = group_size(ctx, k, index)
+    if has_spatial:
+        yield from spatial.spatial_samples(tile, ctx, counts)
     if has_multi:
         yield from flush()
 
