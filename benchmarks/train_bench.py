@@ -1,0 +1,172 @@
+"""Trainer benchmark: useful tokens/s and padding share of our SFT trainer against a C2S-style baseline
+(HF Trainer, per-batch padding, no packing), same data, same model, same batch size, one run.
+
+    python benchmarks/train_bench.py --cells 3000 --steps 40
+
+Builds a demo corpus once (cached under .bench/), trains the tiny GPT-NeoX (tokenizer trained from the
+corpus) with both, and prints one JSON line. "Useful" tokens are the non-padding tokens a step processes;
+the first --warmup steps of each run are not timed. With --gpu-shape pythia410m on a CUDA machine it
+instead measures a Pythia-410M-shaped model (random init, bf16): tokens/s, model FLOPs utilisation
+(6·params + 6·layers·seq·d_model FLOPs per token, against --peak-tflops) and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def build_corpus(cells: int) -> str:
+    from etl.config import BuildConfig
+    from etl.pipeline import build
+    from etl.sources.demo import ensure_demo_census
+    from etl.stages import samples_plan
+
+    os.makedirs(os.path.join(ROOT, ".bench"), exist_ok=True)
+    uri = ensure_demo_census(os.path.join(ROOT, ".bench", f"train_census_{cells}"), n_cells=cells,
+                             n_genes=2000, mean_nnz=600, seed=5)
+    out = os.path.join(ROOT, ".bench", f"train_corpus_{cells}")
+    k = samples_plan.knowledge_inputs(BuildConfig())  # the demo knowledge files
+    build(BuildConfig(output=out, census_uri=uri, max_genes=400, **k))
+    return out
+
+
+def ours(corpus: str, a, out: str) -> dict:
+    from training.config import SFTConfig
+    from training.trainer import train
+
+    cfg = SFTConfig(corpus=corpus, output_dir=out, max_steps=a.steps, per_device_batch_size=a.batch,
+                    max_length=a.max_length, logging_steps=1, eval_steps=0, save_steps=0, eval_cells=0,
+                    eval_samples_per_task=1, report_to="none", attention=a.attention, seed=a.seed,
+                    shuffle_buffer=1000)
+    res = train(cfg)
+    steps = [r for r in res.metrics if "tokens_per_s" in r and r["step"] > a.warmup]
+    secs, tokens = 0.0, 0
+    prev = {r["step"]: r["tokens_seen"] for r in res.metrics if "tokens_seen" in r}
+    for r in steps:
+        n = r["tokens_seen"] - prev.get(r["step"] - 1, 0)
+        tokens += n
+        secs += n / r["tokens_per_s"]
+    pad = sum(r["padding_share"] for r in steps) / len(steps)
+    return {"useful_tokens_per_s": round(tokens / secs), "padding_share": round(pad, 4),
+            "timed_steps": len(steps), "loss_first": res.metrics[0]["loss"],
+            "loss_last": [r for r in res.metrics if "loss" in r][-1]["loss"]}
+
+
+def baseline(corpus: str, a, out: str) -> dict:
+    """cell2sentence's recipe: HF Trainer over a map-style dataset of tokenised samples (random order),
+    per-batch padding (DataCollatorForSeq2Seq), no packing; loss on the response tokens as ours."""
+    import datasets
+    import pyarrow.parquet as pq
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    from training import data as td
+    from training import models as tm
+
+    model, tok = tm.load_model_and_tokenizer("tiny-pythia", corpus=corpus, attn_implementation="sdpa",
+                                             seed=a.seed)
+    files = td.corpus_files(corpus, "train")
+    rows = []
+    for paths in files.values():
+        for p in paths:
+            t = pq.read_table(p, columns=["prompt", "response"])
+            for pr, rs in zip(t["prompt"].to_pylist(), t["response"].to_pylist(), strict=True):
+                x = td.tokenize_sample(tok, pr, rs, a.max_length)
+                if x is not None:
+                    rows.append({"input_ids": x[0], "labels": x[1], "attention_mask": [1] * len(x[0])})
+    ds = datasets.Dataset.from_list(rows)
+    pad = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100)
+    counts: list[tuple[int, int]] = []
+
+    def collate(features):
+        batch = pad(features)
+        real = int(batch["attention_mask"].sum())
+        counts.append((real, batch["input_ids"].numel()))
+        return batch
+
+    marks: dict[int, float] = {}
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            marks[state.global_step] = time.perf_counter()
+
+    args = TrainingArguments(output_dir=out, max_steps=a.steps, per_device_train_batch_size=a.batch,
+                             learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=5, logging_steps=1,
+                             report_to=[], save_strategy="no", use_cpu=True, dataloader_num_workers=0,
+                             seed=a.seed, remove_unused_columns=False)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate, callbacks=[Clock()])
+    trainer.train()
+    timed = counts[a.warmup : a.steps]
+    secs = marks[a.steps] - marks[a.warmup]
+    real = sum(r for r, _ in timed)
+    total = sum(n for _, n in timed)
+    return {"useful_tokens_per_s": round(real / secs), "padding_share": round(1 - real / total, 4),
+            "timed_steps": len(timed)}
+
+
+def gpu_shape(corpus: str, a) -> dict:
+    """A Pythia-410M-shaped model (random init) in bf16 through our trainer: tokens/s, MFU, peak memory."""
+    import torch
+
+    from training import models as tm
+    from training.config import SFTConfig
+    from training.trainer import train
+
+    shape = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096}
+    torch.cuda.reset_peak_memory_stats()
+    cfg = SFTConfig(corpus=corpus, output_dir=os.path.join(ROOT, ".bench", "train_gpu"), max_steps=a.steps,
+                    per_device_batch_size=a.batch, max_length=a.max_length, logging_steps=1, eval_steps=0,
+                    save_steps=0, eval_cells=0, eval_samples_per_task=1, report_to="none", bf16=True,
+                    gradient_checkpointing=False, learning_rate=3e-4,
+                    tiny_config=[f"{k}={v}" for k, v in shape.items()])
+    res = train(cfg)
+    steps = [r for r in res.metrics if "tokens_per_s" in r and r["step"] > a.warmup]
+    tps = sum(r["tokens_per_s"] for r in steps) / len(steps)
+    model, _ = tm.load_model_and_tokenizer("tiny-pythia", corpus=corpus, tiny_overrides=shape)
+    params = sum(p.numel() for p in model.parameters())
+    flops_per_token = 6 * params + 6 * shape["num_hidden_layers"] * a.max_length * shape["hidden_size"]
+    return {"model": "pythia-410m-shaped", "params": params, "tokens_per_s": round(tps),
+            "mfu": round(tps * flops_per_token / (a.peak_tflops * 1e12), 4),
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "device": torch.cuda.get_device_name()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cells", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=5, help="first steps not timed")
+    p.add_argument("--batch", type=int, default=8, help="sequences (ours) / samples (baseline) per step")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--attention", default="4d")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpu-shape", choices=["pythia410m"], default=None)
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100/H200)")
+    a = p.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    corpus = build_corpus(a.cells)
+    if a.gpu_shape:
+        print(json.dumps({**gpu_shape(corpus, a), "steps": a.steps, "batch": a.batch, "max_length": a.max_length}))
+        return
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    o = ours(corpus, a, os.path.join(ROOT, ".bench", "train_ours"))
+    b = baseline(corpus, a, os.path.join(ROOT, ".bench", "train_baseline"))
+    print(json.dumps({"ours": o, "baseline_hf_trainer_padded": b,
+                      "useful_tokens_speedup": round(o["useful_tokens_per_s"] / b["useful_tokens_per_s"], 2),
+                      "steps": a.steps, "batch": a.batch, "max_length": a.max_length, "cells": a.cells,
+                      "torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count()}))
+
+
+if __name__ == "__main__":
+    main()

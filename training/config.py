@@ -1,0 +1,129 @@
+"""The one typed configuration of `accelerate launch training/sft.py` (TRL style: a dataclass whose field
+metadata is the --help text; `--config file.yaml` supplies values, flags override)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+PEFT = ("none", "lora", "qlora")
+ATTENTION = ("auto", "4d", "flash", "padded")
+REPORT_TO = ("tensorboard", "wandb", "none")
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class SFTConfig:
+    # data
+    corpus: str = _f("corpus", "Corpus directory built by etl/build_corpus.py (DIR/manifest.json, DIR/samples).",
+                     metavar="DIR")
+    tasks: list[str] = _f([], "Tasks to train on, TASK or TASK=WEIGHT (mixture weights of the interleaved "
+                          "streams; default: every task in the train split, weighted by its rows).",
+                          metavar="TASK[=W]")
+    max_length: int = _f(1024, "Tokens per packed sequence (and the longest sample kept).", metavar="N")
+    packing: bool = _f(True, "Pack several samples per sequence (attention kept within each sample).")
+    attention: str = _f("auto", "How packed samples are kept apart: 4d (block-diagonal mask; CPU and any "
+                        "GPU), flash (padding-free flash-attention-2), padded (one sample per row), auto "
+                        "(flash on GPU when flash_attn is installed, else 4d).", choices=list(ATTENTION))
+    shuffle_buffer: int = _f(1000, "Samples in the shuffle buffer of the stream (kept in checkpoints).",
+                             metavar="N")
+    # model
+    model: str = _f("tiny-pythia", "A hub id (EleutherAI/pythia-410m, google/gemma-2-2b), a local folder, or "
+                    "tiny-pythia / tiny-gemma2 (small random models, tokenizer trained from the corpus).",
+                    metavar="NAME")
+    tokenizer: str | None = _f(None, "Tokenizer folder (default: the model's, or trained from the corpus for "
+                               "tiny models).", metavar="PATH")
+    tiny_config: list[str] = _f([], "KEY=VALUE overrides of a tiny model's config, e.g. hidden_size=1024,"
+                                "num_hidden_layers=24 (a Pythia-410M shape for benchmarks).", metavar="KEY=VALUE")
+    peft: str = _f("none", "Full fine-tuning (none), LoRA, or QLoRA (4-bit base; needs CUDA and "
+                   "bitsandbytes).", choices=list(PEFT))
+    lora_r: int = _f(16, "LoRA rank.", metavar="R")
+    lora_alpha: int = _f(32, "LoRA alpha.", metavar="A")
+    lora_dropout: float = _f(0.05, "LoRA dropout.", metavar="P")
+    lora_targets: list[str] = _f([], "LoRA target modules (default: query_key_value for GPT-NeoX, q_proj,v_proj "
+                                 "for Gemma-2).", metavar="NAME")
+    merge_lora: bool = _f(True, "Also save the LoRA-merged full model in OUTPUT/final (adapters always in "
+                          "OUTPUT/final/adapter).")
+    # optimisation
+    max_steps: int = _f(50, "Optimizer steps to run (a streaming corpus has no epochs).", metavar="N")
+    per_device_batch_size: int = _f(8, "Sequences per device per micro-batch.", metavar="N")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", metavar="N")
+    learning_rate: float = _f(1e-3, "Peak learning rate (C2S-Scale full fine-tuning used ~1e-5 on 410M+ "
+                              "models; tiny random models need ~1e-3).", metavar="LR")
+    lr_scheduler: str = _f("cosine", "Learning-rate schedule after warm-up.",
+                           choices=["cosine", "linear", "constant"])
+    warmup_steps: int = _f(5, "Linear warm-up steps.", metavar="N")
+    weight_decay: float = _f(0.0, "AdamW weight decay.", metavar="W")
+    max_grad_norm: float = _f(1.0, "Gradient clipping (0: off).", metavar="X")
+    bf16: bool | None = _f(None, "bf16 mixed precision (default: on with CUDA, off on CPU).")
+    gradient_checkpointing: bool | None = _f(None, "Recompute activations in backward (default: on with CUDA).")
+    seed: int = _f(0, "Seed of the model init, the stream order and dropout.")
+    # evaluation
+    eval_steps: int = _f(25, "Evaluate every N steps (0: only at the end).", metavar="N")
+    eval_samples_per_task: int = _f(32, "Validation samples per task for the per-task loss (fixed: the first "
+                                    "N of each task's val split).", metavar="N")
+    eval_cells: int = _f(32, "Validation cells for the generation-based cell-type accuracy (0: off).",
+                         metavar="N")
+    eval_split: str = _f("val", "Split used for evaluation.", choices=["val", "test", "test_ood"])
+    # outputs
+    output_dir: str = _f("outputs/sft", "Where metrics.jsonl, checkpoint-<step>/ and final/ go.", metavar="DIR")
+    logging_steps: int = _f(5, "Log loss, learning rate and tokens/s every N steps.", metavar="N")
+    save_steps: int = _f(25, "Write OUTPUT/checkpoint-<step> every N steps (0: only at the end).", metavar="N")
+    save_total_limit: int = _f(3, "Checkpoints kept (oldest removed first; 0 keeps all).", metavar="N")
+    resume_from_checkpoint: str | None = _f(None, "A checkpoint folder, or 'latest' (the newest in OUTPUT): "
+                                            "model, optimizer, scheduler, RNG and stream position come back.",
+                                            metavar="PATH")
+    report_to: str = _f("tensorboard", "Experiment tracker (OUTPUT/runs for TensorBoard).",
+                        choices=list(REPORT_TO))
+    run_name: str | None = _f(None, "Run name for the tracker (default: the output folder's name).", metavar="NAME")
+
+    def __post_init__(self) -> None:
+        from training.data import CorpusError
+
+        checks = {"max_length": 16, "max_steps": 1, "per_device_batch_size": 1, "gradient_accumulation_steps": 1,
+                  "logging_steps": 1, "shuffle_buffer": 1}
+        for name, low in checks.items():
+            if getattr(self, name) < low:
+                raise CorpusError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        for name in ("eval_steps", "save_steps", "save_total_limit", "eval_samples_per_task", "eval_cells",
+                     "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise CorpusError(f"--{name.replace('_', '-')} must be >= 0")
+        for item in self.tiny_config:
+            if "=" not in item:
+                raise CorpusError(f"--tiny-config takes KEY=VALUE, got {item!r}")
+        if self.learning_rate <= 0:
+            raise CorpusError("--learning-rate must be > 0")
+
+    @property
+    def weights(self) -> dict[str, float] | None:
+        """TASK=WEIGHT items as a dict (plain TASK items weigh 1); None: weighted by rows."""
+        if not self.tasks:
+            return None
+        out = {}
+        for item in self.tasks:
+            name, _, w = item.partition("=")
+            out[name] = float(w) if w else 1.0
+        return out
+
+    @property
+    def tiny_overrides(self) -> dict:
+        out: dict = {}
+        for item in self.tiny_config:
+            key, _, value = item.partition("=")
+            for cast in (int, float):
+                try:
+                    out[key] = cast(value)
+                    break
+                except ValueError:
+                    continue
+            else:
+                out[key] = value
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)

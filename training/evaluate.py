@@ -1,0 +1,117 @@
+"""Evaluation during training: loss per task on a fixed validation set, and generation-based cell-type
+accuracy on a fixed number of validation cells.
+
+The set is the first N rows of each task's validation parts (read with pyarrow, bounded), so every
+evaluation of a run, and of a resumed run, scores the same samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from training import data as td
+
+log = logging.getLogger(__name__)
+
+CELL_TYPE_TASK = "cell_type_prediction"
+
+
+def _head(paths: list[str], n: int, columns: list[str]) -> list[dict]:
+    rows: list[dict] = []
+    for path in paths:
+        f = pq.ParquetFile(path)
+        for g in range(f.num_row_groups):
+            rows += f.read_row_group(g, columns=columns).slice(0, n - len(rows)).to_pylist()
+            if len(rows) >= n:
+                return rows
+    return rows
+
+
+@dataclass
+class EvalSet:
+    sequences: dict[str, list[dict]] = field(default_factory=dict)  # task -> one-sample sequences
+    cells: list[tuple[str, str]] = field(default_factory=list)  # (prompt, cell type)
+    texts: list[str] = field(default_factory=list)  # prompt + response, for the tokenizer check
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted(self.sequences)
+
+    @classmethod
+    def load(cls, corpus: str, split: str, tasks: list[str], tokenizer, max_length: int, *, per_task: int,
+             cells: int) -> EvalSet:
+        """The first `per_task` samples of each task in `split` (tasks the split lacks are left out and
+        logged), and the first `cells` cell_type_prediction samples for the accuracy."""
+        root = Path(corpus) / "samples"
+        out = cls()
+        missing = []
+        for task in tasks:
+            paths = sorted(str(p) for p in (root / f"task={task}" / f"split={split}").glob("*.parquet"))
+            if not paths:
+                missing.append(task)
+                continue
+            rows = _head(paths, max(per_task, cells if task == CELL_TYPE_TASK else 0),
+                         ["sample_id", "prompt", "response"])
+            seqs = []
+            for r in rows[:per_task]:
+                out.texts.append(r["prompt"] + r["response"])
+                tok = td.tokenize_sample(tokenizer, r["prompt"], r["response"], max_length)
+                if tok is not None:
+                    seqs.append({"input_ids": tok[0], "labels": tok[1], "seq_lens": [len(tok[0])], "tasks": [task]})
+            if seqs:
+                out.sequences[task] = seqs
+            if task == CELL_TYPE_TASK and cells:
+                out.cells = [(r["prompt"], label_of(r["response"])) for r in rows[:cells]]
+        if missing:
+            log.warning("the %s split has no samples of %s: not evaluated", split, ", ".join(missing))
+        return out
+
+
+def label_of(response: str) -> str:
+    """' B cell.' -> 'B cell'."""
+    return response.strip().removesuffix(".").strip()
+
+
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,;:])")
+
+
+def predicted_label(generated: str) -> str:
+    """The continuation up to its first sentence end, as a label (word-level tokenizers decode 'cell .')."""
+    text = _SPACE_BEFORE_PUNCT.sub(r"\1", generated).strip()
+    cut = re.search(r"\.(\s|$)", text)
+    return (text[: cut.start()] if cut else text).strip()
+
+
+def cell_type_accuracy(model, tokenizer, cells: list[tuple[str, str]], max_new_tokens: int = 16) -> float:
+    """Share of cells whose greedy continuation names their cell type (case-insensitive, exact label)."""
+    from training.models import generate
+
+    outs = generate(model, tokenizer, [p for p, _ in cells], max_new_tokens=max_new_tokens)
+    hits = sum(predicted_label(o).lower() == label.lower() for o, (_, label) in zip(outs, cells, strict=True))
+    return hits / max(len(cells), 1)
+
+
+def loss_per_task(model, evalset: EvalSet, pad_id: int, device, mode: str, dtype, task_index: dict,
+                  batch_size: int) -> dict[str, tuple[float, int]]:
+    """task -> (mean response-token NLL, response tokens), one sample per row (no packing needed)."""
+    from training.trainer import token_loss
+
+    out = {}
+    for task, seqs in evalset.sequences.items():
+        total, n = 0.0, 0
+        for i in range(0, len(seqs), batch_size):
+            batch = td.collate(seqs[i : i + batch_size], pad_id=pad_id, attention=mode, dtype=dtype,
+                               task_index=task_index)
+            batch.pop("token_task", None)
+            labels = batch.pop("labels").to(device)
+            logits = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).logits
+            nll, mask = token_loss(logits, labels)
+            total += float((nll * mask).sum())
+            n += int(mask.sum())
+        out[task] = (total / max(n, 1), n)
+    return out

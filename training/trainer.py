@@ -1,0 +1,338 @@
+"""The SFT loop: streaming packed batches -> causal LM with the loss on response tokens only.
+
+A thin accelerate loop rather than HF Trainer, because the parts that matter here are ours: packed
+sequences with a block-diagonal mask (or padding-free flash attention), a stream whose exact position goes
+into every checkpoint, and loss per task. accelerate handles devices, DDP/FSDP, mixed precision, gradient
+accumulation, trackers and the model/optimizer/scheduler/RNG state; the stream is sharded once, by
+training.data (split_dataset_by_node), and never handed to accelerate to shard again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from training import data as td
+from training import models as tm
+from training.config import SFTConfig
+from training.evaluate import EvalSet, cell_type_accuracy, loss_per_task
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    steps: int
+    final_dir: str | None
+    metrics: list[dict] = field(default_factory=list)
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position next-token NLL (0 where the label is -100) and the mask of positions that count.
+
+    Label t is predicted from position t-1. Packed samples never leak into each other here: the first
+    token of a sample is a prompt token (label -100), so no position is trained to predict across a
+    boundary."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != -100
+    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                          ignore_index=-100, reduction="none").view_as(shift_labels)
+    return nll, mask
+
+
+def resolve_attention(cfg: SFTConfig, device: torch.device, model_name: str) -> tuple[str, str | None]:
+    """(collate mode, attn_implementation). Gemma-2 needs eager (soft-capping) when not flash."""
+    gemma = "gemma" in model_name.lower()
+    mode = cfg.attention
+    if mode == "auto":
+        mode = "flash" if device.type == "cuda" and _has_flash_attn() else ("4d" if cfg.packing else "padded")
+    if mode == "flash":
+        if device.type != "cuda" or not _has_flash_attn():
+            raise td.CorpusError("--attention flash needs CUDA and the flash_attn package; use --attention 4d")
+        return mode, "flash_attention_2"
+    if mode == "padded" and cfg.packing:
+        raise td.CorpusError("--attention padded holds one sample per row: add --packing false")
+    return mode, ("eager" if gemma else "sdpa")
+
+
+def _has_flash_attn() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def checkpoints(output_dir: str) -> list[Path]:
+    """checkpoint-<step> folders, oldest first."""
+    root = Path(output_dir)
+    found = [p for p in root.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()
+             and (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _resume_path(cfg: SFTConfig) -> Path | None:
+    if not cfg.resume_from_checkpoint:
+        return None
+    if cfg.resume_from_checkpoint == "latest":
+        found = checkpoints(cfg.output_dir)
+        if not found:
+            log.info("no checkpoint in %s: starting from scratch", cfg.output_dir)
+            return None
+        return found[-1]
+    p = Path(cfg.resume_from_checkpoint)
+    if not (p / STATE_FILE).exists():
+        raise td.CorpusError(f"--resume-from-checkpoint {p}: not a checkpoint (no {STATE_FILE})")
+    return p
+
+
+def _batches(packer: td.Packer, n: int) -> Iterator[list[dict]]:
+    it = iter(packer)
+    while True:
+        batch = []
+        for _ in range(n):
+            batch.append(next(it))
+        yield batch
+
+
+class MetricsLog:
+    """OUTPUT/metrics.jsonl (one object per logged step) plus the accelerate tracker (TensorBoard, W&B)."""
+
+    def __init__(self, path: Path, accelerator, append: bool):
+        self.path, self.acc = path, accelerator
+        self.records: list[dict] = []
+        if accelerator.is_main_process and not append and path.exists():
+            path.unlink()
+
+    def log(self, record: dict) -> None:
+        self.records.append(record)
+        if self.acc.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.acc.log({k: v for k, v in record.items() if k != "step" and isinstance(v, int | float)},
+                     step=record["step"])
+
+
+def train(cfg: SFTConfig) -> TrainResult:
+    """Run SFT as configured; returns where things were written."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    cuda = torch.cuda.is_available()
+    bf16 = cuda if cfg.bf16 is None else cfg.bf16
+    grad_ckpt = cuda if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
+    out = Path(cfg.output_dir)
+    report = None if cfg.report_to == "none" else cfg.report_to
+    acc = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                      mixed_precision="bf16" if bf16 else "no", log_with=report, project_dir=str(out),
+                      cpu=not cuda)
+    set_seed(cfg.seed)
+
+    # ---- everything that can be wrong with the inputs fails here, before any training
+    weights = cfg.weights
+    train_files = td.corpus_files(cfg.corpus, "train", list(weights) if weights else None)
+    mixture = td.parse_mixture(weights, train_files)
+    manifest = json.loads((Path(cfg.corpus) / "manifest.json").read_text())
+    mode, attn_impl = resolve_attention(cfg, acc.device, cfg.model)
+    model, tok = tm.load_model_and_tokenizer(
+        cfg.model, corpus=cfg.corpus, tokenizer=cfg.tokenizer, attn_implementation=attn_impl, seed=cfg.seed,
+        quantize_4bit=cfg.peft == "qlora", tiny_overrides=cfg.tiny_overrides or None)
+    evalset = EvalSet.load(cfg.corpus, cfg.eval_split, list(mixture), tok, cfg.max_length,
+                           per_task=cfg.eval_samples_per_task, cells=cfg.eval_cells)
+    tm.check_tokenizer(tok, evalset.texts or _probe_texts(train_files))
+    _check_max_length(train_files, tok, cfg.max_length)
+    if cfg.peft in ("lora", "qlora"):
+        model = tm.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                              targets=cfg.lora_targets or None)
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sft_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    stream = td.SampleStream(train_files, tok, max_length=cfg.max_length, weights=mixture, seed=cfg.seed,
+                             shuffle_buffer=cfg.shuffle_buffer, rank=acc.process_index,
+                             world_size=acc.num_processes)
+    packer = td.Packer(stream, cfg.max_length, pack=cfg.packing)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=cfg.max_steps)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    acc.register_for_checkpointing(scheduler)
+
+    start, tokens_seen = 0, 0
+    resume = _resume_path(cfg)
+    if resume is not None:
+        acc.load_state(str(resume))
+        state = json.loads((resume / STATE_FILE).read_text())
+        start, tokens_seen = state["step"], state["tokens_seen"]
+        packer.load_state_dict(json.loads((resume / f"data_state_{acc.process_index}.json").read_text()))
+        log.info("resumed from %s at step %d", resume, start)
+    if report:
+        acc.init_trackers(cfg.run_name or out.name, config={k: (v if isinstance(v, int | float | str | bool) else
+                                                               str(v)) for k, v in cfg.to_dict().items()})
+    metrics = MetricsLog(out / "metrics.jsonl", acc, append=resume is not None)
+    task_index = {t: i for i, t in enumerate(sorted(set(mixture) | set(evalset.tasks)))}
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    batches = _batches(packer, cfg.per_device_batch_size)
+    log.info("training %s on %s: tasks %s, %d steps, %s attention, packing %s, %s", cfg.model, cfg.corpus,
+             ", ".join(f"{t}={w:.2f}" for t, w in mixture.items()), cfg.max_steps, mode, cfg.packing,
+             "LoRA" if cfg.peft != "none" else "full")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=start, desc="sft", disable=not acc.is_main_process)
+    window = {"loss": 0.0, "n": 0, "tokens": 0, "pad": 0, "t0": time.perf_counter()}
+    model.train()
+    step = start
+    while step < cfg.max_steps:
+        for _ in range(cfg.gradient_accumulation_steps):
+            seqs = next(batches)
+            real = sum(len(q["input_ids"]) for q in seqs)
+            batch = td.collate(seqs, pad_id=tok.pad_token_id, attention=mode, dtype=dtype, task_index=task_index)
+            batch.pop("token_task", None)
+            labels = batch.pop("labels").to(acc.device)
+            inputs = {k: v.to(acc.device) for k, v in batch.items()}
+            with acc.accumulate(model):
+                logits = model(**inputs, use_cache=False).logits
+                nll, mask = token_loss(logits, labels)
+                loss = (nll * mask).sum() / mask.sum().clamp(min=1)
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.max_grad_norm > 0:
+                    acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            window["loss"] += float(loss.detach())
+            window["n"] += 1
+            window["tokens"] += real
+            window["pad"] += inputs["input_ids"].numel() - real
+        step += 1
+        tokens_seen += window["tokens"]
+        bar.update(1)
+        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+            dt = time.perf_counter() - window["t0"]
+            rec = {"step": step, "loss": window["loss"] / window["n"], "learning_rate": scheduler.get_last_lr()[0],
+                   "tokens_per_s": window["tokens"] * acc.num_processes / dt,
+                   "padding_share": window["pad"] / max(window["pad"] + window["tokens"], 1),
+                   "tokens_seen": tokens_seen * acc.num_processes}
+            metrics.log(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            window = {"loss": 0.0, "n": 0, "tokens": 0, "pad": 0, "t0": time.perf_counter()}
+        if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps:
+            metrics.log({"step": step, **_evaluate(model, tok, evalset, acc, mode, dtype, task_index,
+                                                   cfg.per_device_batch_size)})
+            window["t0"] = time.perf_counter()
+        if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
+            save_checkpoint(acc, packer, out, step, tokens_seen, cfg.save_total_limit)
+            window["t0"] = time.perf_counter()
+    bar.close()
+
+    final = None
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        card = {"base_model": cfg.model, "peft": cfg.peft, "corpus": str(Path(cfg.corpus).resolve()),
+                "corpus_content_hash": manifest.get("content_hash"),
+                "samples_hash": manifest.get("samples", {}).get("samples_hash"),
+                "schema_version": manifest.get("schema_version"), "tasks": mixture, "steps": step,
+                "settings": {k: v for k, v in cfg.to_dict().items() if k not in ("corpus", "tasks")},
+                "final_metrics": _last_metrics(metrics.records)}
+        saved = tm.save_final(acc.unwrap_model(model), tok, str(out / "final"),
+                              merge_lora=cfg.merge_lora, card=card)
+        final = str(out / "final")
+        log.info("saved %s", ", ".join(f"{k}: {v}" for k, v in saved.items()))
+    acc.end_training()
+    return TrainResult(str(out), step, final, metrics.records)
+
+
+def _evaluate(model, tok, evalset: EvalSet, acc, mode: str, dtype, task_index: dict, batch_size: int) -> dict:
+    model.eval()
+    out = {}
+    with torch.no_grad():
+        per_task = loss_per_task(model, evalset, tok.pad_token_id, acc.device, mode, dtype, task_index,
+                                 batch_size)
+        if per_task:
+            tot = sum(n for _, n in per_task.values())
+            out["eval_loss"] = sum(loss * n for loss, n in per_task.values()) / max(tot, 1)
+            out |= {f"eval_loss/{t}": loss for t, (loss, _) in per_task.items()}
+        if evalset.cells:
+            out["eval_cell_type_accuracy"] = cell_type_accuracy(acc.unwrap_model(model), tok, evalset.cells)
+    model.train()
+    return out
+
+
+def _last_metrics(records: list[dict]) -> dict:
+    last: dict = {}
+    for r in records:
+        last.update({k: v for k, v in r.items() if not (isinstance(v, float) and math.isnan(v))})
+    return last
+
+
+def save_checkpoint(acc, packer: td.Packer, out: Path, step: int, tokens_seen: int, keep: int) -> Path:
+    """OUTPUT/checkpoint-<step>: accelerate state (model, optimizer, scheduler, RNG) + each process's stream
+    position + the step. Written under a temporary name and renamed, so a crash never leaves a checkpoint
+    that looks complete."""
+    final = out / f"checkpoint-{step}"
+    tmp = out / f".checkpoint-{step}.tmp"
+    if acc.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    (tmp / f"data_state_{acc.process_index}.json").write_text(json.dumps(packer.state_dict()))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "tokens_seen": tokens_seen}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep:
+            for old in checkpoints(str(out))[:-keep]:
+                shutil.rmtree(old)
+    acc.wait_for_everyone()
+    return final
+
+
+def _probe_texts(files: dict[str, list[str]], n: int = 64) -> list[str]:
+    import pyarrow.parquet as pq
+
+    texts = []
+    for paths in files.values():
+        f = pq.ParquetFile(paths[0])
+        t = f.read_row_group(0, columns=["prompt", "response"]).slice(0, n)
+        texts += [p + r for p, r in zip(t["prompt"].to_pylist(), t["response"].to_pylist(), strict=True)]
+    return texts
+
+
+def _check_max_length(files: dict[str, list[str]], tok, max_length: int, n: int = 32) -> None:
+    """A --max-length that most samples exceed is a configuration error, not something to skip through."""
+    import pyarrow.parquet as pq
+
+    too_long: dict[str, float] = {}
+    for task, paths in files.items():
+        t = pq.ParquetFile(paths[0]).read_row_group(0, columns=["prompt", "response"]).slice(0, n)
+        lens = [td.tokenize_sample(tok, p, r, 10**9) for p, r in
+                zip(t["prompt"].to_pylist(), t["response"].to_pylist(), strict=True)]
+        over = sum(len(x[0]) > max_length for x in lens if x is not None)
+        if over > len(lens) / 2:
+            too_long[task] = over / len(lens)
+    if too_long:
+        worst = ", ".join(f"{t} ({f:.0%})" for t, f in sorted(too_long.items(), key=lambda x: -x[1])[:5])
+        raise td.CorpusError(f"--max-length {max_length} is shorter than most samples of {worst}; raise "
+                             "--max-length or rebuild the corpus with a matching --max-tokens")
