@@ -18,7 +18,7 @@ from training import data as td
 from training import models as tm
 from training.config import SFTConfig
 from training.sft import main
-from training.trainer import token_loss, train
+from training.trainer import model_inputs, response_loss, token_loss, train
 
 QUICK = {"per_device_batch_size": 4, "max_length": 512, "shuffle_buffer": 64, "eval_samples_per_task": 4,
          "eval_cells": 4, "report_to": "none", "logging_steps": 1, "warmup_steps": 2}
@@ -84,8 +84,8 @@ def test_lora_loss_falls_and_saves_adapter_and_merged(train_corpus, tmp_path):
 
 
 def test_loss_is_response_only_and_packed_samples_stay_apart(train_corpus):
-    """The trainer's batch loss on a packed row equals the response-token NLL of each sample run alone,
-    computed here directly from the model's logits."""
+    """The trainer's batch loss on a packed row (4D mask, and padding-free varlen) equals the response-token
+    NLL of each sample run alone, computed here directly from the model's logits."""
     model, tok = tm.load_model_and_tokenizer("tiny-pythia", corpus=train_corpus, attn_implementation="sdpa")
     model.eval()
     files = td.corpus_files(train_corpus, "train", ["cell_type_prediction", "tissue_prediction"])
@@ -112,6 +112,15 @@ def test_loss_is_response_only_and_packed_samples_stay_apart(train_corpus):
             n_want += len(resp)
     assert int(mask.sum()) == n_want
     assert got == pytest.approx(want, rel=1e-4)
+    # the padding-free path (sdpa per sample slice, LM head only where a response token is predicted)
+    from training.attention import register
+
+    model.config._attn_implementation = register()
+    flat = td.collate([packed], pad_id=tok.pad_token_id, attention="flash", task_index={"a": 0})
+    inputs, labels = model_inputs(flat, "varlen", "cpu")
+    with torch.no_grad():
+        got_varlen, n = response_loss(model, inputs, labels, "varlen")
+    assert n == n_want and float(got_varlen) == pytest.approx(want, rel=1e-4)
 
 
 def test_resume_reproduces_the_uninterrupted_run(full_run, train_corpus, tmp_path):

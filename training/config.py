@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 PEFT = ("none", "lora", "qlora")
-ATTENTION = ("auto", "4d", "flash", "padded")
+ATTENTION = ("auto", "varlen", "4d", "flash", "padded")
 REPORT_TO = ("tensorboard", "wandb", "none")
 
 
@@ -26,9 +26,11 @@ class SFTConfig:
                           metavar="TASK[=W]")
     max_length: int = _f(1024, "Tokens per packed sequence (and the longest sample kept).", metavar="N")
     packing: bool = _f(True, "Pack several samples per sequence (attention kept within each sample).")
-    attention: str = _f("auto", "How packed samples are kept apart: 4d (block-diagonal mask; CPU and any "
-                        "GPU), flash (padding-free flash-attention-2), padded (one sample per row), auto "
-                        "(flash on GPU when flash_attn is installed, else 4d).", choices=list(ATTENTION))
+    attention: str = _f("auto", "How packed samples are kept apart: varlen (padding-free: causal sdpa on each "
+                        "sample's slice, no mask; any device), flash (padding-free flash-attention-2, GPU), 4d "
+                        "(block-diagonal mask over the packed row), padded (one sample per row). auto: flash on "
+                        "GPU with flash_attn, else varlen (4d for Gemma-2, whose soft-capping needs eager).",
+                        choices=list(ATTENTION))
     shuffle_buffer: int = _f(1000, "Samples in the shuffle buffer of the stream (kept in checkpoints).",
                              metavar="N")
     # model

@@ -9,6 +9,7 @@ training.data (split_dataset_by_node), and never handed to accelerate to shard a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from training import attention as ta
 from training import data as td
 from training import models as tm
 from training.config import SFTConfig
@@ -55,18 +57,59 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
 
 
 def resolve_attention(cfg: SFTConfig, device: torch.device, model_name: str) -> tuple[str, str | None]:
-    """(collate mode, attn_implementation). Gemma-2 needs eager (soft-capping) when not flash."""
+    """(collate mode, attn_implementation). Gemma-2's soft-capping needs eager (4d) or flash."""
     gemma = "gemma" in model_name.lower()
     mode = cfg.attention
     if mode == "auto":
-        mode = "flash" if device.type == "cuda" and _has_flash_attn() else ("4d" if cfg.packing else "padded")
+        if not cfg.packing:
+            mode = "padded"
+        elif device.type == "cuda" and _has_flash_attn():
+            mode = "flash"
+        else:
+            mode = "4d" if gemma else "varlen"
     if mode == "flash":
         if device.type != "cuda" or not _has_flash_attn():
-            raise td.CorpusError("--attention flash needs CUDA and the flash_attn package; use --attention 4d")
+            raise td.CorpusError("--attention flash needs CUDA and the flash_attn package; use --attention varlen")
         return mode, "flash_attention_2"
+    if mode == "varlen":
+        if gemma:
+            raise td.CorpusError("--attention varlen runs sdpa, which has no soft-capping (Gemma-2): use 4d")
+        return mode, ta.register()
     if mode == "padded" and cfg.packing:
         raise td.CorpusError("--attention padded holds one sample per row: add --packing false")
     return mode, ("eager" if gemma else "sdpa")
+
+
+def model_inputs(batch: dict, mode: str, device) -> tuple[dict, torch.Tensor]:
+    """Collated batch -> (forward kwargs, labels). Padding-free modes get the sample boundaries
+    (cu_seq_lens) that flash-attention and sdpa_varlen split the packed row by."""
+    batch = dict(batch)
+    batch.pop("token_task", None)
+    labels = batch.pop("labels").to(device)
+    inputs = {k: v.to(device) for k, v in batch.items()}
+    if mode in ("flash", "varlen"):
+        cu, longest = ta.cu_seq_lens(inputs["position_ids"])
+        inputs |= {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    return inputs, labels
+
+
+def forward(model, inputs: dict, mode: str):
+    with ta.packed() if mode == "varlen" else contextlib.nullcontext():
+        return model(**inputs, use_cache=False).logits
+
+
+def response_loss(model, inputs: dict, labels: torch.Tensor, mode: str) -> tuple[torch.Tensor, int]:
+    """(summed NLL of the response tokens, their number). On a flattened packed row the LM head runs only
+    at the positions that predict a response token (transformers' logits_to_keep with indices): prompts
+    are most of a cell-sentence sample, and the head is most of a small model's, or a 256k-vocabulary
+    model's, compute. Through the model's own forward, so DDP/FSDP hooks still run."""
+    if mode in ("flash", "varlen"):
+        target = labels[0, 1:]
+        keep = torch.nonzero(target != -100).view(-1)
+        logits = forward(model, {**inputs, "logits_to_keep": keep}, mode)[0]
+        return F.cross_entropy(logits.float(), target[keep], reduction="sum"), int(keep.numel())
+    nll, mask = token_loss(forward(model, inputs, mode), labels)
+    return (nll * mask).sum(), int(mask.sum())
 
 
 def _has_flash_attn() -> bool:
@@ -206,14 +249,12 @@ def train(cfg: SFTConfig) -> TrainResult:
         for _ in range(cfg.gradient_accumulation_steps):
             seqs = next(batches)
             real = sum(len(q["input_ids"]) for q in seqs)
-            batch = td.collate(seqs, pad_id=tok.pad_token_id, attention=mode, dtype=dtype, task_index=task_index)
-            batch.pop("token_task", None)
-            labels = batch.pop("labels").to(acc.device)
-            inputs = {k: v.to(acc.device) for k, v in batch.items()}
+            batch = td.collate(seqs, pad_id=tok.pad_token_id, attention=_collate_mode(mode), dtype=dtype,
+                               task_index=task_index)
+            inputs, labels = model_inputs(batch, mode, acc.device)
             with acc.accumulate(model):
-                logits = model(**inputs, use_cache=False).logits
-                nll, mask = token_loss(logits, labels)
-                loss = (nll * mask).sum() / mask.sum().clamp(min=1)
+                nll_sum, n = response_loss(model, inputs, labels, mode)
+                loss = nll_sum / max(n, 1)
                 acc.backward(loss)
                 if acc.sync_gradients and cfg.max_grad_norm > 0:
                     acc.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -260,6 +301,10 @@ def train(cfg: SFTConfig) -> TrainResult:
         log.info("saved %s", ", ".join(f"{k}: {v}" for k, v in saved.items()))
     acc.end_training()
     return TrainResult(str(out), step, final, metrics.records)
+
+
+def _collate_mode(mode: str) -> str:
+    return "flash" if mode == "varlen" else mode  # both take one flattened row with restarting positions
 
 
 def _evaluate(model, tok, evalset: EvalSet, acc, mode: str, dtype, task_index: dict, batch_size: int) -> dict:
