@@ -9,7 +9,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export PYSPARK_PYTHON := $(abspath $(BIN))/python
 export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN))/python
 
-.PHONY: setup demo test lint bench clean help
+.PHONY: setup demo train test lint bench clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' Makefile | sed 's/:.*## /\t/'
@@ -29,6 +29,9 @@ setup: $(STAMP)  ## create .venv and install the project (editable) with all ext
 demo: setup  ## build the demo corpus into ./corpus with spark-submit (generates the demo Census at first run)
 	$(BIN)/spark-submit etl/build_corpus.py
 
+train: setup  ## a short SFT run of the tiny model on ./corpus (after `make demo`) into outputs/sft
+	$(BIN)/python training/sft.py
+
 test: setup  ## lint, then run the test suite
 	$(BIN)/ruff check etl training schemas tests benchmarks jobs
 	$(BIN)/python -m pytest -q tests
@@ -36,8 +39,10 @@ test: setup  ## lint, then run the test suite
 lint: setup  ## ruff
 	$(BIN)/ruff check etl training schemas tests benchmarks jobs
 
-bench: setup  ## the ETL benchmark (see BENCHMARKS.md)
+bench: setup  ## the benchmarks (see BENCHMARKS.md)
 	$(BIN)/python benchmarks/etl_bench.py --cells 20000
+	$(BIN)/python benchmarks/samples_bench.py --cells 20000
+	$(BIN)/python benchmarks/train_bench.py --cells 2000 --steps 40
 
 clean:  ## remove generated data (not .venv)
 	rm -rf corpus data .pytest_cache

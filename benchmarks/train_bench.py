@@ -145,7 +145,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5, help="first steps not timed")
     p.add_argument("--batch", type=int, default=8, help="sequences (ours) / samples (baseline) per step")
     p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--attention", default="4d")
+    p.add_argument("--attention", default="auto", help="our trainer's --attention (auto: varlen on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gpu-shape", choices=["pythia410m"], default=None)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100/H200)")

@@ -72,7 +72,7 @@ class SFTConfig:
                          metavar="N")
     eval_split: str = _f("val", "Split used for evaluation.", choices=["val", "test", "test_ood"])
     # outputs
-    output_dir: str = _f("outputs/sft", "Where metrics.jsonl, checkpoint-<step>/ and final/ go.", metavar="DIR")
+    output_dir: str = _f("outputs/sft", "Where metrics.jsonl, checkpoint-<step>/, runs/ and final/ go.", metavar="DIR")
     logging_steps: int = _f(5, "Log loss, learning rate and tokens/s every N steps.", metavar="N")
     save_steps: int = _f(25, "Write OUTPUT/checkpoint-<step> every N steps (0: only at the end).", metavar="N")
     save_total_limit: int = _f(3, "Checkpoints kept (oldest removed first; 0 keeps all).", metavar="N")

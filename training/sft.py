@@ -40,7 +40,7 @@ OUTPUT/runs/ (TensorBoard)."""
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "accelerate.checkpointing"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from training.data import CorpusError
     from training.models import ModelError

@@ -182,7 +182,7 @@ def train(cfg: SFTConfig) -> TrainResult:
     out = Path(cfg.output_dir)
     report = None if cfg.report_to == "none" else cfg.report_to
     acc = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                      mixed_precision="bf16" if bf16 else "no", log_with=report, project_dir=str(out),
+                      mixed_precision="bf16" if bf16 else "no", log_with=report, project_dir=str(out / "runs"),
                       cpu=not cuda)
     set_seed(cfg.seed)
 
@@ -218,7 +218,6 @@ def train(cfg: SFTConfig) -> TrainResult:
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=cfg.max_steps)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    acc.register_for_checkpointing(scheduler)
 
     start, tokens_seen = 0, 0
     resume = _resume_path(cfg)
