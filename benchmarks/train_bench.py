@@ -147,6 +147,7 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--attention", default="auto", help="our trainer's --attention (auto: varlen on CPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3, help="runs of each, alternated; the medians are reported")
     p.add_argument("--gpu-shape", choices=["pythia410m"], default=None)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100/H200)")
     a = p.parse_args()
@@ -160,10 +161,16 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    o = ours(corpus, a, os.path.join(ROOT, ".bench", "train_ours"))
-    b = baseline(corpus, a, os.path.join(ROOT, ".bench", "train_baseline"))
+    runs_o, runs_b = [], []
+    for _ in range(a.repeats):  # alternated, so drift in the machine's speed hits both alike
+        runs_o.append(ours(corpus, a, os.path.join(ROOT, ".bench", "train_ours")))
+        runs_b.append(baseline(corpus, a, os.path.join(ROOT, ".bench", "train_baseline")))
+    med = lambda runs: sorted(runs, key=lambda r: r["useful_tokens_per_s"])[len(runs) // 2]  # noqa: E731
+    o, b = med(runs_o), med(runs_b)
     print(json.dumps({"ours": o, "baseline_hf_trainer_padded": b,
                       "useful_tokens_speedup": round(o["useful_tokens_per_s"] / b["useful_tokens_per_s"], 2),
+                      "all_runs": {"ours": [r["useful_tokens_per_s"] for r in runs_o],
+                                   "baseline": [r["useful_tokens_per_s"] for r in runs_b]},
                       "steps": a.steps, "batch": a.batch, "max_length": a.max_length, "cells": a.cells,
                       "torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count()}))
 

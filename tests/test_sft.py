@@ -179,3 +179,18 @@ def test_cli_help_teaches(capsys):
     text = capsys.readouterr().out
     for flag in ("--corpus", "--peft", "--max-length", "--resume-from-checkpoint", "--tasks", "--attention"):
         assert flag in text
+
+
+def test_sum_nll_matches_cross_entropy_value_and_gradient():
+    from training.losses import sum_nll
+
+    torch.manual_seed(0)
+    x = torch.randn(37, 101, requires_grad=True)
+    t = torch.randint(0, 101, (37,))
+    got = sum_nll(x, t)
+    (g1,) = torch.autograd.grad(got * 0.5, x)
+    want = F.cross_entropy(x, t, reduction="sum")
+    (g2,) = torch.autograd.grad(want * 0.5, x)
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    assert torch.allclose(g1, g2, atol=1e-7)
+    assert float(sum_nll(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))) == 0.0

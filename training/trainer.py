@@ -28,6 +28,7 @@ from training import data as td
 from training import models as tm
 from training.config import SFTConfig
 from training.evaluate import EvalSet, cell_type_accuracy, loss_per_task
+from training.losses import sum_nll
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,9 @@ def response_loss(model, inputs: dict, labels: torch.Tensor, mode: str) -> tuple
     if mode in ("flash", "varlen"):
         target = labels[0, 1:]
         keep = torch.nonzero(target != -100).view(-1)
-        logits = forward(model, {**inputs, "logits_to_keep": keep}, mode)[0]
-        return F.cross_entropy(logits.float(), target[keep], reduction="sum"), int(keep.numel())
+        logits = forward(model, {**inputs, "logits_to_keep": keep}, mode).squeeze(0)  # a view: select() would
+        # zero-fill an [1, N, V] gradient in backward
+        return sum_nll(logits, target[keep]), int(keep.numel())
     nll, mask = token_loss(forward(model, inputs, mode), labels)
     return (nll * mask).sum(), int(mask.sum())
 
