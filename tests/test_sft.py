@@ -194,3 +194,35 @@ def test_sum_nll_matches_cross_entropy_value_and_gradient():
     assert float(got) == pytest.approx(float(want), rel=1e-6)
     assert torch.allclose(g1, g2, atol=1e-7)
     assert float(sum_nll(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))) == 0.0
+
+
+@pytest.mark.slow
+def test_two_processes_ddp_on_cpu_checkpoint_and_resume(train_corpus, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each rank streams its own shard, both stream positions go into
+    the checkpoint, and a 2-process resume continues from it."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "training/sft.py",
+            "--corpus", train_corpus, "--output-dir", str(out), "--save-steps", "3", "--eval-steps", "0",
+            "--eval-cells", "2", "--eval-samples-per-task", "2", "--report-to", "none", "--logging-steps", "1",
+            "--max-length", "512", "--per-device-batch-size", "2"]
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([*base, "--max-steps", "3"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = out / "checkpoint-3"
+    states = [json.loads((ck / f"data_state_{i}.json").read_text()) for i in (0, 1)]
+    assert states[0] != states[1]  # each rank has its own position in its own shard
+    assert r.stdout.count('"output_dir"') == 1  # only the main process reports
+    r = subprocess.run([*base, "--max-steps", "5", "--resume-from-checkpoint", "latest"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == [1, 2, 3, 4, 5]
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out / "final") is not None

@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CorpusError, ModelError) as e:
         logging.getLogger("training").error("%s", e)
         return 2
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0
     last = result.metrics[-1] if result.metrics else {}
     print(json.dumps({"output_dir": result.output_dir, "steps": result.steps, "final": result.final_dir,
                       **{k: v for k, v in last.items() if k.startswith("eval_") and "/" not in k}}))
