@@ -94,7 +94,7 @@ class BuildConfig:
                                     "test (unseen combinations of seen perturbations).", metavar="F")
     # samples stage: tasks, budget, splits
     tasks: list[str] = _f([], "Tasks to build (default: every built task whose inputs are present).")
-    mixture: list[str] = _f([], "TASK=RATE: samples per cell (single-cell), per group (multi-cell) or per gene "
+    mixture: list[str] = _f([], "TASK=RATE: samples per cell (single-cell), per 8 grouped cells (multi-cell) or per gene "
                             "set (knowledge); overrides the default mixture (repeatable).", metavar="TASK=RATE")
     max_tokens: int = _f(1024, "Token budget of prompt + response; gene lists are cut to fit (8192 supported).",
                          metavar="N")
@@ -107,7 +107,11 @@ class BuildConfig:
     ood_fraction: float = _f(0.1, "Fraction of datasets held out whole as test_ood (at least one when there "
                              "are 3 or more datasets and the fraction is > 0).", metavar="F")
     ood_datasets: list[str] = _f([], "Datasets to hold out as test_ood (replaces --ood-fraction).", metavar="ID")
-    group_max: int = _f(20, "Most cells in a multi-cell sample (2-20 in C2S-Scale).", metavar="N")
+    group_max: int = _f(20, "Most cells in a multi-cell sample (2-20 in C2S-Scale); lowered to what the token "
+                        "budget holds at --multi-cell-genes genes per cell.", metavar="N")
+    multi_cell_genes: int = _f(32, "Fewest genes per cell a multi-cell prompt should show: groups are at most as "
+                               "large as the budget allows at this many genes each (at 1,024 tokens 7 cells, "
+                               "at 8,192 the full 20).", metavar="N")
     spatial_tile_cells: int = _f(2000, "Spatial tasks: cells per square tile a section is cut into so it "
                                  "streams with bounded memory (centres whose neighbours may lie across a tile "
                                  "border are skipped and counted).", metavar="N")
@@ -137,6 +141,8 @@ class BuildConfig:
             raise InputError("--max-tokens must be at least 64")
         if self.spatial_tile_cells < 20:
             raise InputError("--spatial-tile-cells must be at least 20")
+        if self.multi_cell_genes < 1:
+            raise InputError("--multi-cell-genes must be at least 1")
         if not 2 <= self.group_max <= 64:
             raise InputError("--group-max must be between 2 and 64")
         for item in self.mixture:
@@ -182,7 +188,7 @@ class BuildConfig:
         return {"tasks": sorted(self.tasks), "mixture": sorted(self.mixture), "max_tokens": self.max_tokens,
                 "tokens_per_gene": self.tokens_per_gene, "split_key": self.split_key,
                 "split_fractions": list(self.split_fractions), "ood_fraction": self.ood_fraction,
-                "ood_datasets": sorted(self.ood_datasets), "group_max": self.group_max, "seed": self.seed,
+                "ood_datasets": sorted(self.ood_datasets), "group_max": self.group_max, "multi_cell_genes": self.multi_cell_genes, "seed": self.seed,
                 "spatial_tile_cells": self.spatial_tile_cells,
                 "perturbation": {"column": self.perturbation_column, "control_label": sorted(self.control_label),
                                  "context": list(self.perturbation_context), "layer": self.perturbation_layer,

@@ -90,8 +90,10 @@ def test_labels_abstracts_and_splits(samples_build):
             assert cs[0]["cell_type"] in r["prompt"]
         elif r["task"] == "multi_cell_cell_type_prediction":
             assert r["response"] == " " + ", ".join(c["cell_type"] for c in cs) + "."
-            assert 2 <= len(cs) <= cfg.group_max
+            assert 2 <= len(cs) <= m["samples"]["group_max"] < cfg.group_max  # 20 cells do not fit 1,024 tokens
             assert len({(c["donor_id"], c["tissue"]) for c in cs}) == 1
+            # the group size keeps every cell at --multi-cell-genes genes (or all it has)
+            assert r["n_genes"] >= min(cfg.multi_cell_genes, *(len(c["genes"]) for c in cs))
         elif r["task"] == "multi_cell_tissue_prediction":
             assert r["response"] == f" {cs[0]['tissue']}."
     assert set(split_of.values()) >= {"train", "val", "test", "test_ood"}
@@ -241,3 +243,14 @@ def test_every_task_has_eight_templates_and_they_are_all_used(samples_build):
     assert all(len(v) >= 4 for t, v in used.items() if t not in ("ligand_receptor_prediction",
                                                                    "gene_set_enumeration", "gene_set_naming"))
     assert samples_plan.DEMO_KNOWLEDGE.exists()
+
+
+def test_group_size_follows_the_budget():
+    from etl.tasks.budget import TokenBudget
+
+    small, large = TokenBudget(max_tokens=1024), TokenBudget(max_tokens=8192)
+    g_small = samples_plan.group_max_for_budget(small, 20, 32, [])
+    assert 2 <= g_small < 20 and samples_plan.group_max_for_budget(large, 20, 32, []) == 20
+    # g_small cells of 32 genes (3.3 tokens each, as the estimate counts) fit; one more cell would not
+    per_cell = 32 * 3.3 + small.text("Cell 20:\n.\n")
+    assert g_small * per_cell <= 1024 - samples_plan.MULTI_CELL_FIXED_TOKENS < (g_small + 1) * per_cell

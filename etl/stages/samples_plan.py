@@ -89,6 +89,29 @@ def _spatial_extents(cfg: BuildConfig, out: Store, spark, manifest: dict) -> lis
     return samples.spatial_extents(spark, out, sorted(manifest["files"]))
 
 
+MULTI_CELL_FIXED_TOKENS = 160  # template text, labels and answer of a multi-cell sample, beside the cells
+
+
+def _symbols(out: Store, organisms: list[str], n: int = 2000) -> list[str]:
+    """Up to n gene symbols of the corpus vocabularies (a small read): what an exact tokenizer is probed on."""
+    syms: list[str] = []
+    for org in organisms:
+        rel = f"vocab/{org}.parquet"
+        if out.exists(rel):
+            syms += pq.read_table(out.path(rel), columns=["gene_symbol"])["gene_symbol"].to_pylist()[:n]
+    return syms
+
+
+def group_max_for_budget(budget: TokenBudget, group_max: int, genes_per_cell: int, symbols: list[str]) -> int:
+    """The most cells a multi-cell prompt holds with `genes_per_cell` genes each ("Cell i:\n" + sentence
+    + ".\n") inside the budget, capped at group_max and at least 2."""
+    per_gene = (sum(budget.gene(s) for s in symbols) / len(symbols)) if budget.exact and symbols else \
+        budget.tokens_per_gene
+    per_cell = genes_per_cell * per_gene + budget.text("Cell 20:\n.\n")
+    fit = int((budget.max_tokens - MULTI_CELL_FIXED_TOKENS) // per_cell)
+    return max(2, min(group_max, fit))
+
+
 def _mixture(cfg: BuildConfig) -> dict[str, float]:
     mix = dict(DEFAULT_MIXTURE)
     for item in cfg.mixture:
@@ -210,13 +233,18 @@ def run(cfg: BuildConfig, out: Store, spark, manifest: dict) -> dict:
         if st["status"] == "skipped":
             log.info("task %s skipped: %s", name, st["reason"])
 
+    budget = TokenBudget(max_tokens=cfg.max_tokens, tokens_per_gene=cfg.tokens_per_gene, tokenizer_json=tok_json)
+    group_max = group_max_for_budget(budget, cfg.group_max, cfg.multi_cell_genes, _symbols(out, organisms))
+    if group_max < cfg.group_max:
+        log.info("multi-cell groups: at most %d cells (%d genes each fit %d tokens; --group-max %d)", group_max,
+                 cfg.multi_cell_genes, cfg.max_tokens, cfg.group_max)
     splits = SplitConfig(key=cfg.split_key, fractions=tuple(cfg.split_fractions), seed=cfg.seed)
     ood = (frozenset(cfg.ood_datasets) if cfg.ood_datasets else choose_ood(datasets, cfg.ood_fraction, cfg.seed))
     ctx = SampleContext(
         mixture=active,
-        budget=TokenBudget(max_tokens=cfg.max_tokens, tokens_per_gene=cfg.tokens_per_gene, tokenizer_json=tok_json),
+        budget=budget,
         splits=_assign_splits(splits, ood, cfg, out, manifest, spark),
-        seed=cfg.seed, abstracts=abstracts, lr_pairs=lr_pairs, biogrid=biogrid, group_max=cfg.group_max,
+        seed=cfg.seed, abstracts=abstracts, lr_pairs=lr_pairs, biogrid=biogrid, group_max=group_max,
         spatial=(spatial.sections(spatial_rows, cfg.spatial_tile_cells)
                  if any(TASKS[t].family == "spatial" for t in active) else {}),
     )
@@ -264,6 +292,7 @@ def run(cfg: BuildConfig, out: Store, spark, manifest: dict) -> dict:
         "tokenizer": cfg.tokenizer,
         "tasks": status,
         "mixture": active,
+        "group_max": group_max,
         "ood_datasets": sorted(ood),
         "counts": {"per_task_split": counts.samples, "total": total, "cells": counts.cells, "groups": counts.groups,
                    "ungrouped_cells": counts.ungrouped_cells, "not_made": counts.skipped},

@@ -42,9 +42,10 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
 # Why a registered task with built=False is skipped, by family (none at present: every task is built).
 NOT_BUILT_REASON: dict[str, str] = {}
 
-# Samples per cell (single-cell tasks) or per group (multi-cell tasks, 2-20 cells of one donor, tissue and
-# split), and per gene set (knowledge tasks). Sized so 50M cells give ~150M samples: 2.0 per cell from the
-# single-cell tasks + 8 per group of ~8 cells (1.0 per cell) ≈ 3 per cell. Rates above 1 draw more samples.
+# Samples per cell (single-cell tasks), per 8 grouped cells (multi-cell tasks: groups of 2-20 cells of one
+# donor, tissue and split draw rate × size / 8, so the per-cell total does not move with group sizes), and
+# per gene set (knowledge tasks). Sized so 50M cells give ~150M samples: 2.0 per cell from the single-cell
+# tasks + 8 multi-cell tasks × 1.0 / 8 (1.0 per cell) ≈ 3 per cell. Rates above 1 draw more samples.
 DEFAULT_MIXTURE: dict[str, float] = {
     "cell_lm": 0.5,
     "cell_type_prediction": 0.5,

@@ -19,6 +19,7 @@ from etl.tasks import templates as tpl
 from etl.tasks.budget import TokenBudget
 
 SPLITS = ("train", "val", "test", "test_ood")
+GROUP_UNIT = 8  # multi-cell mixture rates are samples per this many grouped cells
 CELL_FIELDS = ("cell_id", "organism", "dataset_id", "donor_id", "tissue", "cell_type", "disease", "sex",
                "development_stage", "assay")
 
@@ -293,7 +294,9 @@ def multi_cell_samples(group: list[dict], ctx: SampleContext, counts: Counts) ->
     for task, rate in ctx.mixture.items():
         if TASKS[task].family != "multi":
             continue
-        for d in range(draws(rate, ctx.seed, task, key)):
+        # rates are per GROUP_UNIT cells, so samples per cell do not change with group sizes (the budget
+        # sets them: --max-tokens, --multi-cell-genes)
+        for d in range(draws(rate * len(group) / GROUP_UNIT, ctx.seed, task, key)):
             sid = xxhash.xxh3_128_hexdigest(f"{task}|{first['dataset_id']}|{key}|{d}|{ctx.seed}".encode())
             values = {**_labels(first), "num_cells": len(group),
                       "cell_types": ", ".join(c["cell_type"] for c in group)}
