@@ -167,6 +167,11 @@ def test_bad_input_fails_before_training(train_corpus, tmp_path, caplog):
     bad.save_pretrained(tmp_path / "badtok")
     with pytest.raises(tm.ModelError):
         train(_cfg(train_corpus, out, tokenizer=str(tmp_path / "badtok"), tasks=["cell_type_prediction"]))
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(td.CorpusError, match="pip install wandb"):
+            train(_cfg(train_corpus, out, report_to="wandb"))
     assert not (out / "checkpoint-1").exists()
     # the CLI turns these into exit code 2 with the message logged
     assert main(["--corpus", train_corpus, "--output-dir", str(out), "--tasks", "nope", "--report-to", "none"]) == 2

@@ -183,6 +183,13 @@ def train(cfg: SFTConfig) -> TrainResult:
     grad_ckpt = cuda if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
     out = Path(cfg.output_dir)
     report = None if cfg.report_to == "none" else cfg.report_to
+    if report:
+        import importlib.util
+
+        module = {"tensorboard": "tensorboard", "wandb": "wandb"}[report]
+        if importlib.util.find_spec(module) is None:
+            raise td.CorpusError(f"--report-to {report} needs the {module} package (pip install {module}), "
+                                 "or use --report-to none")
     acc = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                       mixed_precision="bf16" if bf16 else "no", log_with=report, project_dir=str(out / "runs"),
                       cpu=not cuda)
