@@ -102,6 +102,12 @@ def _symbols(out: Store, organisms: list[str], n: int = 2000) -> list[str]:
     return syms
 
 
+def genes_cap(budget: TokenBudget, cap: int = 1024) -> int:
+    """The most genes of a cell any prompt can show (a gene costs at least one token, or the estimate): gene
+    lists are cut to this before the shuffle, so it moves no gene a prompt could never hold."""
+    return min(cap, budget.max_tokens if budget.exact else int(budget.max_tokens / budget.tokens_per_gene) + 1)
+
+
 def group_max_for_budget(budget: TokenBudget, group_max: int, genes_per_cell: int, symbols: list[str]) -> int:
     """The most cells a multi-cell prompt holds with `genes_per_cell` genes each ("Cell i:\n" + sentence
     + ".\n") inside the budget, capped at group_max and at least 2."""
@@ -245,6 +251,7 @@ def run(cfg: BuildConfig, out: Store, spark, manifest: dict) -> dict:
         budget=budget,
         splits=_assign_splits(splits, ood, cfg, out, manifest, spark),
         seed=cfg.seed, abstracts=abstracts, lr_pairs=lr_pairs, biogrid=biogrid, group_max=group_max,
+        max_genes=genes_cap(budget),
         spatial=(spatial.sections(spatial_rows, cfg.spatial_tile_cells)
                  if any(TASKS[t].family == "spatial" for t in active) else {}),
     )
