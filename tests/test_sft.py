@@ -231,3 +231,13 @@ def test_two_processes_ddp_on_cpu_checkpoint_and_resume(train_corpus, tmp_path):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out / "final") is not None
+
+
+def test_shipped_yaml_configs_parse():
+    from etl.cli import parse
+
+    root = Path(__file__).resolve().parents[1] / "training" / "configs"
+    big = parse(SFTConfig, ["--config", str(root / "sft_pythia410m.yaml")], "")
+    assert big.model == "EleutherAI/pythia-410m" and big.weights["cell_type_prediction"] == 2.0 and big.bf16
+    tiny = parse(SFTConfig, ["--config", str(root / "sft_tiny_lora.yaml"), "--max-steps", "7"], "")
+    assert tiny.peft == "lora" and tiny.lora_targets == ["query_key_value", "lm_head"] and tiny.max_steps == 7
