@@ -21,7 +21,8 @@ from training.sft import main
 from training.trainer import model_inputs, response_loss, token_loss, train
 
 QUICK = {"per_device_batch_size": 4, "max_length": 512, "shuffle_buffer": 64, "eval_samples_per_task": 4,
-         "eval_cells": 4, "report_to": "none", "logging_steps": 1, "warmup_steps": 2}
+         "eval_cells": 4, "report_to": "none", "logging_steps": 1, "warmup_steps": 2,
+         "stream_close_wait_s": 0}
 
 
 def _cfg(corpus, out, **kw) -> SFTConfig:
@@ -61,6 +62,15 @@ def test_loss_falls_and_outputs_are_written(full_run, train_corpus):
     prompt = pq.read_table(next((Path(train_corpus) / "samples/task=cell_type_prediction/split=val").glob("*.parquet")))["prompt"][0].as_py()
     gen = model.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=5, do_sample=False)
     assert gen.shape[1] > len(tok(prompt).input_ids)
+    # the logged accuracy equals greedy generation one prompt at a time, parsed and compared here
+    val = pq.read_table(next((Path(train_corpus) / "samples/task=cell_type_prediction/split=val").glob("*.parquet")))
+    hits = 0
+    for r in val.slice(0, 4).to_pylist():
+        ids = tok(r["prompt"], return_tensors="pt")
+        new = model.generate(**ids, max_new_tokens=16, do_sample=False)[0, ids.input_ids.shape[1]:]
+        text = tok.decode(new, skip_special_tokens=True).replace(" .", ".")
+        hits += text.strip().split(".")[0].strip().lower() == r["response"].strip().rstrip(".").lower()
+    assert evals[-1]["eval_cell_type_accuracy"] == hits / 4
     card = (out / "final" / "README.md").read_text()
     manifest = json.loads((Path(train_corpus) / "manifest.json").read_text())
     assert manifest["samples"]["samples_hash"] in card and "cell_type_prediction" in card
@@ -214,7 +224,7 @@ def test_two_processes_ddp_on_cpu_checkpoint_and_resume(train_corpus, tmp_path):
     base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "training/sft.py",
             "--corpus", train_corpus, "--output-dir", str(out), "--save-steps", "3", "--eval-steps", "0",
             "--eval-cells", "2", "--eval-samples-per-task", "2", "--report-to", "none", "--logging-steps", "1",
-            "--max-length", "512", "--per-device-batch-size", "2"]
+            "--max-length", "512", "--per-device-batch-size", "2", "--stream-close-wait-s", "0"]
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([*base, "--max-steps", "3"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -33,6 +33,9 @@ class SFTConfig:
                         choices=list(ATTENTION))
     shuffle_buffer: int = _f(1000, "Samples in the shuffle buffer of the stream (kept in checkpoints).",
                              metavar="N")
+    stream_close_wait_s: float | None = _f(None, "Seconds `datasets` waits for Arrow's reader threads when a pass "
+                                           "over the corpus ends (default: its 5 s guard against apache/arrow"
+                                           "#45214); 0 makes passes over a small corpus cheap.", metavar="S")
     # model
     model: str = _f("tiny-pythia", "A hub id (EleutherAI/pythia-410m, google/gemma-2-2b), a local folder, or "
                     "tiny-pythia / tiny-gemma2 (small random models, tokenizer trained from the corpus).",

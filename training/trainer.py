@@ -220,7 +220,7 @@ def train(cfg: SFTConfig) -> TrainResult:
 
     stream = td.SampleStream(train_files, tok, max_length=cfg.max_length, weights=mixture, seed=cfg.seed,
                              shuffle_buffer=cfg.shuffle_buffer, rank=acc.process_index,
-                             world_size=acc.num_processes)
+                             world_size=acc.num_processes, close_wait_s=cfg.stream_close_wait_s)
     packer = td.Packer(stream, cfg.max_length, pack=cfg.packing)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
