@@ -121,6 +121,9 @@ class BuildConfig:
     demo_uri: str = _f("data/demo_census", "Where the generated demo Census lives (built at first use).",
                        metavar="PATH")
     demo_cells: int = _f(3000, "Cells in the generated demo Census.", metavar="N")
+    demo_perturbation_uri: str = _f("data/demo_perturbation.h5ad", "Where the generated demo perturbation file "
+                                    "lives (synthetic CRISPRa Perturb-seq; used by the demo when no "
+                                    "--perturbation-h5ad is given).", metavar="PATH")
 
     def __post_init__(self) -> None:
         from etl.sources.base import InputError

@@ -251,3 +251,11 @@ def test_shipped_yaml_configs_parse():
     assert big.model == "EleutherAI/pythia-410m" and big.weights["cell_type_prediction"] == 2.0 and big.bf16
     tiny = parse(SFTConfig, ["--config", str(root / "sft_tiny_lora.yaml"), "--max-steps", "7"], "")
     assert tiny.peft == "lora" and tiny.lora_targets == ["query_key_value", "lm_head"] and tiny.max_steps == 7
+
+
+def test_bf16_and_gradient_checkpointing_paths_train(train_corpus, tmp_path):
+    """The GPU defaults (bf16 autocast, activation checkpointing) run through the same loop on CPU."""
+    res = train(_cfg(train_corpus, tmp_path / "bf16", max_steps=12, save_steps=0, eval_steps=0, eval_cells=0,
+                     bf16=True, gradient_checkpointing=True, learning_rate=3e-3, tasks=["cell_type_prediction"]))
+    losses = _losses(res.metrics)
+    assert all(math.isfinite(v) for v in losses.values()) and losses[12] < losses[1]

@@ -190,6 +190,11 @@ def train(cfg: SFTConfig) -> TrainResult:
         if importlib.util.find_spec(module) is None:
             raise td.CorpusError(f"--report-to {report} needs the {module} package (pip install {module}), "
                                  "or use --report-to none")
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one AcceleratorState per process; a second train() in the same process (a notebook,
+    # the tests, the benchmark) with another precision needs it cleared. The process group is kept.
+    AcceleratorState._reset_state()
     acc = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                       mixed_precision="bf16" if bf16 else "no", log_with=report, project_dir=str(out / "runs"),
                       cpu=not cuda)
@@ -212,7 +217,10 @@ def train(cfg: SFTConfig) -> TrainResult:
         model = tm.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                               targets=cfg.lora_targets or None)
     if grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

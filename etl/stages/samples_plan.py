@@ -51,6 +51,20 @@ def knowledge_inputs(cfg: BuildConfig) -> dict:
     return given
 
 
+def perturbation_inputs(cfg: BuildConfig) -> list[str]:
+    """The perturbation files: the flag's, or (demo source, no flag, task wanted) the generated synthetic
+    demo file, written at first use; [] otherwise."""
+    if cfg.perturbation_h5ad:
+        return perturbation.check_files(cfg.perturbation_h5ad)
+    if cfg.source_kind == "demo" and perturbation.TASK in (cfg.tasks or TASKS):
+        from etl.sources.demo import ensure_demo_perturbation
+
+        log.info("demo: using the synthetic demo perturbation file %s (generated at first use)",
+                 cfg.demo_perturbation_uri)
+        return perturbation.check_files([ensure_demo_perturbation(cfg.demo_perturbation_uri)])
+    return []
+
+
 def _datasets_table(source: dict) -> pa.Table | None:
     if source.get("kind") not in ("census", "demo") or not source.get("uri"):
         return None
@@ -140,8 +154,8 @@ def run(cfg: BuildConfig, out: Store, spark, manifest: dict) -> dict:
     if unknown:
         raise InputError(f"unknown task(s) {unknown}; tasks: {', '.join(TASKS)}")
     inputs = knowledge_inputs(cfg)
-    if cfg.perturbation_h5ad:
-        inputs["perturbation"] = perturbation.check_files(cfg.perturbation_h5ad)  # their digests enter the key
+    if pert_files := perturbation_inputs(cfg):
+        inputs["perturbation"] = pert_files  # their digests enter the key
     tok_json = load_tokenizer_json(cfg.tokenizer) if cfg.tokenizer else None
     key_src = {"sentences": manifest["content_hash"], "options": cfg.samples_options(),
                "inputs": {k: ([_file_digest(p) for p in v] if isinstance(v, list) else (_file_digest(v) if v else None))
@@ -215,7 +229,7 @@ def run(cfg: BuildConfig, out: Store, spark, manifest: dict) -> dict:
     # which tasks run, and why the others do not
     present = {"biogrid": bool(biogrid), "cellphonedb": bool(lr_pairs), "abstracts": bool(abstracts),
                "gene_sets": bool(gene_sets), "spatial": bool(spatial_rows),
-               "perturbation": bool(cfg.perturbation_h5ad)}
+               "perturbation": bool(inputs.get("perturbation"))}
     mix = _mixture(cfg)
     wanted = cfg.tasks or list(TASKS)
     status: dict[str, dict] = {}
