@@ -138,6 +138,8 @@ def test_resume_reproduces_the_uninterrupted_run(full_run, train_corpus, tmp_pat
     out = tmp_path / "resumed"
     out.mkdir()
     shutil.copytree(Path(full_run.output_dir) / "checkpoint-20", out / "checkpoint-20")
+    # the stopped run had logged past its last checkpoint (steps 21-40): those lines must not stay twice
+    shutil.copy(Path(full_run.output_dir) / "metrics.jsonl", out / "metrics.jsonl")
     res = train(_cfg(train_corpus, out, max_steps=40, save_steps=20, eval_steps=20, learning_rate=3e-3,
                      tasks=["cell_type_prediction=3", "cell_lm=1", "tissue_prediction=1"],
                      resume_from_checkpoint="latest"))
@@ -146,6 +148,8 @@ def test_resume_reproduces_the_uninterrupted_run(full_run, train_corpus, tmp_pat
     assert sorted(got) == list(range(21, 41))
     for s in got:
         assert got[s] == pytest.approx(want[s], rel=1e-5, abs=1e-6), s
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == list(range(1, 41))
 
 
 def test_tiny_gemma2_trains(train_corpus, tmp_path):

@@ -157,11 +157,20 @@ def _batches(packer: td.Packer, n: int) -> Iterator[list[dict]]:
 class MetricsLog:
     """OUTPUT/metrics.jsonl (one object per logged step) plus the accelerate tracker (TensorBoard, W&B)."""
 
-    def __init__(self, path: Path, accelerator, append: bool):
+    def __init__(self, path: Path, accelerator, resumed_at: int | None):
+        """resumed_at: the checkpoint's step; records of later steps (a run that went on past its last
+        checkpoint before it stopped) are dropped, so the file reads as one run. None: a fresh file."""
         self.path, self.acc = path, accelerator
         self.records: list[dict] = []
-        if accelerator.is_main_process and not append and path.exists():
-            path.unlink()
+        if accelerator.is_main_process and path.exists():
+            if resumed_at is None:
+                path.unlink()
+            else:
+                kept = [line for line in path.read_text().splitlines()
+                        if line.strip() and json.loads(line)["step"] <= resumed_at]
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, path)
 
     def log(self, record: dict) -> None:
         self.records.append(record)
@@ -247,7 +256,7 @@ def train(cfg: SFTConfig) -> TrainResult:
     if report:
         acc.init_trackers(cfg.run_name or out.name, config={k: (v if isinstance(v, int | float | str | bool) else
                                                                str(v)) for k, v in cfg.to_dict().items()})
-    metrics = MetricsLog(out / "metrics.jsonl", acc, append=resume is not None)
+    metrics = MetricsLog(out / "metrics.jsonl", acc, resumed_at=start if resume is not None else None)
     task_index = {t: i for i, t in enumerate(sorted(set(mixture) | set(evalset.tasks)))}
     dtype = torch.bfloat16 if bf16 else torch.float32
     batches = _batches(packer, cfg.per_device_batch_size)
