@@ -222,6 +222,12 @@ def train(cfg: SFTConfig) -> TrainResult:
                            per_task=cfg.eval_samples_per_task, cells=cfg.eval_cells)
     tm.check_tokenizer(tok, evalset.texts or _probe_texts(train_files))
     _check_max_length(train_files, tok, cfg.max_length)
+    from accelerate.utils import DistributedType
+
+    fsdp = acc.distributed_type == DistributedType.FSDP
+    if fsdp and cfg.peft != "none":
+        raise td.CorpusError("LoRA under FSDP is not supported by this trainer: use DDP "
+                             "(training/configs/accelerate_ddp.yaml) for --peft lora/qlora")
     if cfg.peft in ("lora", "qlora"):
         model = tm.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                               targets=cfg.lora_targets or None)
@@ -313,6 +319,8 @@ def train(cfg: SFTConfig) -> TrainResult:
 
     final = None
     acc.wait_for_everyone()
+    # FSDP: the full weights are gathered by every rank together (a collective), then saved by the main one
+    gathered = acc.get_state_dict(model) if fsdp else None
     if acc.is_main_process:
         card = {"base_model": cfg.model, "peft": cfg.peft, "corpus": str(Path(cfg.corpus).resolve()),
                 "corpus_content_hash": manifest.get("content_hash"),
@@ -321,7 +329,7 @@ def train(cfg: SFTConfig) -> TrainResult:
                 "settings": {k: v for k, v in cfg.to_dict().items() if k not in ("corpus", "tasks")},
                 "final_metrics": _last_metrics(metrics.records)}
         saved = tm.save_final(acc.unwrap_model(model), tok, str(out / "final"),
-                              merge_lora=cfg.merge_lora, card=card)
+                              merge_lora=cfg.merge_lora, card=card, state_dict=gathered)
         final = str(out / "final")
         log.info("saved %s", ", ".join(f"{k}: {v}" for k, v in saved.items()))
     acc.end_training()
