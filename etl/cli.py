@@ -58,6 +58,8 @@ def build_parser(cls: type, description: str, epilog: str = "") -> argparse.Argu
             kw.update(type=_bool, nargs="?", const=True, metavar="BOOL")
         elif is_list:
             kw.update(action="append", type=str, metavar=f.metadata.get("metavar", inner.__name__.upper()))
+        elif choices:  # argparse then shows {a,b,c}
+            kw.update(type=inner)
         else:
             kw.update(type=inner, metavar=f.metadata.get("metavar", inner.__name__.upper()))
         p.add_argument(flag, **kw)
