@@ -263,3 +263,23 @@ def test_bf16_and_gradient_checkpointing_paths_train(train_corpus, tmp_path):
                      bf16=True, gradient_checkpointing=True, learning_rate=3e-3, tasks=["cell_type_prediction"]))
     losses = _losses(res.metrics)
     assert all(math.isfinite(v) for v in losses.values()) and losses[12] < losses[1]
+
+
+def test_gradient_accumulation_weighs_every_response_token_alike(train_corpus, tmp_path):
+    """2 micro-batches of 2 sequences per step train exactly like 1 batch of the same 4 sequences: the loss is
+    normalised by the response tokens of the whole step, not averaged per micro-batch."""
+    from safetensors.torch import load_file
+
+    common = {"max_steps": 4, "save_steps": 0, "eval_steps": 0, "eval_cells": 0, "learning_rate": 3e-3,
+              "max_grad_norm": 0.0, "tasks": ["cell_type_prediction=1", "cell_lm=1"]}
+    one = train(_cfg(train_corpus, tmp_path / "ga1", per_device_batch_size=4, **common))
+    two = train(_cfg(train_corpus, tmp_path / "ga2", per_device_batch_size=2, gradient_accumulation_steps=2,
+                     **common))
+    assert _losses(one.metrics) == pytest.approx(_losses(two.metrics), rel=1e-5)
+    a = load_file(str(Path(one.final_dir) / "model.safetensors"))
+    b = load_file(str(Path(two.final_dir) / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        # 5e-5 against updates of ~1e-2: Adam divides near-zero embedding gradients by their own size, which
+        # magnifies summation-order differences there (per-micro-batch means would differ by ~1e-3)
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=5e-5), k

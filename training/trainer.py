@@ -273,27 +273,31 @@ def train(cfg: SFTConfig) -> TrainResult:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.max_steps, initial=start, desc="sft", disable=not acc.is_main_process)
-    window = {"loss": 0.0, "n": 0, "tokens": 0, "pad": 0, "t0": time.perf_counter()}
+    window = {"nll": 0.0, "n": 0, "tokens": 0, "pad": 0, "t0": time.perf_counter()}
     model.train()
     step = start
     while step < cfg.max_steps:
-        for _ in range(cfg.gradient_accumulation_steps):
-            seqs = next(batches)
+        micro = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
+        # Every response token of the optimizer step weighs the same, however the tokens fall into
+        # micro-batches and processes: the loss is Σ NLL / (response tokens of the whole step, all processes).
+        # acc.backward divides by the accumulation steps and DDP averages over processes; the scale undoes both.
+        n_step = _reduce_sum(acc, sum(label != IGNORE for seqs in micro for q in seqs for label in q["labels"]))
+        scale = cfg.gradient_accumulation_steps * acc.num_processes / max(n_step, 1)
+        for seqs in micro:
             real = sum(len(q["input_ids"]) for q in seqs)
             batch = td.collate(seqs, pad_id=tok.pad_token_id, attention=_collate_mode(mode), dtype=dtype,
                                task_index=task_index)
             inputs, labels = model_inputs(batch, mode, acc.device)
             with acc.accumulate(model):
                 nll_sum, n = response_loss(model, inputs, labels, mode)
-                loss = nll_sum / max(n, 1)
-                acc.backward(loss)
+                acc.backward(nll_sum * scale)
                 if acc.sync_gradients and cfg.max_grad_norm > 0:
                     acc.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            window["loss"] += float(loss.detach())
-            window["n"] += 1
+            window["nll"] += float(nll_sum.detach())
+            window["n"] += n
             window["tokens"] += real
             window["pad"] += inputs["input_ids"].numel() - real
         step += 1
@@ -301,13 +305,13 @@ def train(cfg: SFTConfig) -> TrainResult:
         bar.update(1)
         if step % cfg.logging_steps == 0 or step == cfg.max_steps:
             dt = time.perf_counter() - window["t0"]
-            rec = {"step": step, "loss": window["loss"] / window["n"], "learning_rate": scheduler.get_last_lr()[0],
+            rec = {"step": step, "loss": window["nll"] / max(window["n"], 1), "learning_rate": scheduler.get_last_lr()[0],
                    "tokens_per_s": window["tokens"] * acc.num_processes / dt,
                    "padding_share": window["pad"] / max(window["pad"] + window["tokens"], 1),
                    "tokens_seen": tokens_seen * acc.num_processes}
             metrics.log(rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            window = {"loss": 0.0, "n": 0, "tokens": 0, "pad": 0, "t0": time.perf_counter()}
+            window = {"nll": 0.0, "n": 0, "tokens": 0, "pad": 0, "t0": time.perf_counter()}
         if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps:
             metrics.log({"step": step, **_evaluate(model, tok, evalset, acc, mode, dtype, task_index,
                                                    cfg.per_device_batch_size)})
@@ -334,6 +338,15 @@ def train(cfg: SFTConfig) -> TrainResult:
         log.info("saved %s", ", ".join(f"{k}: {v}" for k, v in saved.items()))
     acc.end_training()
     return TrainResult(str(out), step, final, metrics.records)
+
+
+IGNORE = -100
+
+
+def _reduce_sum(acc, value: int) -> int:
+    if acc.num_processes == 1:
+        return int(value)
+    return int(acc.reduce(torch.tensor(value, device=acc.device), reduction="sum").item())
 
 
 def _collate_mode(mode: str) -> str:
