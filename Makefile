@@ -9,7 +9,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export PYSPARK_PYTHON := $(abspath $(BIN))/python
 export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN))/python
 
-.PHONY: setup demo train test lint bench clean help
+.PHONY: setup demo train test lint bench gpu-wheels clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' Makefile | sed 's/:.*## /\t/'
@@ -43,6 +43,13 @@ bench: setup  ## the benchmarks (see BENCHMARKS.md)
 	$(BIN)/python benchmarks/etl_bench.py --cells 20000
 	$(BIN)/python benchmarks/samples_bench.py --cells 20000
 	$(BIN)/python benchmarks/train_bench.py --cells 2000 --steps 40
+
+gpu-wheels: setup  ## wheels the GPU machine lacks (Python 3.12) into .whl/, for benchmarks/gpu_bench.sh
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/python -m pip download -q --dest .whl --python-version 3.12 --only-binary=:all: --no-deps \
+	    --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+	    "datasets==5.2.0" "pyarrow==26.0.1" dill multiprocess xxhash fsspec
+	du -sh .whl
 
 clean:  ## remove generated data (not .venv)
 	rm -rf corpus data .pytest_cache

@@ -119,7 +119,9 @@ def gpu_shape(corpus: str, a) -> dict:
     from training.config import SFTConfig
     from training.trainer import train
 
-    shape = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096}
+    # Pythia-410M: 24 layers, d_model 1024, 16 heads, vocab 50,304 (rows past the corpus tokenizer's are unused)
+    shape = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
+             "vocab_size": 50304}
     torch.cuda.reset_peak_memory_stats()
     cfg = SFTConfig(corpus=corpus, output_dir=os.path.join(ROOT, ".bench", "train_gpu"), max_steps=a.steps,
                     per_device_batch_size=a.batch, max_length=a.max_length, logging_steps=1, eval_steps=0,
@@ -149,12 +151,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3, help="runs of each, alternated; the medians are reported")
     p.add_argument("--gpu-shape", choices=["pythia410m"], default=None)
+    p.add_argument("--corpus", default=None, help="a built corpus to use instead of building the demo one "
+                   "(e.g. .bench/train_corpus_2000 carried to a GPU machine that lacks the ETL's dependencies)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100/H200)")
     a = p.parse_args()
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    corpus = build_corpus(a.cells)
+    corpus = a.corpus or build_corpus(a.cells)
     if a.gpu_shape:
         print(json.dumps({**gpu_shape(corpus, a), "steps": a.steps, "batch": a.batch, "max_length": a.max_length}))
         return
