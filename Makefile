@@ -52,4 +52,4 @@ gpu-wheels: setup  ## wheels the GPU machine lacks (Python 3.12) into .whl/, for
 	du -sh .whl
 
 clean:  ## remove generated data (not .venv)
-	rm -rf corpus data .pytest_cache
+	rm -rf corpus data outputs .bench .whl .pytest_cache
