@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from training import data as td
 from training import models as tm
 from training.config import SFTConfig
+from training.losses import model_inputs, response_loss, token_loss
 from training.sft import main
-from training.trainer import model_inputs, response_loss, token_loss, train
+from training.trainer import train
 
 QUICK = {"per_device_batch_size": 4, "max_length": 512, "shuffle_buffer": 64, "eval_samples_per_task": 4,
          "eval_cells": 4, "report_to": "none", "logging_steps": 1, "warmup_steps": 2,

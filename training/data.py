@@ -651,10 +651,5 @@ def collate(sequences: list[dict], *, pad_id: int, attention: str = "4d", dtype=
     return out
 
 
-def padding_share(batch: dict[str, torch.Tensor]) -> float:
-    """Share of the batch's token slots that are padding (token_task == -1)."""
-    return float((batch["token_task"] < 0).float().mean())
-
-
 __all__ = ["ATTENTION_MODES", "COLUMNS", "IGNORE_INDEX", "CorpusError", "Packer", "SampleStream", "batches",
-           "collate", "corpus_files", "padding_share", "parse_mixture", "tokenize_batch", "tokenize_sample"]
+           "collate", "corpus_files", "parse_mixture", "tokenize_batch", "tokenize_sample"]

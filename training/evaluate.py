@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from training import data as td
+from training.losses import collate_mode, model_inputs, response_loss
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +100,12 @@ def cell_type_accuracy(model, tokenizer, cells: list[tuple[str, str]], max_new_t
 def loss_per_task(model, evalset: EvalSet, pad_id: int, device, mode: str, dtype, task_index: dict,
                   batch_size: int) -> dict[str, tuple[float, int]]:
     """task -> (mean response-token NLL, response tokens), one sample per row (no packing needed)."""
-    from training.trainer import _collate_mode, model_inputs, response_loss
 
     out = {}
     for task, seqs in evalset.sequences.items():
         total, n = 0.0, 0
         for i in range(0, len(seqs), batch_size):
-            batch = td.collate(seqs[i : i + batch_size], pad_id=pad_id, attention=_collate_mode(mode), dtype=dtype,
+            batch = td.collate(seqs[i : i + batch_size], pad_id=pad_id, attention=collate_mode(mode), dtype=dtype,
                                task_index=task_index)
             inputs, labels = model_inputs(batch, mode, device)
             nll_sum, k = response_loss(model, inputs, labels, mode)

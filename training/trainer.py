@@ -9,26 +9,23 @@ training.data (split_dataset_by_node), and never handed to accelerate to shard a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from training import attention as ta
 from training import data as td
 from training import models as tm
 from training.config import SFTConfig
 from training.evaluate import EvalSet, cell_type_accuracy, loss_per_task
-from training.losses import sum_nll
+from training.losses import collate_mode, model_inputs, response_loss
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +38,6 @@ class TrainResult:
     steps: int
     final_dir: str | None
     metrics: list[dict] = field(default_factory=list)
-
-
-def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position next-token NLL (0 where the label is -100) and the mask of positions that count.
-
-    Label t is predicted from position t-1. Packed samples never leak into each other here: the first
-    token of a sample is a prompt token (label -100), so no position is trained to predict across a
-    boundary."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != -100
-    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                          ignore_index=-100, reduction="none").view_as(shift_labels)
-    return nll, mask
 
 
 def resolve_attention(cfg: SFTConfig, device: torch.device, model_name: str) -> tuple[str, str | None]:
@@ -79,39 +62,6 @@ def resolve_attention(cfg: SFTConfig, device: torch.device, model_name: str) -> 
     if mode == "padded" and cfg.packing:
         raise td.CorpusError("--attention padded holds one sample per row: add --packing false")
     return mode, ("eager" if gemma else "sdpa")
-
-
-def model_inputs(batch: dict, mode: str, device) -> tuple[dict, torch.Tensor]:
-    """Collated batch -> (forward kwargs, labels). Padding-free modes get the sample boundaries
-    (cu_seq_lens) that flash-attention and sdpa_varlen split the packed row by."""
-    batch = dict(batch)
-    batch.pop("token_task", None)
-    labels = batch.pop("labels").to(device)
-    inputs = {k: v.to(device) for k, v in batch.items()}
-    if mode in ("flash", "varlen"):
-        cu, longest = ta.cu_seq_lens(inputs["position_ids"])
-        inputs |= {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
-    return inputs, labels
-
-
-def forward(model, inputs: dict, mode: str):
-    with ta.packed() if mode == "varlen" else contextlib.nullcontext():
-        return model(**inputs, use_cache=False).logits
-
-
-def response_loss(model, inputs: dict, labels: torch.Tensor, mode: str) -> tuple[torch.Tensor, int]:
-    """(summed NLL of the response tokens, their number). On a flattened packed row the LM head runs only
-    at the positions that predict a response token (transformers' logits_to_keep with indices): prompts
-    are most of a cell-sentence sample, and the head is most of a small model's, or a 256k-vocabulary
-    model's, compute. Through the model's own forward, so DDP/FSDP hooks still run."""
-    if mode in ("flash", "varlen"):
-        target = labels[0, 1:]
-        keep = torch.nonzero(target != -100).view(-1)
-        logits = forward(model, {**inputs, "logits_to_keep": keep}, mode).squeeze(0)  # a view: select() would
-        # zero-fill an [1, N, V] gradient in backward
-        return sum_nll(logits, target[keep]), int(keep.numel())
-    nll, mask = token_loss(forward(model, inputs, mode), labels)
-    return (nll * mask).sum(), int(mask.sum())
 
 
 def _has_flash_attn() -> bool:
@@ -143,15 +93,6 @@ def _resume_path(cfg: SFTConfig) -> Path | None:
     if not (p / STATE_FILE).exists():
         raise td.CorpusError(f"--resume-from-checkpoint {p}: not a checkpoint (no {STATE_FILE})")
     return p
-
-
-def _batches(packer: td.Packer, n: int) -> Iterator[list[dict]]:
-    it = iter(packer)
-    while True:
-        batch = []
-        for _ in range(n):
-            batch.append(next(it))
-        yield batch
 
 
 class MetricsLog:
@@ -265,7 +206,7 @@ def train(cfg: SFTConfig) -> TrainResult:
     metrics = MetricsLog(out / "metrics.jsonl", acc, resumed_at=start if resume is not None else None)
     task_index = {t: i for i, t in enumerate(sorted(set(mixture) | set(evalset.tasks)))}
     dtype = torch.bfloat16 if bf16 else torch.float32
-    batches = _batches(packer, cfg.per_device_batch_size)
+    batches = td.batches(packer, cfg.per_device_batch_size)
     log.info("training %s on %s: tasks %s, %d steps, %s attention, packing %s, %s", cfg.model, cfg.corpus,
              ", ".join(f"{t}={w:.2f}" for t, w in mixture.items()), cfg.max_steps, mode, cfg.packing,
              "LoRA" if cfg.peft != "none" else "full")
@@ -281,11 +222,11 @@ def train(cfg: SFTConfig) -> TrainResult:
         # Every response token of the optimizer step weighs the same, however the tokens fall into
         # micro-batches and processes: the loss is Σ NLL / (response tokens of the whole step, all processes).
         # acc.backward divides by the accumulation steps and DDP averages over processes; the scale undoes both.
-        n_step = _reduce_sum(acc, sum(label != IGNORE for seqs in micro for q in seqs for label in q["labels"]))
+        n_step = _reduce_sum(acc, sum(label != td.IGNORE_INDEX for seqs in micro for q in seqs for label in q["labels"]))
         scale = cfg.gradient_accumulation_steps * acc.num_processes / max(n_step, 1)
         for seqs in micro:
             real = sum(len(q["input_ids"]) for q in seqs)
-            batch = td.collate(seqs, pad_id=tok.pad_token_id, attention=_collate_mode(mode), dtype=dtype,
+            batch = td.collate(seqs, pad_id=tok.pad_token_id, attention=collate_mode(mode), dtype=dtype,
                                task_index=task_index)
             inputs, labels = model_inputs(batch, mode, acc.device)
             with acc.accumulate(model):
@@ -340,17 +281,10 @@ def train(cfg: SFTConfig) -> TrainResult:
     return TrainResult(str(out), step, final, metrics.records)
 
 
-IGNORE = -100
-
-
 def _reduce_sum(acc, value: int) -> int:
     if acc.num_processes == 1:
         return int(value)
     return int(acc.reduce(torch.tensor(value, device=acc.device), reduction="sum").item())
-
-
-def _collate_mode(mode: str) -> str:
-    return "flash" if mode == "varlen" else mode  # both take one flattened row with restarting positions
 
 
 def _evaluate(model, tok, evalset: EvalSet, acc, mode: str, dtype, task_index: dict, batch_size: int) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -103,15 +103,21 @@ def annotate(batch: pa.RecordBatch, ctx: SampleContext) -> pa.RecordBatch:
     return t.combine_chunks().to_batches()[0] if t.num_rows else pa.RecordBatch.from_pylist([], schema=t.schema)
 
 
-def build_partition(cells: Iterable[dict], ctx: SampleContext, staging: Store, part: str) -> dict:
+def write_samples(staging: Store, part: str, rows_of: Callable[[Counts], Iterable[dict]]) -> dict:
+    """Write the rows `rows_of(counts)` yields (it records its skips in `counts`) as one set of atomic parts
+    named `part`; on any error every part it started is dropped. Returns the PartWriter's result."""
     writer = PartWriter(staging, part)
     try:
-        for row in build_samples(cells, ctx, writer.counts):
+        for row in rows_of(writer.counts):
             writer.add(row)
     except BaseException:
         writer.abort()
         raise
     return writer.close()
+
+
+def build_partition(cells: Iterable[dict], ctx: SampleContext, staging: Store, part: str) -> dict:
+    return write_samples(staging, part, lambda counts: build_samples(cells, ctx, counts))
 
 
 def run_local(sentence_files: list[str], root: Store, ctx: SampleContext, staging: Store) -> dict:
@@ -179,14 +185,7 @@ def spatial_extents(spark, root: Store, sentence_files: list[str]) -> list[dict]
 
 def run_knowledge(gene_sets: list[tuple[str, list[str]]], ctx: SampleContext, staging: Store) -> dict:
     """Gene-set samples (no cells): small, built on the driver."""
-    writer = PartWriter(staging, "part-knowledge")
-    try:
-        for row in knowledge_samples(gene_sets, ctx, writer.counts):
-            writer.add(row)
-    except BaseException:
-        writer.abort()
-        raise
-    return writer.close()
+    return write_samples(staging, "part-knowledge", lambda counts: knowledge_samples(gene_sets, ctx, counts))
 
 
 def merge_results(results: Iterable[dict]) -> dict:

@@ -435,7 +435,7 @@ def file_stats(fo: FileObs, splits: list[str | None], plan: PairPlan, pools: dic
 def run(paths: Sequence[str], opts: PerturbationOptions, ctx: SampleContext, staging) -> tuple[list[dict], dict]:
     """The task over every file: one PartWriter result per file (merge with samples.merge_results) and the
     per-file statistics for the manifest (dataset_id -> stats, plus the hold-outs over all files)."""
-    from etl.stages.samples import PartWriter
+    from etl.stages.samples import write_samples
 
     paths = check_files(paths)
     files = [read_obs(p, opts) for p in paths]
@@ -445,22 +445,19 @@ def run(paths: Sequence[str], opts: PerturbationOptions, ctx: SampleContext, sta
     for k, (fo, sp) in enumerate(zip(files, splits, strict=True)):
         pools = control_pools(fo, sp, ctx.seed)
         plan = plan_pairs(fo, sp, pools, rate, ctx.seed, opts.separator)
-        writer = PartWriter(staging, f"perturbation-{k:03d}")
-        if plan.skipped:
-            writer.counts.skipped[TASK] = dict(plan.skipped)
-        try:
+
+        def rows(counts: Counts, fo=fo, plan=plan) -> Iterator[dict]:
+            if plan.skipped:
+                counts.skipped[TASK] = dict(plan.skipped)
             controls = {}
             for _, block in encode_rows(fo.path, plan.control_rows(), opts, ctx):  # pass 2: chosen controls
                 controls.update({r: _cell(fo, r, g, opts.organism) for r, g in block.items()})
             for want, block in encode_rows(fo.path, np.unique(plan.pert), opts, ctx):  # pass 3: streamed
                 cells = {r: _cell(fo, r, g, opts.organism) for r, g in block.items()}
                 lo, hi = np.searchsorted(plan.pert, [want[0], want[-1] + 1])
-                for row in build_pair_samples(plan, int(lo), int(hi), cells, controls, ctx, writer.counts):
-                    writer.add(row)
-        except BaseException:
-            writer.abort()
-            raise
-        results.append(writer.close())
+                yield from build_pair_samples(plan, int(lo), int(hi), cells, controls, ctx, counts)
+
+        results.append(write_samples(staging, f"perturbation-{k:03d}", rows))
         stats[fo.dataset_id] = file_stats(fo, sp, plan, pools, hold, opts.separator)
     return results, {"files": stats, "held_out_perturbations": sorted(hold.singles),
                      "held_out_combinations": sorted(opts.separator.join(c) for c in hold.combinations)}

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import xxhash
 from scipy.spatial import cKDTree
 
+from etl.tasks import TASKS
 from etl.tasks.builders import (
     Counts,
     SampleContext,
@@ -44,7 +45,6 @@ SECTION_FIELDS = ("organism", "dataset_id", "donor_id", "tissue")
 NICHE_K = (3, 8)  # cells per niche_prediction sample, drawn by hash in this range
 FAR_FACTOR = 5.0  # niche negatives lie farther than FAR_FACTOR x sqrt(section bbox area / cells) (a spacing)
 SLACK = 8  # neighbours queried beyond the k needed, so ties at the k-th distance are seen
-TASK_NAMES = ("neighbor_generation", "niche_prediction")
 
 
 class Section(NamedTuple):
@@ -238,7 +238,7 @@ def _niche(tile: list[dict], i: int, index: TileIndex, sid: str, ctx: SampleCont
 def spatial_samples(tile: list[dict], ctx: SampleContext, counts: Counts) -> Iterator[dict]:
     """The spatial samples of one tile (cells of one section and split, one tile): per centre cell,
     `rate` draws of each active spatial task."""
-    tasks = [t for t in TASK_NAMES if t in ctx.mixture]
+    tasks = [t for t in ctx.mixture if TASKS[t].family == "spatial"]
     if not tile or not tasks:
         return
     index = TileIndex(tile, ctx.spatial[section_key(tile[0])], ctx.seed)
