@@ -129,7 +129,7 @@ def test_abstracts_malformed(tmp_path):
         read_abstracts([str(bad)])
     xml = tmp_path / "bad.xml"
     xml.write_text("<PubmedArticleSet><PubmedArticle>")
-    with pytest.raises(InputError, match=r"bad.xml: not readable PubMed XML"):
+    with pytest.raises(InputError, match=r"bad.xml, line 1: not readable PubMed XML"):
         read_abstracts([str(xml)])
     with pytest.raises(InputError, match="does not exist"):
         read_abstracts([str(tmp_path / "missing")])

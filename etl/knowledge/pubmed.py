@@ -6,11 +6,14 @@ Offline: `read_abstracts(paths)` parses every `.medline`/`.txt`/`.nbib` file wit
 requests/s (10 with an API key), and written to a cache folder as MEDLINE files that later runs read
 offline. `match_datasets` joins the Census `datasets` table to the records: by `collection_doi`, else by a
 DOI or PMID found in `citation`.
+
+A damaged file is an `InputError` worded `<file>, line <n>: <what is wrong> (<what to do>)`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import re
@@ -52,42 +55,122 @@ def _files(paths: Iterable[str]) -> list[str]:
     return sorted(out)
 
 
+_REFETCH = "a failed or cut download? delete the file and fetch the records again"
+_XML_ENCODING = re.compile(rb"""\s*<\?xml[^>]*?encoding\s*=\s*["']([A-Za-z0-9._-]+)""")
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e.strerror})") from e
+
+
+def _utf8(path: str, data: bytes) -> str:
+    """The file's text; bytes that are not UTF-8 are an error naming the line and the byte offset."""
+    skip = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = skip + e.start
+        line = data.count(b"\n", 0, at) + 1
+        raise InputError(f"{path}, line {line}: not UTF-8 text at byte {at} (re-save the file as UTF-8)") from e
+
+
+def _medline_records(path: str, text: str) -> list[tuple[int, list[str]]]:
+    """(first line number, lines) of each record: runs of lines between blank lines, each led by 'PMID- '."""
+    records: list[tuple[int, list[str]]] = []
+    for number, line in enumerate(io.StringIO(text, newline=None), 1):  # \r\n and \r read as \n, like open()
+        if not line.strip() and not line.startswith("      "):
+            line = "\n"  # a line of a few spaces ends a record (Bio.Medline would read it as a field)
+        if line == "\n":
+            if records and records[-1][1]:
+                records.append((0, []))
+            continue
+        if not records or not records[-1][1]:
+            if not line.startswith("PMID- "):
+                why = ("is this MEDLINE text? PubMed writes it for 'Save: PubMed format' and efetch "
+                       "rettype=medline" if not records else "a record without PMID, or a blank line inside a "
+                       "record? records are separated by one blank line")
+                raise InputError(f"{path}, line {number}: a MEDLINE record must start with 'PMID- ' (found "
+                                 f"{line.rstrip()[:40]!r}; {why})")
+            if records:
+                records.pop()
+            records.append((number, []))
+        elif line.startswith("PMID- "):
+            raise InputError(f"{path}, line {number}: a second PMID in the record that starts on line "
+                             f"{records[-1][0]} (records are separated by one blank line: add it)")
+        records[-1][1].append(line)
+    return [r for r in records if r[1]]
+
+
 def _medline(path: str) -> list[dict]:
     from Bio import Medline
 
-    with open(path, encoding="utf-8", errors="strict") as f:
-        text = f.read()
-    if text.strip() and not re.match(r"^\s*PMID- ", text):
-        line = next(i for i, s in enumerate(text.splitlines(), 1) if s.strip())
-        raise InputError(f"{path}, line {line}: a MEDLINE record must start with 'PMID- '")
+    text = _utf8(path, _read(path))
+    if not text.strip():
+        raise InputError(f"{path}: empty file, no MEDLINE records ({_REFETCH})")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, rec in enumerate(Medline.parse(f), 1):
-            if "PMID" not in rec:
-                raise InputError(f"{path}: record {i} has no PMID field")
-            dois = [a[: -len(" [doi]")] for a in rec.get("AID", []) if a.endswith(" [doi]")]
-            lid = [a[: -len(" [doi]")] for a in ([rec["LID"]] if isinstance(rec.get("LID"), str) else rec.get("LID", []))
-                   if a.endswith(" [doi]")]  # fmt: skip
-            out.append({"pmid": rec["PMID"], "doi": normalise_doi((dois or lid or [""])[0]),
-                        "title": rec.get("TI", ""), "abstract": rec.get("AB", ""), "source_file": path})
+    for line, lines in _medline_records(path, text):
+        rec = next(Medline.parse(lines))
+        if not re.fullmatch(r"\d{1,9}", rec["PMID"]):
+            raise InputError(f"{path}, line {line}: PMID {rec['PMID']!r} is not a PubMed id (a number) "
+                             f"({_REFETCH})")
+        dois = [a[: -len(" [doi]")] for a in rec.get("AID", []) if a.endswith(" [doi]")]
+        lid = [a[: -len(" [doi]")] for a in ([rec["LID"]] if isinstance(rec.get("LID"), str) else rec.get("LID", []))
+               if a.endswith(" [doi]")]  # fmt: skip
+        out.append({"pmid": rec["PMID"], "doi": normalise_doi((dois or lid or [""])[0]),
+                    "title": rec.get("TI", ""), "abstract": rec.get("AB", ""), "source_file": path})
     return out
+
+
+def _xml_line(data: bytes, i: int) -> int:
+    """The line on which the i-th (1-based) PubmedArticle element opens."""
+    for n, m in enumerate(re.finditer(rb"<PubmedArticle[\s>]", data), 1):
+        if n == i:
+            return data.count(b"\n", 0, m.start()) + 1
+    return 1
 
 
 def _xml(path: str) -> list[dict]:
     from Bio import Entrez
+    from Bio.Entrez.Parser import CorruptedXMLError, NotXMLError, ValidationError
 
+    data = _read(path)
+    if not data.strip():
+        raise InputError(f"{path}: empty file, no PubMed XML ({_REFETCH})")
+    declared = _XML_ENCODING.match(data)
+    if (declared is None or declared.group(1).lower() in (b"utf-8", b"utf8")) and data[:2] not in (b"\xff\xfe",
+                                                                                                     b"\xfe\xff"):
+        _utf8(path, data)  # other declared encodings (and UTF-16) are left to the XML parser
+    redo = "download the records again as PubMed XML (efetch retmode=xml) or MEDLINE text"
     try:
-        with open(path, "rb") as f:
-            doc = Entrez.read(f)
-    except Exception as e:  # Bio raises several parser errors; all mean the file is not PubMed XML
-        raise InputError(f"{path}: not readable PubMed XML ({type(e).__name__}: {e})") from e
-    if "PubmedArticle" not in doc:
-        raise InputError(f"{path}: PubMed XML without PubmedArticle records")
+        doc = Entrez.read(io.BytesIO(data))
+    except (NotXMLError, CorruptedXMLError) as e:  # e.msg: expat's error (with its line) or Bio's words
+        where = f", line {e.msg.lineno}" if hasattr(e.msg, "lineno") else ""
+        raise InputError(f"{path}{where}: not readable PubMed XML ({e.msg}) (a cut download, or an HTML page "
+                         f"or error message saved as .xml? {redo})") from e
+    except ValidationError as e:
+        raise InputError(f"{path}: element <{e.name}> is not in the PubMed DTD (not PubMed XML? {redo})") from e
+    except ValueError as e:  # Bio.Entrez: no DOCTYPE/schema, a DTD not from NCBI, an unexpected item
+        raise InputError(f"{path}: not PubMed XML ({e}) ({redo})") from e
+    except RuntimeError as e:  # Bio.Entrez: an <ERROR> element from NCBI, or a DTD it could not download
+        raise InputError(f"{path}: not readable PubMed XML ({e}) ({redo})") from e
+    if not isinstance(doc, dict) or "PubmedArticle" not in doc:
+        raise InputError(f"{path}: XML without PubmedArticle records (not a PubmedArticleSet? {redo})")
+    if not doc["PubmedArticle"]:
+        raise InputError(f"{path}: a PubmedArticleSet without PubmedArticle records (book records are not "
+                         f"read; an empty result? {redo})")
     out = []
     for i, art in enumerate(doc["PubmedArticle"], 1):
         cit = art.get("MedlineCitation", {})
-        if "PMID" not in cit:
-            raise InputError(f"{path}: PubmedArticle {i} has no PMID")
+        pmid = str(cit.get("PMID", "")).strip()
+        if not pmid:
+            raise InputError(f"{path}, line {_xml_line(data, i)}: PubmedArticle {i} has no PMID ({redo})")
+        if not re.fullmatch(r"\d{1,9}", pmid):
+            raise InputError(f"{path}, line {_xml_line(data, i)}: PubmedArticle {i} PMID {pmid!r} is not a "
+                             f"PubMed id (a number) ({redo})")
         article = cit.get("Article", {})
         parts = article.get("Abstract", {}).get("AbstractText", [])
         abstract = " ".join(
@@ -100,7 +183,7 @@ def _xml(path: str) -> list[dict]:
         for aid in art.get("PubmedData", {}).get("ArticleIdList", []):
             if not doi and aid.attributes.get("IdType") == "doi":
                 doi = str(aid)
-        out.append({"pmid": str(cit["PMID"]), "doi": normalise_doi(doi), "title": str(article.get("ArticleTitle", "")),
+        out.append({"pmid": pmid, "doi": normalise_doi(doi), "title": str(article.get("ArticleTitle", "")),
                     "abstract": abstract, "source_file": path})
     return out
 
@@ -166,6 +249,11 @@ def fetch_abstracts(dois: Iterable[str], *, email: str, cache_dir: str, api_key:
         with entrez.efetch(db="pubmed", id=",".join(ids[:1]), rettype="medline", retmode="text") as h:
             text = h.read()
         text = text.decode() if isinstance(text, bytes) else text
+        if not re.search(r"^PMID- ", text, re.MULTILINE):  # an empty answer: a cached empty file would not read
+            log.warning("PubMed returned no MEDLINE record for %s %s", kind, key)
+            with open(stem + ".none", "w") as f:
+                f.write(key + "\n")
+            continue
         tmp = stem + ".medline.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
