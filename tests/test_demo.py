@@ -15,14 +15,14 @@ import pytest
 import scipy.sparse as sp
 import tiledbsoma
 
-from etl.sources import demo
-from etl.sources.demo import (
+from etl.demo import (
     DEMO_VERSION,
     MARKER_FILE,
     build_demo_census,
     ensure_demo_census,
     read_demo_marker,
 )
+from etl.demo import census as demo
 
 SMALL = {"n_cells": 1500, "n_genes": 800, "mean_nnz": 200, "seed": 3}
 
