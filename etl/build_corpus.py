@@ -31,34 +31,95 @@ EPILOG = """examples:
   spark-submit etl/build_corpus.py --h5ad pbmc.h5ad --organism human \\
       --cell-type-column celltype --label-column donor_id=patient --output corpus_pbmc
 
-outputs: DIR/sentences/organism=<o>/dataset_id=<d>/part-*.parquet, DIR/vocab/<organism>.parquet,
-DIR/stats/inverse_transform.parquet, DIR/manifest.json (written last). See docs/SCHEMAS.md."""
+outputs: DIR/versions/<id>/ holds one build: sentences/organism=<o>/dataset_id=<d>/part-*.parquet,
+vocab/<organism>.parquet, stats/inverse_transform.parquet, samples/task=<t>/split=<s>/*.parquet,
+knowledge/*.parquet and manifest.json; DIR/latest.json (written last, the commit) names the version readers
+see. `python -m etl.validate DIR --deep` re-reads it; `python -m etl.versions list DIR` lists versions.
+See docs/SCHEMAS.md.
+
+exit status: 0 done (or nothing to do); 2 bad input (one line naming it); 1 other failure."""
+
+
+def _log_level(argv: list[str]) -> str:
+    """--log-level from the command line before parsing (so parsing errors are logged at that level)."""
+    for i, a in enumerate(argv):
+        if a == "--log-level" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--log-level="):
+            return a.split("=", 1)[1]
+    return "info"
+
+
+def setup_logging(level: str) -> None:
+    level = level.upper() if level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO"
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+                        force=True)
+    quiet = logging.DEBUG if level == "DEBUG" else logging.WARNING
+    for noisy in ("py4j", "cellxgene_census", "numba", "botocore", "urllib3", "fsspec"):
+        logging.getLogger(noisy).setLevel(max(quiet, logging.WARNING) if noisy == "numba" else quiet)
+    os.environ.setdefault("SPARK_LOG_LEVEL", "INFO" if level == "DEBUG" else "ERROR")
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    for noisy in ("py4j", "cellxgene_census", "numba"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """Exit 0 on success; 2 with one line naming the input for a user error (bad option, file, source);
+    1 with one line for anything else (the traceback with --log-level debug)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _log_level(argv).lower() == "debug"
+    setup_logging(_log_level(argv))
+    log = logging.getLogger("etl")
+    from etl.cli import ConfigError
     from etl.sources.base import InputError
+    from schemas.layout import CorpusNotFound
 
+    session, owned = None, False
     try:
         cfg = parse(BuildConfig, argv, DESCRIPTION, EPILOG)
+        setup_logging(cfg.log_level)
         from etl.pipeline import build
-        from etl.spark import get_spark
 
-        spark = get_spark("c2s-build-corpus", cfg.master)
-        try:
-            manifest = build(cfg, spark)
-        finally:
-            spark.stop()
-    except InputError as e:
-        logging.getLogger("etl").error("%s", e)
+        def start_spark():
+            nonlocal session, owned
+            from pyspark.sql import SparkSession
+
+            from etl.spark import get_spark
+
+            owned = SparkSession.getActiveSession() is None  # one that existed before (tests) is left running
+            session = get_spark("c2s-build-corpus", cfg.master)
+            return session
+
+        manifest = build(cfg, start_spark if cfg.spark else None)
+    except (InputError, ConfigError, CorpusNotFound) as e:
+        if debug:
+            log.exception("input error")
+        log.error("%s", e)
         return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; the committed corpus is unchanged (a rerun resumes this build)")
+        return 130
+    except Exception as e:  # a bug or an environment failure: one line, the traceback with --log-level debug
+        if debug:
+            log.exception("build failed")
+        log.error("build failed: %s: %s (the committed corpus is unchanged; --log-level debug shows the "
+                  "traceback)", type(e).__name__, _last_line(e))
+        return 1
+    finally:
+        if session is not None and owned:
+            session.stop()
     totals = manifest["counts"]["totals"]
-    print(json.dumps({"output": cfg.output, "written": totals["written"], "skipped": totals["skipped"],
-                      "content_hash": manifest["content_hash"]}))
+    print(json.dumps({"output": cfg.output, "version": manifest.get("version"), "written": totals["written"],
+                      "skipped": totals["skipped"], "samples": manifest.get("samples", {}).get("counts", {})
+                      .get("total", 0), "content_hash": manifest["content_hash"]}))
     return 0
+
+
+def _last_line(e: BaseException) -> str:
+    """The useful line of an exception: for a Spark task failure, the Python error inside its traceback."""
+    text = str(e).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ln.split(":", 1)[0].endswith(("Error", "Exception")) and not ln.startswith(("py4j", "org.apache")):
+            return ln[:500]
+    return (lines[0] if lines else type(e).__name__)[:500]
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """Config dataclasses → command lines: every field's `help` metadata becomes its `--help` text.
 
 `--config file.yaml` supplies values; flags given on the command line override them. List fields take
-comma-separated values or repeat the flag. Used by every entry point (ETL and training).
+comma-separated values or repeat the flag (in YAML: a list, or a comma-separated string). Flags and YAML
+values go through ONE conversion and check (`convert`): the same types, choices and messages, so
+`on_invalid: raise` in a file fails exactly as `--on-invalid raise` does. Used by every entry point.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as dt
 import types
 import typing
 from pathlib import Path
@@ -18,23 +21,97 @@ import yaml
 T = TypeVar("T")
 
 
-def _base(tp: Any) -> tuple[Any, bool]:
-    """(inner type, is_list) for X, X | None, list[X]."""
+class ConfigError(ValueError):
+    """A bad option value or config file; the message names the option (flag or YAML key) and the value."""
+
+
+def _base(tp: Any) -> tuple[Any, bool, bool]:
+    """(inner type, is_list, optional) for X, X | None, list[X]."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _base(args[0])
+        inner, is_list, _ = _base(args[0])
+        return inner, is_list, True
     if origin is list:
-        return typing.get_args(tp)[0], True
-    return tp, False
+        return typing.get_args(tp)[0], True, False
+    return tp, False, False
 
 
-def _bool(v: str) -> bool:
-    if v.lower() in ("1", "true", "yes", "on"):
-        return True
-    if v.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+_KIND = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _scalar(inner: type, v: Any, where: str) -> Any:
+    """One value as `inner`, from a flag's string or a YAML scalar; ConfigError naming `where` otherwise."""
+    bad = ConfigError(f"{where}: expected {_KIND.get(inner, inner.__name__)}, got {v!r}")
+    if inner is bool:
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE:
+            return v.strip().lower() in _TRUE
+        raise bad
+    if isinstance(v, bool | list | dict):
+        raise bad
+    if inner is int:
+        if isinstance(v, int):
+            return v
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        if isinstance(v, str):
+            try:
+                return int(v.strip())
+            except ValueError:
+                try:
+                    f = float(v)
+                except ValueError:
+                    raise bad from None
+                if f.is_integer():
+                    return int(f)
+        raise bad
+    if inner is float:
+        if isinstance(v, int | float):
+            return float(v)
+        if isinstance(v, str):
+            try:
+                return float(v.strip())
+            except ValueError:
+                raise bad from None
+        raise bad
+    if inner is str:
+        if isinstance(v, str):
+            return v
+        if isinstance(v, dt.date):  # YAML reads 2025-11-08 as a date
+            return v.isoformat()
+        if isinstance(v, int | float):
+            return str(v)
+        raise bad
+    return inner(v)
+
+
+def convert(f: dataclasses.Field, hint: Any, value: Any, where: str) -> Any:
+    """The value of field `f` from a flag (strings) or a YAML value: typed, split, choice-checked."""
+    inner, is_list, optional = _base(hint)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: a value is required")
+    if is_list:
+        items = value if isinstance(value, list) else [value]
+        out = []
+        for item in items:
+            if isinstance(item, str):  # "a,b" is two values, as on the command line
+                out += [_scalar(inner, x.strip(), where) for x in item.split(",") if x.strip()]
+            else:
+                out.append(_scalar(inner, item, where))
+        values = out
+    else:
+        values = [_scalar(inner, value, where)]
+    choices = f.metadata.get("choices")
+    if choices:
+        for v in values:
+            if v not in choices:
+                raise ConfigError(f"{where}: {v!r} is not one of {', '.join(map(str, choices))}")
+    return values if is_list else values[0]
 
 
 def build_parser(cls: type, description: str, epilog: str = "") -> argparse.ArgumentParser:
@@ -43,7 +120,7 @@ def build_parser(cls: type, description: str, epilog: str = "") -> argparse.Argu
     p.add_argument("--config", metavar="FILE.yaml", help="read option values from a YAML file; flags override")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        inner, is_list = _base(hints[f.name])
+        inner, is_list, _ = _base(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
@@ -51,38 +128,58 @@ def build_parser(cls: type, description: str, epilog: str = "") -> argparse.Argu
         choices = f.metadata.get("choices")
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         help_ += f" (default: {shown})" if shown not in (None, "", []) else ""
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_}
-        if choices:
-            kw["choices"] = choices
+        # raw strings only: `convert` types and checks flags and YAML values alike
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_, "type": str}
+        metavar = "{" + ",".join(map(str, choices)) + "}" if choices else f.metadata.get("metavar",
+                                                                                          inner.__name__.upper())
         if inner is bool:
-            kw.update(type=_bool, nargs="?", const=True, metavar="BOOL")
+            kw.update(nargs="?", const="true", metavar="BOOL")
         elif is_list:
-            kw.update(action="append", type=str, metavar=f.metadata.get("metavar", inner.__name__.upper()))
-        elif choices:  # argparse then shows {a,b,c}
-            kw.update(type=inner)
+            kw.update(action="append", metavar=metavar)
         else:
-            kw.update(type=inner, metavar=f.metadata.get("metavar", inner.__name__.upper()))
+            kw.update(metavar=metavar)
         p.add_argument(flag, **kw)
     return p
+
+
+def read_config_file(path: str, cls: type) -> dict[str, Any]:
+    """The option values of a YAML config file (keys may use - or _), or ConfigError naming the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"--config {path}: not valid YAML{where} ({getattr(e, 'problem', None) or e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option: value, got a {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown option(s) {unknown} (see --help)")
+    return values
 
 
 def parse(cls: type[T], argv: list[str] | None, description: str, epilog: str = "") -> T:
     """Defaults < --config YAML < command-line flags, into one typed config."""
     parser = build_parser(cls, description, epilog)
     ns = vars(parser.parse_args(argv))
-    values: dict[str, Any] = {}
-    if ns.get("config"):
-        data = yaml.safe_load(Path(ns.pop("config")).read_text()) or {}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            parser.error(f"unknown option(s) in config file: {sorted(unknown)}")
-        values.update(data)
-    ns.pop("config", None)
+    config = ns.pop("config", None)
     hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    if config:
+        for k, v in read_config_file(config, cls).items():
+            values[k] = convert(fields[k], hints[k], v, f"--config {config}: {k}")
     for k, v in ns.items():
-        inner, is_list = _base(hints[k])
-        if is_list:
-            v = [inner(x) for item in v for x in str(item).split(",") if x]
-        values[k] = v
+        flag = "--" + k.replace("_", "-")
+        values[k] = convert(fields[k], hints[k], v, flag)
     return cls(**values)

@@ -16,8 +16,13 @@ def _f(default, help: str, **kw):
 @dataclass
 class BuildConfig:
     # where
-    output: str = _f("corpus", "Output directory: a local path or s3a://bucket/prefix.", metavar="DIR")
-    stages: list[str] = _f(list(STAGES), f"Stages to run, comma-separated, from {','.join(STAGES)}.")
+    output: str = _f("corpus", "Output directory: a local path or s3://bucket/prefix (s3a:// too; endpoint from "
+                     "AWS_ENDPOINT_URL). Each build writes DIR/versions/<id>/ and commits it by rewriting "
+                     "DIR/latest.json last; readers given DIR see the latest committed version.", metavar="DIR")
+    stages: list[str] = _f(list(STAGES), f"Stages to run, comma-separated, from {','.join(STAGES)}; 'samples' alone "
+                           "rebuilds the samples of DIR's latest version (its sentences are reused, not copied).")
+    keep_versions: int = _f(0, "After a commit, keep the newest N committed versions and delete older ones "
+                            "(never one a kept version reuses); 0 keeps all.", metavar="N")
     # Census source
     census_version: str | None = _f(None, "Census release to read, e.g. 2025-11-08 or stable "
                                     "(resolved once on the driver; needs network).", metavar="V")
@@ -55,6 +60,10 @@ class BuildConfig:
     compression: str = _f("zstd", "Parquet compression.", choices=["zstd", "snappy", "gzip", "none"])
     buffer_mib: int = _f(128, "TileDB buffer per column per task (soma.init_buffer_bytes).", metavar="MIB")
     master: str | None = _f(None, "Spark master when not set by spark-submit (default local[*]).", metavar="URL")
+    spark: bool = _f(True, "Run the tasks on Spark; false runs them in this process without a JVM (small inputs, "
+                     "debugging).")
+    log_level: str = _f("info", "Log level; debug also shows tracebacks and Spark's own logs.",
+                        choices=["debug", "info", "warning", "error"])
     force: bool = _f(False, "Rebuild even when the manifest says the corpus is current.")
     # samples stage: knowledge
     biogrid: str | None = _f(None, "BioGRID TAB3 file (.txt, or the release .zip) for gene_interaction_prediction.",
@@ -140,6 +149,16 @@ class BuildConfig:
                 raise InputError(f"--{n.replace('_', '-')} must be at least 1")
         if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6 or min(self.split_fractions) < 0:
             raise InputError(f"--split-fractions takes three fractions summing to 1, got {self.split_fractions}")
+        for n in ("max_cells", "demo_cells"):
+            v = getattr(self, n)
+            if v is not None and v < 1:
+                raise InputError(f"--{n.replace('_', '-')} must be at least 1, got {v}")
+        if self.keep_versions < 0:
+            raise InputError(f"--keep-versions must be >= 0, got {self.keep_versions}")
+        if self.buffer_mib < 1:
+            raise InputError("--buffer-mib must be at least 1")
+        if self.tokens_per_gene <= 0:
+            raise InputError("--tokens-per-gene must be > 0")
         if self.max_tokens < 64:
             raise InputError("--max-tokens must be at least 64")
         if self.spatial_tile_cells < 20:
@@ -161,7 +180,7 @@ class BuildConfig:
         if not self.control_label:
             raise InputError("--control-label needs at least one label")
         if self.max_genes < 0:
-            raise InputError("--max-genes must be >= 0")
+            raise InputError(f"--max-genes must be >= 0 (0 keeps every expressed gene), got {self.max_genes}")
         if self.obs_filter == "":
             self.obs_filter = None
         for item in self.label_column:

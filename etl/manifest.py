@@ -1,4 +1,7 @@
-"""The manifest (written last: the corpus's commit marker) and the validator that re-reads a corpus."""
+"""Run keys (when is a build current, when may a killed run's parts be reused) and manifest helpers.
+
+The validator that re-reads a corpus against its manifest is etl/validate.py.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +12,23 @@ import os
 import subprocess
 from importlib import metadata
 
-import pyarrow.parquet as pq
-
 import schemas
-from etl.storage import Store
+from etl.encode import ENCODER_VERSION
+from etl.rowhash import ROW_HASH_VERSION
+
+# Bump when the samples stage's output may change for the same inputs and options (templates, builders,
+# splits, the sample hash): a samples run key with another version never counts as current.
+SAMPLES_FORMAT_VERSION = 2
 
 
-class CorpusInvalid(RuntimeError):
-    """A written corpus does not match its manifest or the declared schemas."""
+def formats() -> dict[str, object]:
+    """Every version that decides output bytes: recorded in manifests and part of the run keys."""
+    return {"schema": schemas.SCHEMA_VERSION, "encoder": ENCODER_VERSION, "row_hash": ROW_HASH_VERSION,
+            "samples": SAMPLES_FORMAT_VERSION}
 
 
 def code_version() -> str:
+    """Package version and git commit (for the record; run keys use `formats()`, not this)."""
     try:
         version = metadata.version("c2s-corpus")
     except metadata.PackageNotFoundError:
@@ -34,73 +43,20 @@ def code_version() -> str:
 
 
 def run_key(description: dict, filters: dict, options: dict) -> str:
-    """Equal keys mean an equal build: source identity, filters, output-shaping options, schema, code."""
-    version = code_version().split("+g")[0]
+    """Equal keys mean an equal sentences build: source identity, filters, output-shaping options and the
+    encoder/format versions (so a changed encoder never reuses stale parts, even a killed run's)."""
+    f = formats()
     blob = json.dumps({"source": description, "filters": filters, "options": options,
-                       "schema": schemas.SCHEMA_VERSION, "code": version}, sort_keys=True, default=str)
+                       "formats": {k: f[k] for k in ("schema", "encoder", "row_hash")}},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def content_hash(files: dict[str, dict]) -> str:
-    """sha256 over (path, part hash) of every sentences part, in path order."""
-    h = hashlib.sha256()
-    for rel in sorted(files):
-        h.update(f"{rel}\t{files[rel]['hash']}\n".encode())
-    return h.hexdigest()
+def samples_key(parts: dict) -> str:
+    """The samples run key: what the samples are made of (sentences content, inputs, options) + formats."""
+    blob = json.dumps({**parts, "formats": formats()}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def read_manifest(out: Store) -> dict | None:
-    return out.read_json("manifest.json") if out.exists("manifest.json") else None
-
-
-def validate(out: Store) -> dict:
-    """Re-read the corpus and raise CorpusInvalid on any mismatch; returns the manifest."""
-    manifest = read_manifest(out)
-    if manifest is None:
-        raise CorpusInvalid(f"{out.uri}: no manifest.json (no finished build here)")
-    try:
-        schemas.check_manifest(manifest, f"{out.uri}/manifest.json")
-    except schemas.SchemaMismatch as e:
-        raise CorpusInvalid(str(e)) from e
-    fs, _ = out.fs_root
-    listed = set(out.list("sentences", ".parquet"))
-    expected = set(manifest["files"])
-    if listed != expected:
-        extra, missing = sorted(listed - expected)[:5], sorted(expected - listed)[:5]
-        raise CorpusInvalid(f"{out.uri}: sentence files differ from the manifest (extra {extra}, missing {missing})")
-    rows = 0
-    for rel in sorted(expected):
-        with fs.open_input_file(out.path(rel)) as f:
-            meta = pq.ParquetFile(f)
-            try:
-                schemas.check(meta.schema_arrow, schemas.SENTENCES, rel)
-            except schemas.SchemaMismatch as e:
-                raise CorpusInvalid(str(e)) from e
-            n = meta.metadata.num_rows
-        if n != manifest["files"][rel]["rows"]:
-            raise CorpusInvalid(f"{rel}: {n} rows, manifest says {manifest['files'][rel]['rows']}")
-        rows += n
-    if rows != manifest["counts"]["totals"]["written"]:
-        raise CorpusInvalid(f"{out.uri}: {rows} sentence rows, manifest totals say "
-                            f"{manifest['counts']['totals']['written']}")
-    for organism in manifest["counts"]["organisms"]:
-        _check_table(out, f"vocab/{organism}.parquet", schemas.VOCAB)
-    _check_table(out, "stats/inverse_transform.parquet", schemas.INVERSE_TRANSFORM)
-    if content_hash(manifest["files"]) != manifest["content_hash"]:
-        raise CorpusInvalid(f"{out.uri}: content_hash does not match the file hashes")
-    return manifest
-
-
-def _check_table(out: Store, rel: str, schema) -> None:
-    if not out.exists(rel):
-        raise CorpusInvalid(f"{out.uri}: missing {rel}")
-    fs, _ = out.fs_root
-    with fs.open_input_file(out.path(rel)) as f:
-        try:
-            schemas.check(pq.ParquetFile(f).schema_arrow, schema, rel)
-        except schemas.SchemaMismatch as e:
-            raise CorpusInvalid(str(e)) from e

@@ -1,17 +1,19 @@
-"""The build, stage by stage: plan (driver) → encode (Spark tasks) → commit → manifest → validate.
+"""The build, stage by stage: plan (driver) → sentences (Spark tasks) → samples → validate → commit.
 
-The output directory is changed only at commit: tasks write into `DIR/_staging/<run key>/`, and the driver
-moves the finished tables into place and writes `manifest.json` last. Until then the previous corpus (if
-any) is untouched; from the moment its manifest is removed until the new one is written, the directory
-holds no manifest, so no reader can mistake a half-moved corpus for a finished one. A killed run leaves
-its staging area: the next run with the same inputs and options (same run key) resumes from it.
+Every build writes a new version, `DIR/versions/<id>/`, and commits it by writing `DIR/latest.json` last
+(etl/versions.py): until then readers see the previous version, untouched, whatever happens to this build. A
+killed or failed build leaves its unfinished version; the next run with the same sentences run key resumes
+it (finished tasks are reused). A build whose samples are all that changed makes a version that reuses the
+sentences of the version it extends instead of copying them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +26,9 @@ from etl.sources import census, h5ad
 from etl.sources.base import InputError, SourcePlan
 from etl.stages import sentences
 from etl.storage import Store
+from etl.validate import validate
+from etl.versions import WORK, LegacyLayout, Versions, sweep
+from schemas.layout import CorpusVersion
 
 log = logging.getLogger("etl")
 
@@ -36,7 +41,7 @@ def plan_source(cfg: BuildConfig) -> SourcePlan:
                          cell_type_column=cfg.cell_type_column, label_columns=cfg.label_columns,
                          layer=cfg.h5ad_layer, spatial_key=cfg.spatial_key, **common)
     if cfg.source_kind == "demo":
-        from etl.sources.demo import ensure_demo_census
+        from etl.demo import ensure_demo_census
 
         log.info("no source given: using the demo Census at %s (generated at first use)", cfg.demo_uri)
         source = census.resolve(None, ensure_demo_census(cfg.demo_uri, n_cells=cfg.demo_cells))
@@ -75,8 +80,12 @@ def _counts(plan: SourcePlan, summary: sentences.Summary) -> dict:
     orgs: dict[str, dict] = {}
     totals = {"planned": 0, "read": 0, "written": 0, "skipped": {}}
     for org, datasets in plan.planned.items():
-        orgs[org] = {"datasets": {}, "var_missing_symbol": sum(
-            v.missing_symbol for v in plan.vars.values() if v.organism == org)}
+        symbols: dict[str, int] = {}
+        for v in plan.vars.values():
+            if v.organism == org:
+                for k, n in v.symbol_counts.items():
+                    symbols[k] = symbols.get(k, 0) + n
+        orgs[org] = {"datasets": {}, "var_symbols": symbols}
         for ds in sorted(datasets):
             c = summary.datasets.get((org, ds), sentences.DatasetCounts())
             entry = {"planned": datasets[ds], "read": c.read, "written": c.written, "skipped": c.skipped}
@@ -89,96 +98,191 @@ def _counts(plan: SourcePlan, summary: sentences.Summary) -> dict:
     return {"organisms": orgs, "totals": totals}
 
 
+class _LazySpark:
+    """The Spark session, started only when a stage has work for it (planning needs none)."""
+
+    def __init__(self, spark):
+        self._spark = spark
+
+    def __call__(self):
+        if callable(self._spark) and not hasattr(self._spark, "sparkContext"):
+            self._spark = self._spark()
+        return self._spark
+
+    @property
+    def enabled(self) -> bool:
+        return self._spark is not None
+
+
+def _inside(child: str, parent: str) -> bool:
+    c, p = os.path.realpath(child), os.path.realpath(parent)
+    return c == p or c.startswith(p.rstrip(os.sep) + os.sep)
+
+
+def preflight(cfg: BuildConfig) -> None:
+    """Refuse outputs that would damage inputs or cannot hold a corpus, before any work."""
+    out = cfg.output
+    if "://" not in out:
+        if os.path.isfile(out):
+            raise InputError(f"--output {out!r} is a file; give a directory (it will hold versions/ and latest.json)")
+        managed = [os.path.join(out, d) for d in ("versions", "_staging")]
+        inputs = [*cfg.h5ad, *cfg.perturbation_h5ad, *cfg.abstracts, *cfg.gene_sets,
+                  *(p for p in (cfg.biogrid, cfg.cellphonedb, cfg.census_uri, cfg.tokenizer) if p)]
+        for path in inputs:
+            if "://" in path:
+                continue
+            if any(_inside(path, m) for m in managed):
+                raise InputError(f"input {path!r} lies inside the output's versions/ (builds and --keep-versions "
+                                 "delete files there); move it out of the output directory")
+            if os.path.isdir(path) and _inside(out, path):
+                raise InputError(f"--output {out!r} lies inside the input directory {path!r}; write the corpus "
+                                 "elsewhere")
+
+
 def build(cfg: BuildConfig, spark=None) -> dict:
-    """Run the configured stages; returns the manifest. `spark=None` runs the tasks in this process."""
+    """Run the configured stages into a new version of `cfg.output`, validate it and commit it; returns the
+    manifest readers now see. Nothing to do (same inputs, options and formats) returns the current one.
+
+    `spark`: a SparkSession, a function returning one (called only when a stage needs Spark), or None to run
+    every task in this process."""
+    preflight(cfg)
+    session = _LazySpark(spark)
+    versions = Versions(cfg.output)
+    try:
+        latest = versions.latest()
+    except LegacyLayout as e:
+        raise InputError(str(e)) from None
+    vid: str | None = None  # the version this run writes, once it has something to write
+    base: CorpusVersion | None = latest
     if "sentences" in cfg.stages:
-        manifest = build_sentences(cfg, spark)
+        plan = plan_source(cfg)
+        key = mf.run_key(plan.description, _filters(cfg, plan), cfg.shaping_options())
+        if latest is not None and latest.manifest.get("run_key") == key and not cfg.force:
+            log.info("sentences are current in version %s (same inputs, options and formats); reused",
+                     latest.version)
+            manifest = latest.manifest
+        else:
+            if not plan.tasks:
+                raise InputError("the source selected no cells (check --obs-filter, --organisms, the inputs)")
+            vid = (None if cfg.force else versions.find_unfinished(key))
+            if vid:
+                log.info("resuming unfinished version %s (same run key): finished tasks are reused", vid)
+            vid = vid or versions.create(key, sentences_key=key, stages=list(cfg.stages))
+            manifest = build_sentences(cfg, plan, key, versions.store(vid), vid, session)
+            base = None
     else:
-        manifest = mf.read_manifest(Store(cfg.output))
-        if manifest is None:
-            raise InputError(f"{cfg.output} has no corpus (manifest.json) to build samples from: run the "
-                             "sentences stage first")
-        mf.validate(Store(cfg.output))
+        if latest is None:
+            raise InputError(f"{cfg.output} has no committed corpus to build samples from: run the sentences "
+                             "stage first (--stages sentences,samples)")
+        manifest = latest.manifest
     if "samples" in cfg.stages:
         from etl.stages import samples_plan
 
-        manifest = samples_plan.run(cfg, Store(cfg.output), spark, manifest)
+        sentences_root = base.sentences_root if base is not None else versions.store(vid).uri
+        job = samples_plan.prepare(cfg, manifest, sentences_root, samples_only="sentences" not in cfg.stages)
+        if vid is None and manifest.get("samples", {}).get("run_key") == job.key and not cfg.force:
+            log.info("samples are current in version %s (same sentences, inputs, options and formats); nothing "
+                     "to do (--force rebuilds)", latest.version)
+            return manifest
+        if vid is None:
+            vid = versions.create(job.key, sentences_key=None, stages=list(cfg.stages), extends=latest.version)
+            manifest = {k: v for k, v in manifest.items() if k != "samples"}
+            manifest.update(version=vid, sentences_version=base.manifest.get("sentences_version") or base.version)
+        manifest = samples_plan.run(cfg, job, versions.store(vid), session, manifest)
+    elif vid is None:
+        log.info("%s is current (version %s); nothing to do (--force rebuilds)", cfg.output, latest.version)
+        return manifest
+    manifest = {**manifest, "version": vid, "created_at": mf.now(), "stages": [
+        s for s in ("sentences", "samples") if s == "sentences" or "samples" in manifest]}
+    t = time.perf_counter()
+    versions.commit(vid, manifest, validate)
+    log.info("validated and committed %s in %.1f s: %d cells, %d samples, content hash %s", vid,
+             time.perf_counter() - t, manifest["counts"]["totals"]["written"],
+             manifest.get("samples", {}).get("counts", {}).get("total", 0), manifest["content_hash"][:16])
+    versions.remove_unfinished(keep=None)
+    versions.prune(cfg.keep_versions)
     return manifest
 
 
-def build_sentences(cfg: BuildConfig, spark=None) -> dict:
-    """The sentences stage: plan, encode, commit, manifest, validate (skipped when current)."""
-    t_start = time.perf_counter()
-    out = Store(cfg.output)
-    timings: dict[str, float] = {}
+def _filters(cfg: BuildConfig, plan: SourcePlan) -> dict:
+    return {"obs_filter": cfg.obs_filter if cfg.source_kind != "h5ad" else None,
+            "organisms": sorted(plan.planned), "max_cells": cfg.max_cells}
 
-    t = time.perf_counter()
-    plan = plan_source(cfg)
-    filters = {"obs_filter": cfg.obs_filter if cfg.source_kind != "h5ad" else None,
-               "organisms": sorted(plan.planned), "max_cells": cfg.max_cells}
-    key = mf.run_key(plan.description, filters, cfg.shaping_options())
-    timings["plan"] = time.perf_counter() - t
+
+def build_sentences(cfg: BuildConfig, plan: SourcePlan, key: str, store: Store, vid: str,
+                    spark: Callable | None = None) -> dict:
+    """The sentences stage into version `vid` (its Store `store`): encode every task (reusing finished ones),
+    the vocabularies and the inverse-transform fits; returns the version's manifest (no samples yet). A run
+    that finished this stage before (the samples stage then failed) returns the stage's saved result."""
+    done = f"{WORK}/sentences.json"
+    if store.is_file(done):
+        log.info("sentences of version %s were finished by an earlier run; reused", vid)
+        return store.read_json(done)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
     n_cells = sum(sum(d.values()) for d in plan.planned.values())
     log.info("plan: %d cells, %d tasks, run key %s", n_cells, len(plan.tasks), key[:16])
-
-    current = mf.read_manifest(out)
-    if current and current.get("run_key") == key and not cfg.force:
-        log.info("%s sentences are current (same inputs and options); nothing to do (--force rebuilds)", cfg.output)
-        mf.validate(out)
-        return current
-    if not plan.tasks:
-        raise InputError("the source selected no cells (check --obs-filter, --organisms, the inputs)")
-
     vocabs, shared = _vocabularies(plan)
-    staging_rel = f"_staging/{key[:16]}"
-    staging = out.child(staging_rel)
     opts = sentences.TaskOptions(seed=cfg.seed, max_genes=cfg.max_genes, block_cells=cfg.block_cells,
                                  row_group_cells=cfg.row_group_cells, compression=cfg.compression,
                                  buffer_mib=cfg.buffer_mib, on_invalid=cfg.on_invalid,
                                  read_ahead=cfg.read_ahead)
     t = time.perf_counter()
-    if spark is not None:
+    session = spark() if spark is not None and spark.enabled else None
+    if session is not None:
         from etl.spark import task_cores
 
-        opts.cores = task_cores(spark)
-        summary = sentences.run_spark(spark, plan.tasks, staging.uri, shared, opts)
+        opts.cores = task_cores(session)
+        summary = sentences.run_spark(session, plan.tasks, store.uri, shared, opts)
     else:
-        summary = sentences.run_local(plan.tasks, staging.uri, shared, opts)
+        summary = sentences.run_local(plan.tasks, store.uri, shared, opts)
     timings["sentences"] = time.perf_counter() - t
     missing = {tk.rel_path for tk in plan.tasks} - set(summary.files)
     if missing:
         raise RuntimeError(f"{len(missing)} task(s) produced no output, e.g. {sorted(missing)[:3]}")
     log.info("sentences: %d tasks (%d resumed), %.1f s", summary.tasks, summary.resumed, timings["sentences"])
+    counts = _counts(plan, summary)
+    if counts["totals"]["written"] == 0:
+        raise InputError(f"no cell was written: {counts['totals']['read']} read, all skipped "
+                         f"({counts['totals']['skipped']}); check the source and --on-invalid")
+    if counts["totals"]["read"] != counts["totals"]["planned"]:
+        raise sentences.SourceChanged(f"read {counts['totals']['read']} cells, the plan selected "
+                                      f"{counts['totals']['planned']}; the source changed during the build")
 
     t = time.perf_counter()
     for org, voc in vocabs.items():
         tc = summary.token_cells.get(org, np.zeros(len(voc), np.int64))
-        staging.write_table(f"vocab/{org}.parquet", _vocab_table(voc, tc))
+        store.write_table(f"vocab/{org}.parquet", _vocab_table(voc, tc))
     fit_rows = [
         summary.datasets.get((org, ds), sentences.DatasetCounts()).fit.as_row(org, ds)
         for org in sorted(plan.planned) for ds in sorted(plan.planned[org])
     ]
-    stats = pa.Table.from_pylist(fit_rows, schema=schemas.INVERSE_TRANSFORM)
-    staging.write_table("stats/inverse_transform.parquet", stats)
-    # commit: invalidate the old corpus, move the new tables in, then the manifest
-    out.remove("manifest.json")
-    for rel in ("sentences", "vocab", "stats", "samples"):
-        out.remove(rel)
-    for rel in ("sentences", "vocab", "stats"):
-        out.move(f"{staging_rel}/{rel}", rel)
-    timings["commit"] = time.perf_counter() - t
+    store.write_table("stats/inverse_transform.parquet", pa.Table.from_pylist(fit_rows, schema=schemas.INVERSE_TRANSFORM))
+    swept = sweep(store, set(summary.files) | {f"vocab/{o}.parquet" for o in vocabs}
+                        | {"stats/inverse_transform.parquet"})
+    if swept:
+        log.info("removed %d leftover file(s) of an earlier killed run", swept)
+    timings["tables"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
+    from etl import rowhash
+
+    total = 0
+    for info in summary.files.values():
+        total = rowhash.add(total, int(info["hash"], 16))
     manifest = {
         "schema_version": schemas.SCHEMA_VERSION,
+        "formats": mf.formats(),
         "code_version": mf.code_version(),
         "run_key": key,
+        "version": vid,
+        "sentences_version": vid,
         "created_at": mf.now(),
         "source": plan.description,
-        "filters": filters,
+        "filters": _filters(cfg, plan),
         "options": cfg.shaping_options(),
-        "counts": _counts(plan, summary),
+        "counts": counts,
         "files": summary.files,
-        "content_hash": mf.content_hash(summary.files),
+        "content_hash": rowhash.content_hash(counts["totals"]["written"], total),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "stages": ["sentences"],
         "tasks": {"count": summary.tasks, "resumed": summary.resumed,
@@ -186,13 +290,5 @@ def build_sentences(cfg: BuildConfig, spark=None) -> dict:
         "inverse_transform": {f"{r['organism']}/{r['dataset_id']}": {k: r[k] for k in ("slope", "intercept", "r2")}
                               for r in fit_rows},
     }
-    out.write_json("manifest.json", manifest)
-    out.remove(staging_rel)
-    if not out.list("_staging"):
-        out.remove("_staging")
-    t = time.perf_counter()
-    mf.validate(out)
-    log.info("validated %s in %.1f s: %d cells written, content hash %s", cfg.output, time.perf_counter() - t,
-             manifest["counts"]["totals"]["written"], manifest["content_hash"][:16])
+    store.write_json(done, manifest)
     return manifest
-

@@ -34,3 +34,95 @@ def get_spark(app: str = "c2s-corpus", master: str | None = None):
 
 def task_cores(spark) -> int:
     return int(spark.sparkContext.getConf().get("spark.task.cpus", "1"))
+
+
+class _ListParam:
+    """Accumulator of error messages (the first few are kept)."""
+
+    def zero(self, value):
+        return []
+
+    def addInPlace(self, a, b):
+        return (a + b)[:10]
+
+
+PROGRESS_INTERVAL_S = 2.0  # how often the driver looks at a running job
+
+
+class SparkJob:
+    """One Spark action, run with progress logs and with input errors raised on the driver as one line.
+
+    Tasks report an input error by adding its message to `errors` (instead of raising, which Spark would
+    retry and wrap in several tracebacks); a monitor thread cancels the job when one arrives. Tasks add the
+    cells they finish to `cells`; the monitor logs each finished tenth (or every minute) with cells/s and an
+    ETA, as Spark users expect from its console progress.
+    """
+
+    def __init__(self, spark, label: str, *, total_cells: int, total_tasks: int, interval_s: float | None = None):
+        sc = spark.sparkContext
+        self.sc, self.label = sc, label
+        self.total_cells, self.total_tasks = max(int(total_cells), 1), max(int(total_tasks), 1)
+        self.errors = sc.accumulator([], _ListParam())
+        self.cells = sc.accumulator(0)
+        self.interval_s = PROGRESS_INTERVAL_S if interval_s is None else interval_s
+
+    def _monitor(self, group: str, stop) -> None:
+        import logging
+        import time
+
+        log = logging.getLogger("etl")
+        t0 = time.monotonic()
+        last_share, last_log = -1, t0
+        while not stop.wait(self.interval_s):
+            if self.errors.value:
+                self.sc.cancelJobGroup(group)
+                return
+            cells = self.cells.value
+            share = int(10 * cells / self.total_cells)
+            now = time.monotonic()
+            if cells and (share > last_share or now - last_log > 60):
+                rate = cells / (now - t0)
+                eta = (self.total_cells - cells) / rate if rate > 0 else float("inf")
+                log.info("%s: %d%% (%s of %s cells), %s cells/s, ETA %s", self.label, 100 * cells // self.total_cells,
+                         f"{cells:,}", f"{self.total_cells:,}", f"{rate:,.0f}", _duration(eta))
+                last_share, last_log = share, now
+
+    def run(self, action):
+        """Run `action()` (the Spark action) in a job group; returns its result, or raises the first input error."""
+        import threading
+        import uuid
+
+        from etl.sources.base import InputError
+
+        group = f"c2s-{self.label}-{uuid.uuid4().hex[:8]}"
+        self.sc.setJobGroup(group, self.label)
+        import logging
+        import time
+
+        stop = threading.Event()
+        monitor = threading.Thread(target=self._monitor, args=(group, stop), name="spark-progress", daemon=True)
+        t0 = time.monotonic()
+        monitor.start()
+        try:
+            result = action()
+        except Exception:
+            if self.errors.value:
+                raise InputError(self.errors.value[0]) from None
+            raise
+        finally:
+            stop.set()
+            monitor.join(timeout=5)
+            self.sc.setLocalProperty("spark.jobGroup.id", None)
+        if self.errors.value:
+            raise InputError(self.errors.value[0])
+        took = time.monotonic() - t0
+        logging.getLogger("etl").info("%s: done, %s cells in %s (%s cells/s)", self.label, f"{self.cells.value:,}",
+                                      _duration(took), f"{self.cells.value / max(took, 1e-9):,.0f}")
+        return result
+
+
+def _duration(s: float) -> str:
+    if s == float("inf"):
+        return "?"
+    s = round(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")

@@ -1,11 +1,14 @@
 """Output storage: local paths and object stores (s3://, s3a://, gs://) through pyarrow.fs.
 
 Every file is written so that it either exists whole or not at all: on a local file system through a
-temporary name and a rename; on an object store the object appears only when its upload completes.
+temporary name and a rename; on an object store the object appears only when its upload completes. Nothing
+here moves a directory (object stores cannot): a build writes its files where they stay, inside its own
+version folder, and commits by writing one small pointer (etl/versions.py).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import posixpath
@@ -16,6 +19,15 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from schemas.layout import filesystem
+
+TMP_MARK = ".tmp-"  # in the names of local files being written (`.<name>.tmp-<hex>`)
+
+
+@functools.lru_cache(maxsize=64)
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    return filesystem(uri)
+
 
 @dataclass(frozen=True)
 class Store:
@@ -25,13 +37,7 @@ class Store:
 
     @property
     def fs_root(self) -> tuple[pafs.FileSystem, str]:
-        uri = self.uri
-        if uri.startswith("s3a://") or uri.startswith("s3n://"):
-            uri = "s3://" + uri.split("://", 1)[1]
-        if "://" not in uri:
-            return pafs.LocalFileSystem(), os.path.abspath(uri)
-        fs, root = pafs.FileSystem.from_uri(uri)
-        return fs, root.rstrip("/")
+        return _filesystem(self.uri)
 
     @property
     def local(self) -> bool:
@@ -63,12 +69,15 @@ class Store:
         elif info.type == pafs.FileType.File:
             fs.delete_file(self.path(rel))
 
-    def move(self, src: str, dst: str) -> None:
+    def is_file(self, rel: str = "") -> bool:
         fs, _ = self.fs_root
-        self.remove(dst)
-        parent = posixpath.dirname(self.path(dst))
-        fs.create_dir(parent, recursive=True)
-        fs.move(self.path(src), self.path(dst))
+        return fs.get_file_info(self.path(rel)).type == pafs.FileType.File
+
+    def dirs(self, rel: str = "") -> list[str]:
+        """Names of the directories directly below `rel`, sorted."""
+        fs, _ = self.fs_root
+        sel = pafs.FileSelector(self.path(rel), recursive=False, allow_not_found=True)
+        return sorted(posixpath.basename(i.path) for i in fs.get_file_info(sel) if i.type == pafs.FileType.Directory)
 
     def list(self, rel: str, suffix: str = "") -> list[str]:
         """Relative paths of the files below `rel`, sorted."""

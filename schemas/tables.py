@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.2.0"
+SCHEMA_VERSION = "1.3.0"  # 1.3.0: versioned layout (versions/<id>/ + latest.json), row-based content hash
 
 
 def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
@@ -166,10 +166,23 @@ MANIFEST_FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "filters": (dict, "obs value filter, organisms, max_cells."),
     "options": (dict, "Every build option that shapes the output."),
     "counts": (dict, "Per organism and dataset: read, written, skipped by reason; totals."),
-    "files": (dict, "Relative path of every output file -> rows (sentences) and content hash."),
-    "content_hash": (str, "sha256 over the sentences' content; equal for equal inputs and options."),
+    "files": (dict, "Every sentences part (path relative to the sentences' version folder) -> rows, bytes and "
+              "hash (the order-free sum of its rows' hashes, hex)."),
+    "content_hash": (str, "sha256 of the order-free sum of the sentence rows' hashes and the row count: a "
+                     "function of the rows only (not of files, partitioning, master or executors)."),
     "timings_s": (dict, "Wall seconds per stage."),
     "stages": (list, "Stages this corpus contains."),
+}
+
+# Keys every manifest written since the versioned layout carries (older manifests lack them; readers cope).
+MANIFEST_OPTIONAL_FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "version": (str, "This version's id (`<UTC time>-<run key prefix>`), the folder name under DIR/versions/."),
+    "sentences_version": (str, "The version whose sentences/, vocab/ and stats/ this one uses: itself, or an "
+                          "earlier one when only the samples were rebuilt (not copied)."),
+    "formats": (dict, "Versions of what decides the output bytes: schema, encoder, row_hash, samples (they "
+                "enter the run keys)."),
+    "samples": (dict, "The samples stage: run_key, inputs, tasks built or skipped (with reasons), counts per "
+                "task and split, files (rows, bytes, hash), samples_hash (order-free)."),
 }
 
 TABLES: dict[str, pa.Schema] = {
@@ -256,25 +269,31 @@ def markdown() -> str:
         "`python -m schemas > docs/SCHEMAS.md` rewrites it.",
         "",
     ]
+    out += ["A corpus directory `DIR` holds immutable versions, `DIR/versions/<id>/`, and `DIR/latest.json`, the "
+            "pointer to the version readers see (written last: the commit). `V` below is a version folder; the "
+            "sentence tables may live in the version named by its manifest's `sentences_version`.", ""]
     where = {
-        "sentences": "`DIR/sentences/organism=<o>/dataset_id=<d>/part-*.parquet`",
-        "vocab": "`DIR/vocab/<organism>.parquet`",
-        "inverse_transform": "`DIR/stats/inverse_transform.parquet`",
-        "samples": "`DIR/samples/task=<t>/split=<s>/part-*.parquet`",
-        "knowledge/biogrid": "`DIR/knowledge/biogrid.parquet` (the organism's BioGRID rows, as joined)",
-        "knowledge/ligand_receptor": "`DIR/knowledge/ligand_receptor.parquet` (CellPhoneDB, resolved to symbols)",
-        "knowledge/abstracts": "`DIR/knowledge/abstracts.parquet` (PubMed records matched to datasets)",
-        "knowledge/gene_sets": "`DIR/knowledge/gene_sets.parquet` (the GMT sets used)",
+        "sentences": "`V/sentences/organism=<o>/dataset_id=<d>/part-*.parquet`",
+        "vocab": "`V/vocab/<organism>.parquet`",
+        "inverse_transform": "`V/stats/inverse_transform.parquet`",
+        "samples": "`V/samples/task=<t>/split=<s>/part-*.parquet`",
+        "knowledge/biogrid": "`V/knowledge/biogrid.parquet` (the organism's BioGRID rows, as joined)",
+        "knowledge/ligand_receptor": "`V/knowledge/ligand_receptor.parquet` (CellPhoneDB, resolved to symbols)",
+        "knowledge/abstracts": "`V/knowledge/abstracts.parquet` (PubMed records matched to datasets)",
+        "knowledge/gene_sets": "`V/knowledge/gene_sets.parquet` (the GMT sets used)",
     }
     for name, schema in TABLES.items():
         out += [f"## {name}", "", f"Path: {where[name]}", "", "| column | type | description |", "|---|---|---|"]
         for f in schema:
             out.append(f"| `{f.name}` | `{f.type}` | {f.metadata[b'description'].decode()} |")
         out.append("")
-    out += ["## manifest", "", "Path: `DIR/manifest.json`, written last (the commit marker).", "",
-            "| key | type | description |", "|---|---|---|"]
-    for k, (t, doc) in MANIFEST_FIELDS.items():
+    out += ["## manifest", "", "Path: `V/manifest.json`, written when the version is complete (before the pointer).",
+            "", "| key | type | description |", "|---|---|---|"]
+    for k, (t, doc) in {**MANIFEST_FIELDS, **MANIFEST_OPTIONAL_FIELDS}.items():
         tname = t.__name__ if isinstance(t, type) else "/".join(x.__name__ for x in t)
-        out.append(f"| `{k}` | `{tname}` | {doc} |")
+        out.append(f"| `{k}` | `{tname}` | {doc}{'' if k in MANIFEST_FIELDS else ' (optional)'} |")
+    out += ["", "## latest.json", "", "Path: `DIR/latest.json`: `version` (id), `path` (`versions/<id>`), "
+            "`created_at`, `content_hash`, `samples_hash`. One small object, replaced atomically (a rename locally, "
+            "one PUT on object stores).", ""]
     out.append("")
     return "\n".join(out)

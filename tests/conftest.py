@@ -14,6 +14,22 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
 
+def corpus_path(out: str, table: str = "") -> str:
+    """Where `table` (sentences, vocab, stats, samples, knowledge) of the version readers of `out` see lives;
+    with no table, that version's folder (it holds its manifest.json)."""
+    from schemas.layout import resolve
+
+    v = resolve(out)
+    return v.path(table) if table else v.root
+
+
+def version_store(out: str):
+    """A Store at the folder of the version readers of `out` see."""
+    from etl.storage import Store
+
+    return Store(corpus_path(out))
+
+
 @pytest.fixture(scope="session")
 def spark():
     from etl.spark import get_spark
@@ -26,7 +42,7 @@ def spark():
 @pytest.fixture(scope="session")
 def demo_census(tmp_path_factory) -> str:
     """A Census-shaped collection (two organisms, several datasets), built once per test run."""
-    from etl.sources.demo import build_demo_census
+    from etl.demo import build_demo_census
 
     return build_demo_census(str(tmp_path_factory.mktemp("census") / "census"), n_cells=1200, n_genes=400,
                              mean_nnz=120, seed=1)
@@ -62,8 +78,8 @@ def train_corpus(tmp_path_factory) -> str:
     from pathlib import Path
 
     from etl.config import BuildConfig
+    from etl.demo import build_demo_census
     from etl.pipeline import build
-    from etl.sources.demo import build_demo_census
 
     root = tmp_path_factory.mktemp("train_corpus")
     census = build_demo_census(str(root / "census"), n_cells=600, n_genes=400, mean_nnz=100, seed=3)
@@ -72,4 +88,4 @@ def train_corpus(tmp_path_factory) -> str:
                       biogrid=str(demo / "BIOGRID-DEMO.tab3.txt"), cellphonedb=str(demo / "cellphonedb"),
                       abstracts=[str(demo)], gene_sets=[str(demo / "hallmark_demo.gmt")])
     build(cfg, None)
-    return cfg.output
+    return corpus_path(cfg.output)  # the version folder: manifest.json, samples/, sentences/ and vocab/ in one place

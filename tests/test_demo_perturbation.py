@@ -1,4 +1,4 @@
-"""The demo's synthetic perturbation file (etl.sources.demo.ensure_demo_perturbation) and the demo build
+"""The demo's synthetic perturbation file (etl.demo.ensure_demo_perturbation) and the demo build
 that uses it: shape and labels checked against the gene table and the counts read back here, the
 perturbation effect measured on X, no rewrite when current, and perturbation_prediction built by a demo
 build unless an explicit --perturbation-h5ad is given."""
@@ -17,16 +17,15 @@ import scipy.sparse as sp
 import tiledbsoma
 
 from etl.config import BuildConfig
-from etl.pipeline import build
-from etl.sources.demo import (
+from etl.demo import (
     GENES_TSV,
     PERTURBATION_PROGRAMS,
     ensure_demo_census,
     ensure_demo_perturbation,
     read_demo_perturbation_marker,
 )
-from etl.storage import Store
-from tests.conftest import write_h5ad
+from etl.pipeline import build
+from tests.conftest import version_store, write_h5ad
 
 N_CELLS = 400
 DEMO_CELLS = 200
@@ -138,7 +137,8 @@ def test_ensure_does_not_rewrite_and_guards_other_files(pert, tmp_path):
 
 
 def _rows(out: str) -> list[dict]:
-    return [r for f in Store(out).list(f"samples/task={TASK}", ".parquet") for r in pq.read_table(f"{out}/{f}").to_pylist()]
+    st = version_store(out)
+    return [r for f in st.list(f"samples/task={TASK}", ".parquet") for r in pq.read_table(st.path(f)).to_pylist()]
 
 
 def test_demo_build_makes_perturbation_samples(census, tmp_path):

@@ -17,10 +17,13 @@ from etl.cli import parse
 from etl.config import BuildConfig
 from etl.pipeline import build
 from etl.sources.base import InputError
+from etl.sources.perturbation import PerturbationOptions
+from etl.stages import perturbation as pst
 from etl.storage import Store
 from etl.tasks import perturbation as pt
 from etl.tasks.budget import TokenBudget
-from etl.tasks.builders import SampleContext, SplitConfig
+from etl.tasks.common import SampleContext, SplitConfig
+from tests.conftest import corpus_path, version_store
 
 SINGLES = ["KLF1", "MAP2K6", "CEBPA", "SET", "CEBPB", "ETS2", "FOXA1", "JUN", "BAK1", "DUSP9"]
 COMBOS = ["KLF1+MAP2K6", "MAP2K6+KLF1", "CEBPA+CEBPB", "SET+ETS2", "FOXA1+JUN", "BAK1+DUSP9", "KLF1+CEBPA"]
@@ -66,8 +69,8 @@ def _ctx(seed: int = 0, max_tokens: int = MAX_TOKENS) -> SampleContext:
                          splits=SplitConfig(fractions=(0.8, 0.1, 0.1)), seed=seed)
 
 
-def _run(paths, out: Path, opts: pt.PerturbationOptions | None = None, ctx: SampleContext | None = None):
-    results, stats = pt.run(paths, opts or pt.PerturbationOptions(), ctx or _ctx(), Store(str(out)))
+def _run(paths, out: Path, opts: PerturbationOptions | None = None, ctx: SampleContext | None = None):
+    results, stats = pst.run(paths, opts or PerturbationOptions(), ctx or _ctx(), Store(str(out)))
     rows = [r for f in sorted(Store(str(out)).list("samples", ".parquet"))
             for r in pq.read_table(f"{out}/{f}").to_pylist()]
     return rows, results, stats
@@ -144,7 +147,7 @@ def test_deterministic_and_seed_changes_pairing(built, tmp_path):
 
 def test_no_context_pairs_across_cell_types(built, tmp_path):
     path, truth, _, _, _ = built
-    rows, _, stats = _run([path], tmp_path / "o", pt.PerturbationOptions(context=()))
+    rows, _, stats = _run([path], tmp_path / "o", PerturbationOptions(context=()))
     assert stats["files"]["norman_demo"]["context_columns"] == []
     assert any(truth[r["cell_ids"][0]]["cell_type"] != truth[r["cell_ids"][1]]["cell_type"] for r in rows)
 
@@ -154,12 +157,12 @@ def test_bad_input_names_file_and_column(tmp_path):
     with pytest.raises(InputError, match="file not found"):
         _run([str(tmp_path / "missing.h5ad")], tmp_path / "o1")
     with pytest.raises(InputError, match=r"no column 'guide'.*obs columns: \['cell_type', 'perturbation'\]"):
-        _run([good], tmp_path / "o2", pt.PerturbationOptions(column="guide"))
+        _run([good], tmp_path / "o2", PerturbationOptions(column="guide"))
     with pytest.raises(InputError, match=r"no cell has the control label.*'ctrl'.*most common labels: 'control' \(60\)"):
-        _run([good], tmp_path / "o3", pt.PerturbationOptions(controls=("ctrl",)))
+        _run([good], tmp_path / "o3", PerturbationOptions(controls=("ctrl",)))
     no_ct, _ = _write(tmp_path / "no_ct.h5ad", obs_drop="cell_type")
     with pytest.raises(InputError, match=r"no_ct.h5ad: obs has no context column 'donor'"):
-        _run([no_ct], tmp_path / "o4", pt.PerturbationOptions(context=("donor",)))
+        _run([no_ct], tmp_path / "o4", PerturbationOptions(context=("donor",)))
     rows, _, stats = _run([no_ct], tmp_path / "o5")  # no cell_type column: no context, "a ... cell"
     assert rows and stats["files"]["no_ct"]["context_columns"] == []
     assert not any(w in r["prompt"] for r in rows for w in ("T cell", "B cell", "unknown", "{"))
@@ -168,7 +171,7 @@ def test_bad_input_names_file_and_column(tmp_path):
         BuildConfig(perturbation_holdout=1.5)
     cfg = parse(BuildConfig, ["--perturbation-h5ad", good, "--control-label", "control,ctrl",
                               "--perturbation-context", "none"], "d")
-    assert cfg.control_label == ["control", "ctrl"] and pt.options_from_config(cfg).context == ()
+    assert cfg.control_label == ["control", "ctrl"] and pst.options_from_config(cfg).context == ()
 
 
 def test_end_to_end_build_records_task_counts_and_holdouts(demo_census, tmp_path):
@@ -188,13 +191,16 @@ def test_end_to_end_build_records_task_counts_and_holdouts(demo_census, tmp_path
     assert f["combinations"] == len({_canon(c) for c in COMBOS})
     assert len(k["held_out_perturbations"]) == 1 and k["held_out_combinations"]
     assert s["inputs"]["perturbation"] == [str(Path(path).resolve())]
-    rows = [r for f in Store(out).list("samples/task=perturbation_prediction", ".parquet")
-            for r in pq.read_table(f"{out}/{f}").to_pylist()]
+    st = version_store(out)
+    rows = [r for f in st.list("samples/task=perturbation_prediction", ".parquet")
+            for r in pq.read_table(st.path(f)).to_pylist()]
     assert len(rows) == sum(per_split.values())
     assert s["counts"]["per_task_split"]["cell_type_prediction"]
-    # without the flag: skipped with the reason, the cell tasks still built
-    m2 = build(BuildConfig(**common, stages=["samples"]), None)
+    # a samples-only build extends the corpus with the inputs its manifest records: nothing changed
+    assert build(BuildConfig(**common, stages=["samples"]), None) == m
+    # a full build without the flag: skipped with the reason, the cell tasks still built
+    m2 = build(BuildConfig(**common), None)
     st = m2["samples"]["tasks"]["perturbation_prediction"]
     assert st == {"status": "skipped", "reason": "input absent: perturbation (--perturbation-h5ad not given)"}
     assert "perturbation_prediction" not in m2["samples"]["counts"]["per_task_split"]
-    assert json.loads(Path(out, "manifest.json").read_text())["samples"]["run_key"] != s["run_key"]
+    assert json.loads(Path(corpus_path(out), "manifest.json").read_text())["samples"]["run_key"] != s["run_key"]

@@ -15,16 +15,16 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
-from etl import manifest as mf
 from etl.config import BuildConfig
 from etl.pipeline import build
 from etl.sources.base import InputError
 from etl.storage import Store
-from tests.conftest import write_h5ad
+from etl.validate import CorpusInvalid, validate
+from tests.conftest import corpus_path, version_store, write_h5ad
 
 
 def read_corpus(out: str):
-    return ds.dataset(f"{out}/sentences", format="parquet", partitioning="hive").to_table()
+    return ds.dataset(corpus_path(out, "sentences"), format="parquet", partitioning="hive").to_table()
 
 
 def census_truth(uri: str, organism: str):
@@ -98,9 +98,9 @@ def test_census_sentences_are_ranked_counts(census_build, demo_census):
 @pytest.mark.spark
 def test_census_outputs_and_manifest(census_build, demo_census):
     cfg, manifest = census_build
-    out = Store(cfg.output)
-    assert mf.validate(out)["content_hash"] == manifest["content_hash"]
-    assert not out.exists("_staging")
+    assert validate(cfg.output, deep=True)["content_hash"] == manifest["content_hash"]
+    out = version_store(cfg.output)
+    assert not out.exists("_work") and Store(cfg.output).dirs("versions") == [manifest["version"]]
     # several tasks per dataset, each one part, row groups as asked
     parts = out.list("sentences", ".parquet")
     assert len(parts) == len(manifest["files"]) > 5
@@ -109,7 +109,7 @@ def test_census_outputs_and_manifest(census_build, demo_census):
     assert all(md.row_group(i).num_rows <= cfg.row_group_cells for i in range(md.num_row_groups))
     # vocabulary: n_cells counted independently from the sentences (max_genes=50 truncates, so
     # n_cells >= occurrences in sentences)
-    vocab = pq.read_table(out.path("vocab/homo_sapiens.parquet")).to_pandas()
+    vocab = pq.read_table(out.path("vocab/homo_sapiens.parquet")).to_pandas()  # the version's tables
     assert vocab["gene_symbol"].is_unique and (vocab["token_id"] == np.arange(len(vocab))).all()
     shared = vocab[vocab["feature_ids"].map(len) > 1]
     assert len(shared) >= 1, "the demo's shared symbols should map several feature_ids to one token"
@@ -138,8 +138,11 @@ def test_rerun_is_idempotent_and_force_rebuilds_same_hash(census_build, spark, c
     again = build(cfg, spark)  # current: nothing to do
     assert again["content_hash"] == manifest["content_hash"] and again["created_at"] == manifest["created_at"]
     forced = build(BuildConfig(**{**cfg.__dict__, "force": True}), spark)
-    assert forced["content_hash"] == manifest["content_hash"]
+    assert forced["content_hash"] == manifest["content_hash"] and forced["version"] != manifest["version"]
     assert forced["files"] == manifest["files"]
+    # the first version is still there, complete, and readable when pinned
+    first = f"{cfg.output}/versions/{manifest['version']}"
+    assert validate(first)["version"] == manifest["version"]
 
 
 def test_killed_run_resumes_without_partial_or_duplicate_parts(demo_census, tmp_path, monkeypatch):
@@ -162,16 +165,17 @@ def test_killed_run_resumes_without_partial_or_duplicate_parts(demo_census, tmp_
     with pytest.raises(KeyboardInterrupt):
         build(BuildConfig(output=str(out), **kw))
     store = Store(str(out))
-    assert not store.exists("manifest.json") and not store.exists("sentences")
-    leftovers = store.list("_staging")
+    assert not store.exists("latest.json")  # nothing committed
+    (unfinished,) = store.dirs("versions")
+    leftovers = store.list(f"versions/{unfinished}")
     assert any(p.endswith(".parquet") for p in leftovers)
     assert not any(".tmp-" in p for p in leftovers), "a partial part was left under its temporary name"
     monkeypatch.setattr(sentences.Encoder, "encode", real)
     resumed = build(BuildConfig(output=str(out), **kw))
-    assert resumed["tasks"]["resumed"] > 0
+    assert resumed["tasks"]["resumed"] > 0 and resumed["version"] == unfinished
     assert resumed["content_hash"] == clean["content_hash"]
-    assert sorted(resumed["files"]) == sorted(clean["files"]) == store.list("sentences", ".parquet")
-    assert not store.exists("_staging")
+    assert sorted(resumed["files"]) == sorted(clean["files"]) == version_store(str(out)).list("sentences")
+    assert not version_store(str(out)).exists("_work")
 
 
 @pytest.mark.spark
@@ -220,7 +224,7 @@ def test_invalid_values_are_counted_or_stop_the_run(tmp_path):
     assert m["counts"]["totals"]["written"] == 2
     with pytest.raises(InputError, match=r"bad\.h5ad.*cell-1.*NaN"):
         build(BuildConfig(output=str(tmp_path / "o2"), h5ad=[path], cell_type_column="celltype", on_invalid="error"))
-    assert not (tmp_path / "o2" / "manifest.json").exists()
+    assert not (tmp_path / "o2" / "latest.json").exists()
 
 
 def test_bad_inputs_name_the_input(tmp_path):
@@ -239,7 +243,7 @@ def test_bad_inputs_name_the_input(tmp_path):
         build(BuildConfig(output=str(tmp_path / "o"), h5ad=[str(tmp_path / "missing.h5ad")]))
     with pytest.raises(InputError, match=r"cannot open .*nowhere"):
         build(BuildConfig(output=str(tmp_path / "o"), census_uri=str(tmp_path / "nowhere")))
-    assert not (tmp_path / "o").exists() or not (tmp_path / "o" / "manifest.json").exists()
+    assert not (tmp_path / "o" / "latest.json").exists()
 
 
 def test_unknown_census_organism_and_empty_selection(demo_census, tmp_path):
@@ -252,15 +256,15 @@ def test_unknown_census_organism_and_empty_selection(demo_census, tmp_path):
 def test_validator_catches_tampering(demo_census, tmp_path):
     out = str(tmp_path / "c")
     build(BuildConfig(output=out, census_uri=demo_census, organisms=["mus_musculus"], cells_per_task=200))
-    store = Store(out)
+    store = version_store(out)
     parts = store.list("sentences", ".parquet")
     extra = parts[0].replace("part-00000", "part-09999")
     store.write_bytes(extra, store.read_bytes(parts[0]))
-    with pytest.raises(mf.CorpusInvalid, match="differ from the manifest"):
-        mf.validate(store)
+    with pytest.raises(CorpusInvalid, match="differ from the manifest"):
+        validate(out)
     store.remove(extra)
     manifest = store.read_json("manifest.json")
     manifest["files"][parts[0]]["rows"] += 1
     store.write_bytes("manifest.json", json.dumps(manifest).encode())
-    with pytest.raises(mf.CorpusInvalid, match="rows"):
-        mf.validate(store)
+    with pytest.raises(CorpusInvalid, match="rows"):
+        validate(out)

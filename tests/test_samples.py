@@ -17,9 +17,9 @@ from etl.config import BuildConfig
 from etl.pipeline import build
 from etl.sources.base import InputError
 from etl.stages import samples_plan
-from etl.storage import Store
 from etl.tasks import TASKS
 from etl.tasks import templates as tpl
+from tests.conftest import corpus_path, version_store
 
 DEMO = Path(__file__).resolve().parents[1] / "etl" / "knowledge" / "data" / "demo"
 KNOWLEDGE = {"biogrid": str(DEMO / "BIOGRID-DEMO.tab3.txt"), "cellphonedb": str(DEMO / "cellphonedb"),
@@ -27,7 +27,7 @@ KNOWLEDGE = {"biogrid": str(DEMO / "BIOGRID-DEMO.tab3.txt"), "cellphonedb": str(
 
 
 def _read(out: str, what: str):
-    return pads.dataset(f"{out}/{what}", format="parquet", partitioning="hive").to_table()
+    return pads.dataset(corpus_path(out, what), format="parquet", partitioning="hive").to_table()
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +38,17 @@ def samples_build(spark, demo_census, tmp_path_factory):
 
 
 def _sentences(out: str) -> dict[str, dict]:
-    t = pads.dataset(f"{out}/sentences", format="parquet").to_table()
+    t = pads.dataset(corpus_path(out, "sentences"), format="parquet").to_table()
     return {r["cell_id"]: r for r in t.to_pylist()}
 
 
 def _samples(out: str) -> list[dict]:
     rows = []
-    for rel in Store(out).list("samples", ".parquet"):
+    st = version_store(out)
+    for rel in st.list("samples", ".parquet"):
         task = rel.split("task=")[1].split("/")[0]
         split = rel.split("split=")[1].split("/")[0]
-        for r in pq.read_table(f"{out}/{rel}").to_pylist():
+        for r in pq.read_table(st.path(rel)).to_pylist():
             assert r["task"] == task and r["split"] == split
             rows.append(r)
     return rows
@@ -177,14 +178,17 @@ def test_deterministic_across_spark_and_local_and_idempotent(samples_build, capl
     cfg, m = samples_build
     from etl.stages import samples_plan as sp
 
-    local_out = Store(cfg.output)
-    # the in-process path on the same sentences, forced: the same samples
-    again = sp.run(BuildConfig(**{**cfg.__dict__, "force": True}), local_out, None, m)
-    assert again["samples"]["samples_hash"] == m["samples"]["samples_hash"]
-    assert again["samples"]["counts"] == m["samples"]["counts"]
+    # the in-process path on the same sentences, forced, into a new version: the same samples
+    forced = build(BuildConfig(**{**cfg.__dict__, "force": True, "stages": ["samples"]}), None)
+    assert forced["version"] != m["version"] and forced["sentences_version"] == m["version"]
+    assert forced["samples"]["samples_hash"] == m["samples"]["samples_hash"]
+    assert forced["samples"]["counts"] == m["samples"]["counts"]
+    assert not version_store(cfg.output).exists("sentences")  # reused from the first version, not copied
     with caplog.at_level("INFO"):
-        third = sp.run(cfg, local_out, None, again)
-    assert "samples are current" in caplog.text and third is again
+        third = build(cfg, None)
+    assert "samples are current" in caplog.text and third == forced
+    job = sp.prepare(cfg, forced, corpus_path(cfg.output, "sentences").rsplit("/", 1)[0], samples_only=False)
+    assert job.key == m["samples"]["run_key"]
 
 
 def test_budget_is_respected_with_a_real_tokenizer(demo_census, tmp_path):
@@ -195,7 +199,7 @@ def test_budget_is_respected_with_a_real_tokenizer(demo_census, tmp_path):
                       organisms=["homo_sapiens"])
     build(cfg)
     words = set()
-    for r in pads.dataset(f"{out}/sentences", format="parquet").to_table(columns=["genes"]).to_pylist():
+    for r in pads.dataset(corpus_path(out, "sentences"), format="parquet").to_table(columns=["genes"]).to_pylist():
         words.update(r["genes"])
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -221,7 +225,7 @@ def test_tasks_without_inputs_are_skipped_with_reasons_and_bad_options(demo_cens
               "gene_set_naming"):
         assert tasks[t]["status"] == "skipped" and "input absent" in tasks[t]["reason"]
     assert tasks["cell_type_prediction"]["status"] == "built"
-    assert json.loads(Path(out, "manifest.json").read_text())["stages"] == ["sentences", "samples"]
+    assert json.loads(Path(corpus_path(out), "manifest.json").read_text())["stages"] == ["sentences", "samples"]
     with pytest.raises(InputError, match="unknown task"):
         build(BuildConfig(output=out, census_uri=demo_census, max_genes=50, organisms=["mus_musculus"],
                           tasks=["cell_type_predicton"]))

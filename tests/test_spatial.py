@@ -18,9 +18,8 @@ from etl.config import BuildConfig
 from etl.pipeline import build
 from etl.sources import h5ad
 from etl.sources.base import InputError
-from etl.storage import Store
 from etl.tasks.spatial import FAR_FACTOR, make_section
-from tests.conftest import write_h5ad
+from tests.conftest import corpus_path, version_store, write_h5ad
 
 N = 600
 NAN_ROWS = (5, 17, 450)
@@ -58,8 +57,8 @@ def spatial_build(request, spatial_h5ad, tmp_path_factory):
 
 
 def _samples(out: str, task: str) -> list[dict]:
-    return [r for rel in Store(out).list(f"samples/task={task}", ".parquet")
-            for r in pq.read_table(f"{out}/{rel}").to_pylist()]
+    st = version_store(out)
+    return [r for rel in st.list(f"samples/task={task}", ".parquet") for r in pq.read_table(st.path(rel)).to_pylist()]
 
 
 def _truth(xy: np.ndarray) -> dict:
@@ -84,13 +83,13 @@ def _nearest(t: dict, cid: str, k: int) -> set[str]:
 
 
 def _genes(out: str) -> dict[str, list[str]]:
-    t = pads.dataset(f"{out}/sentences", format="parquet").to_table(columns=["cell_id", "genes"])
+    t = pads.dataset(corpus_path(out, "sentences"), format="parquet").to_table(columns=["cell_id", "genes"])
     return dict(zip(t["cell_id"].to_pylist(), t["genes"].to_pylist(), strict=True))
 
 
 def test_sentences_carry_the_obsm_coordinates(spatial_build):
     cfg, _, xy = spatial_build
-    t = pads.dataset(f"{cfg.output}/sentences", format="parquet").to_table(
+    t = pads.dataset(corpus_path(cfg.output, "sentences"), format="parquet").to_table(
         columns=["cell_id", "spatial_x", "spatial_y"]).to_pylist()
     assert len(t) == N
     for r in t:
@@ -181,7 +180,8 @@ def test_without_coordinates_the_tasks_are_skipped_with_the_reason(tmp_path):
         assert m["samples"]["tasks"][task] == {
             "status": "skipped", "reason": "input absent: spatial (no cell has coordinates; h5ad obsm['spatial'])"}
     assert m["samples"]["tasks"]["cell_type_prediction"]["status"] == "built"
-    t = pads.dataset(f"{tmp_path}/o/sentences", format="parquet").to_table(columns=["spatial_x", "spatial_y"])
+    t = pads.dataset(corpus_path(f"{tmp_path}/o", "sentences"), format="parquet").to_table(
+        columns=["spatial_x", "spatial_y"])
     assert t["spatial_x"].null_count == t["spatial_y"].null_count == 80
 
 

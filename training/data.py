@@ -9,7 +9,6 @@ run yields exactly the sequences the uninterrupted run would have yielded.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -39,17 +38,24 @@ def _known_tasks() -> dict:
     return TASKS
 
 
-def _read_manifest(corpus: Path) -> dict:
-    if not corpus.is_dir():
-        raise CorpusError(f"corpus {corpus}: directory not found")
-    path = corpus / "manifest.json"
-    if not path.is_file():
-        raise CorpusError(f"corpus {corpus}: no manifest.json (not a built corpus, or its build did not finish)")
+def open_corpus(corpus: str | Path):
+    """The corpus version a reader of `corpus` sees (DIR's latest, or a pinned DIR/versions/<id>)."""
+    from schemas.layout import CorpusNotFound, resolve
+
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CorpusError(f"corpus {corpus}: {path} is not valid JSON ({e})") from e
-    if not isinstance(manifest, dict) or "samples" not in manifest:
+        return resolve(str(corpus))
+    except CorpusNotFound as e:
+        raise CorpusError(str(e)) from None
+
+
+def samples_root(corpus: str | Path) -> Path:
+    """The folder holding samples/task=<t>/split=<s>/ of the version `corpus` resolves to."""
+    return Path(open_corpus(corpus).path("samples"))
+
+
+def _read_manifest(corpus: Path) -> dict:
+    manifest = open_corpus(corpus).manifest
+    if "samples" not in manifest:
         raise CorpusError(f"corpus {corpus}: manifest.json has no 'samples' section: run the samples stage "
                           "(etl build with tasks) before training")
     return manifest
@@ -86,7 +92,7 @@ def corpus_files(corpus: str, split: str, tasks: Sequence[str] | None = None) ->
         if unknown:
             raise CorpusError(f"corpus {corpus}: unknown task(s) {', '.join(unknown)}; known tasks: "
                               f"{', '.join(known)}")
-    samples = root / "samples"
+    samples = samples_root(root)
     found = {}
     for d in sorted(samples.glob("task=*")) if samples.is_dir() else []:
         parts = sorted(str(p) for p in (d / f"split={split}").glob("*.parquet"))

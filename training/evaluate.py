@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow.parquet as pq
 
@@ -48,7 +47,9 @@ class EvalSet:
              cells: int) -> EvalSet:
         """The first `per_task` samples of each task in `split` (tasks the split lacks are left out and
         logged), and the first `cells` cell_type_prediction samples for the accuracy."""
-        root = Path(corpus) / "samples"
+        from training.data import samples_root
+
+        root = samples_root(corpus)
         out = cls()
         missing = []
         for task in tasks:

@@ -65,7 +65,12 @@ def word_decoder():
 
 def _sample_files(corpus: str, splits: Sequence[str] | None) -> dict[str, list[Path]]:
     """task -> its sample parts, train split first (so a row budget prefers training text)."""
-    root = Path(corpus) / "samples"
+    from schemas.layout import CorpusNotFound, resolve
+
+    try:
+        root = Path(resolve(corpus).path("samples"))
+    except CorpusNotFound:
+        root = Path(corpus) / "samples"  # a folder of sample parts without a manifest
     files = sorted(root.glob("task=*/split=*/*.parquet"))
     if not files:
         raise ModelError(f"corpus {corpus!r}: no sample parts under {root} (expected "
@@ -112,8 +117,14 @@ def corpus_gene_symbols(corpus: str) -> list[str]:
     """Every symbol of the corpus vocabularies (DIR/vocab/<organism>.parquet, schemas.VOCAB); [] without."""
     import pyarrow.parquet as pq
 
+    from schemas.layout import CorpusNotFound, resolve
+
+    try:
+        vocab = Path(resolve(corpus).path("vocab"))
+    except CorpusNotFound:
+        vocab = Path(corpus) / "vocab"  # a folder of tables without a manifest
     symbols: set[str] = set()
-    for path in sorted((Path(corpus) / "vocab").glob("*.parquet")):
+    for path in sorted(vocab.glob("*.parquet")):
         names = pq.ParquetFile(path).schema_arrow.names
         if "gene_symbol" not in names:
             raise ModelError(f"vocabulary {path}: no gene_symbol column (columns: {names})")

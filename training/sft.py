@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "accelerate.checkpointing"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from etl.cli import ConfigError
     from training.data import CorpusError
     from training.models import ModelError
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         from training.trainer import train
 
         result = train(cfg)
-    except (CorpusError, ModelError) as e:
+    except (CorpusError, ModelError, ConfigError) as e:
         logging.getLogger("training").error("%s", e)
         return 2
     from accelerate import PartialState

@@ -154,7 +154,7 @@ def train(cfg: SFTConfig) -> TrainResult:
     weights = cfg.weights
     train_files = td.corpus_files(cfg.corpus, "train", list(weights) if weights else None)
     mixture = td.parse_mixture(weights, train_files)
-    manifest = json.loads((Path(cfg.corpus) / "manifest.json").read_text())
+    manifest = td.open_corpus(cfg.corpus).manifest
     mode, attn_impl = resolve_attention(cfg, acc.device, cfg.model)
     model, tok = tm.load_model_and_tokenizer(
         cfg.model, corpus=cfg.corpus, tokenizer=cfg.tokenizer, attn_implementation=attn_impl, seed=cfg.seed,

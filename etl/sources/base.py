@@ -91,12 +91,12 @@ class Block:
 
 @dataclass
 class VarTable:
-    """One source var table: the word each column is written as (see encode.var_words)."""
+    """One source var table: the word each column is written as (see etl/symbols.py)."""
 
     organism: str
     feature_ids: list[str]
     words: list[str]
-    missing_symbol: int  # rows without a symbol; their feature_id is their word
+    symbol_counts: dict[str, int]  # what the symbol rule changed: missing, replaced, merged_by_case
 
 
 @dataclass

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from etl.encode import var_words
 from etl.sources.base import (
     Block,
     InputError,
@@ -27,6 +26,7 @@ from etl.sources.base import (
     normalise_organism,
     split_sorted,
 )
+from etl.symbols import var_words
 from schemas import LABEL_COLUMNS, UNKNOWN
 
 log = logging.getLogger(__name__)
@@ -128,8 +128,8 @@ def plan(
             raise InputError(f"{source['uri']!r} {organism} var soma_joinids are not 0..n-1")
         fids = np.asarray(var["feature_id"].to_pylist(), dtype=object)[order]
         names = np.asarray(var["feature_name"].to_pylist(), dtype=object)[order]
-        words, missing = var_words(fids, names, uppercase=uppercase)
-        vars_[organism] = VarTable(organism, list(fids), words, missing)
+        words, symbol_counts = var_words(fids, names, uppercase=uppercase, source=f"{source['uri']} {organism}")
+        vars_[organism] = VarTable(organism, list(fids), words, symbol_counts)
 
         try:
             obs = exp.obs.read(column_names=["soma_joinid", "dataset_id"], value_filter=obs_filter).concat()
@@ -142,7 +142,10 @@ def plan(
             labels = np.asarray(datasets.dictionary.to_pylist(), dtype=object)
         else:
             labels, codes = np.unique(np.asarray(datasets.to_pylist(), dtype=object), return_inverse=True)
-        if max_cells and len(joinids) > max_cells:
+        # Decided before the sample replaces joinids: with a sample, a task is its explicit list of cells (a
+        # joinid range would read every filtered cell between its first and last sampled one).
+        sampled = bool(max_cells) and len(joinids) > max_cells
+        if sampled:
             rng = np.random.default_rng(seed)
             pick = np.sort(rng.choice(len(joinids), size=max_cells, replace=False))
             joinids, codes = joinids[pick], codes[pick]
@@ -151,11 +154,10 @@ def plan(
             dataset_id = str(labels[code])
             ids = np.sort(joinids[codes == code])
             planned[organism][dataset_id] = len(ids)
-            contiguous_all = max_cells is None or len(joinids) <= max_cells
             for i, chunk in enumerate(split_sorted(ids, cells_per_task)):
                 lo, hi = int(chunk[0]), int(chunk[-1])
                 # a range (re-filtered by the worker) when the plan took every matching cell; else the list
-                explicit = None if contiguous_all else tuple(int(x) for x in chunk)
+                explicit = tuple(int(x) for x in chunk) if sampled else None
                 tasks.append(Task(
                     task_id=f"{organism}/{dataset_id}/{i:05d}", kind="census", uri=source["uri"],
                     organism=organism, dataset_id=dataset_id, index=i, lo=lo, hi=hi, n_cells=len(chunk),

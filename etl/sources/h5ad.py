@@ -17,7 +17,6 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
-from etl.encode import var_words
 from etl.sources.base import (
     Block,
     InputError,
@@ -28,12 +27,13 @@ from etl.sources.base import (
     safe_name,
     split_sorted,
 )
+from etl.symbols import var_words
 from schemas import LABEL_COLUMNS, UNKNOWN
 
 log = logging.getLogger(__name__)
 
 
-def _open(path: str):
+def open_h5ad(path: str):
     import h5py
 
     try:
@@ -42,7 +42,7 @@ def _open(path: str):
         raise InputError(f"cannot read h5ad {path!r}: {e}") from e
 
 
-def _matrix_paths(layer: str | None) -> tuple[str, str]:
+def matrix_paths(layer: str | None) -> tuple[str, str]:
     """(matrix element, var element) inside the file for X, raw or a layer."""
     if layer in (None, "", "X"):
         return "X", "var"
@@ -51,32 +51,78 @@ def _matrix_paths(layer: str | None) -> tuple[str, str]:
     return f"layers/{layer}", "var"
 
 
-def _index(group) -> np.ndarray:
-    from anndata.io import read_elem
+def _text(values: np.ndarray, where: str) -> np.ndarray:
+    """Byte strings decoded as UTF-8 (an InputError naming `where` when they are not)."""
+    if values.dtype.kind not in "SO":
+        return values
+    try:
+        return np.asarray([v.decode() if isinstance(v, bytes) else v for v in values], dtype=object)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{where}: holds bytes that are not UTF-8 text ({e.reason} at byte {e.start} of "
+                         f"{e.object[:40]!r}); re-save the file with text in UTF-8") from None
 
-    return np.asarray(read_elem(group[group.attrs["_index"]]), dtype=object)
+
+def read_index(group, path: str = "") -> np.ndarray:
+    return np.asarray(read_column(group, group.attrs["_index"], 0, None, path), dtype=object)
 
 
-def _column(group, name: str, lo: int, hi: int) -> np.ndarray:
-    """Rows lo:hi of one obs/var column (categorical, string or numeric), without reading the rest."""
+def read_column(group, name: str, lo: int, hi: int | None, path: str = "") -> np.ndarray:
+    """Rows lo:hi of one obs/var column (categorical, nullable, string or numeric), without reading the rest;
+    missing values (a -1 category code, a masked nullable value) are None."""
     from anndata.io import read_elem
 
     el = group[name]
-    if hasattr(el, "keys"):  # categorical group: codes + categories
-        codes = el["codes"][lo:hi]
-        cats = np.asarray(read_elem(el["categories"]), dtype=object)
-        out = np.empty(len(codes), dtype=object)
-        ok = codes >= 0
-        out[ok] = cats[codes[ok]]
-        out[~ok] = None
-        return out
-    values = el[lo:hi]
-    if values.dtype.kind in "SO":
-        values = np.asarray([v.decode() if isinstance(v, bytes) else v for v in values], dtype=object)
-    return values
+    where = f"{path} {group.name}/{name}"
+    if hasattr(el, "keys"):
+        enc = el.attrs.get("encoding-type", "a group")
+        if "codes" in el and "categories" in el:  # categorical
+            codes = el["codes"][lo:hi]
+            try:
+                cats = np.asarray(read_elem(el["categories"]), dtype=object)
+            except UnicodeDecodeError as e:
+                raise InputError(f"{where}: categories hold bytes that are not UTF-8 text ({e.reason}); re-save "
+                                 "the file with text in UTF-8") from None
+            out = np.empty(len(codes), dtype=object)
+            ok = codes >= 0
+            out[ok] = _text(cats, where)[codes[ok]]
+            out[~ok] = None
+            return out
+        if "values" in el and "mask" in el:  # nullable-integer, nullable-boolean, nullable-string-array
+            out = _text(np.asarray(el["values"][lo:hi]), where).astype(object)
+            out[np.asarray(el["mask"][lo:hi], bool)] = None
+            return out
+        raise InputError(f"{where}: stored as {enc!r}, which is not a column this reader knows (categorical, "
+                         "nullable, string or numeric)")
+    return _text(el[lo:hi], where)
 
 
-def _columns(group) -> list[str]:
+def label_text(values: np.ndarray) -> list[str]:
+    """Label values as strings; missing ones (None, NaN) are UNKNOWN, the marker every source uses."""
+    return [UNKNOWN if v is None or (isinstance(v, float) and v != v) else str(v) for v in values]
+
+
+def unique_names(names: np.ndarray, path: str) -> tuple[np.ndarray, dict[int, str]]:
+    """Obs names made unique as anndata's obs_names_make_unique does ("name", "name-1", "name-2", ...):
+    the names, and row -> new name for the rows renamed (logged and counted by the caller)."""
+    import warnings
+
+    import pandas as pd
+    from anndata.utils import make_index_unique
+
+    index = pd.Index(names)
+    if index.is_unique:
+        return names, {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fixed = np.asarray(make_index_unique(index), dtype=object)
+    renamed = {int(i): str(fixed[i]) for i in np.flatnonzero(fixed != names)}
+    log.warning("%s: %d obs names are not unique; made unique as anndata's obs_names_make_unique does "
+                "(e.g. %r -> %r); counted in the manifest (duplicate_obs_names)", path, len(renamed),
+                str(names[next(iter(renamed))]), next(iter(renamed.values())))
+    return fixed, renamed
+
+
+def column_names(group) -> list[str]:
     return [k for k in group if not k.startswith("__")] + list(group.attrs.get("column-order", []))
 
 
@@ -159,43 +205,95 @@ def plan(
         dataset_id = safe_name(dataset_ids[k] if dataset_ids else Path(path).stem)
         if dataset_id in planned[organism]:
             raise InputError(f"two h5ad inputs share dataset id {dataset_id!r}; pass --dataset-id per file")
-        mpath, vpath = _matrix_paths(layer)
-        with _open(path) as f:
+        mpath, vpath = matrix_paths(layer)
+        with open_h5ad(path) as f:
             if mpath not in f:
                 raise InputError(f"{path}: no matrix {mpath!r} (--h5ad-layer {layer!r})")
             if "obs" not in f or vpath not in f:
                 raise InputError(f"{path}: not an AnnData file (no obs/var groups)")
-            obs_cols = set(_columns(f["obs"]))
+            obs_cols = set(column_names(f["obs"]))
             mapping = label_mapping(path, obs_cols, cell_type_column, label_columns)
-            n_obs = len(_index(f["obs"]))
+            obs_names = read_index(f["obs"], path)
+            n_obs = len(obs_names)
+            if n_obs == 0:
+                raise InputError(f"{path}: obs is empty (0 cells); nothing to encode")
+            obs_names, renamed = unique_names(obs_names, path)
             spatial = spatial_element(f, path, spatial_key, n_obs)
             var = f[vpath]
-            ids = _index(var)
-            names = _column(var, "feature_name", 0, len(ids)) if "feature_name" in _columns(var) else ids
+            ids = read_index(var, path)
+            if len(ids) == 0:
+                raise InputError(f"{path}: {vpath} is empty (0 genes); nothing to rank")
+            names = read_column(var, "feature_name", 0, len(ids), path) if "feature_name" in column_names(var) else ids
+            shape = _shape(f[mpath])
+            if shape != (n_obs, len(ids)):
+                raise InputError(f"{path}: {mpath} has shape {shape}, but obs has {n_obs} rows and {vpath} "
+                                 f"{len(ids)} (a damaged file, or --h5ad-layer names a matrix of another shape)")
             enc = f[mpath].attrs.get("encoding-type", "array")
             if enc == "csc_matrix":
                 log.warning("%s: %s is CSC; row reads will be slow (rewrite it as CSR)", path, mpath)
-        words, missing = var_words(ids, names, uppercase=uppercase)
-        vars_[path] = VarTable(organism, [str(x) for x in ids], words, missing)
+            values = probe_values(f, mpath, n_obs, path, layer)
+        words, symbol_counts = var_words(ids, names, uppercase=uppercase, source=f"{path} {vpath}")
+        vars_[path] = VarTable(organism, [str(x) for x in ids], words, symbol_counts)
         rows = np.arange(n_obs, dtype=np.int64)
         sampled = bool(max_cells and n_obs > max_cells)
         if sampled:
             rows = np.sort(np.random.default_rng(seed).choice(n_obs, size=max_cells, replace=False))
         planned[organism][dataset_id] = len(rows)
         files.append({"path": path, "bytes": os.path.getsize(path), "mtime": os.path.getmtime(path),
-                      "dataset_id": dataset_id, "n_obs": n_obs, "labels": mapping, "spatial_key": spatial})
+                      "dataset_id": dataset_id, "n_obs": n_obs, "labels": mapping, "spatial_key": spatial,
+                      "duplicate_obs_names": len(renamed), "values": values})
         for i, chunk in enumerate(split_sorted(rows, cells_per_task)):
+            lo, hi = int(chunk[0]), int(chunk[-1])
             tasks.append(Task(
                 task_id=f"{organism}/{dataset_id}/{i:05d}", kind="h5ad", uri=path, organism=organism,
-                dataset_id=dataset_id, index=i, lo=int(chunk[0]), hi=int(chunk[-1]), n_cells=len(chunk),
+                dataset_id=dataset_id, index=i, lo=lo, hi=hi, n_cells=len(chunk),
                 var_key=path, joinids=tuple(int(x) for x in chunk) if sampled else None,
-                options={"layer": layer, "labels": mapping, "spatial_key": spatial},
+                options={"layer": layer, "labels": mapping, "spatial_key": spatial,
+                         "renamed": {r: n for r, n in renamed.items() if lo <= r <= hi}},
             ))  # fmt: skip
     desc = {"kind": "h5ad", "files": files, "organism": organism, "layer": layer or "X"}
     return SourcePlan(tasks=tasks, vars=vars_, description=desc, planned=planned)
 
 
-def _rows(f, mpath: str, lo: int, hi: int) -> sp.csr_matrix:
+def _shape(el) -> tuple[int, ...]:
+    if hasattr(el, "keys"):
+        return tuple(int(x) for x in el.attrs.get("shape", (-1, -1)))
+    return tuple(int(x) for x in el.shape)
+
+
+PROBE_CELLS = 500  # rows of the matrix looked at on the driver to tell raw counts from normalised data
+
+
+def probe_values(f, mpath: str, n_obs: int, path: str, layer: str | None) -> str:
+    """What the first cells' values look like: "counts" (non-negative integers), or "non-integer" (warned:
+    normalised data rank the same but the inverse-transform fit assumes counts). Mostly negative values
+    (scaled, z-scored data) are refused: every cell would be skipped as invalid."""
+    m = read_rows(f, mpath, 0, min(n_obs, PROBE_CELLS))
+    d = np.asarray(m.data, np.float64)
+    d = d[np.isfinite(d) & (d != 0)]
+    if not len(d):
+        return "counts"
+    others = sorted(({"raw"} if "raw" in f and "X" in f["raw"] else set()) | set(f.get("layers", {}).keys()))
+    hint = (f"the file also has: {', '.join(others)}; pass --h5ad-layer NAME for the raw counts" if others
+            else "rank the raw counts (the layer or file that holds them, --h5ad-layer NAME)")
+    n_neg = int((d < 0).sum())
+    neg = n_neg / len(d)
+    if n_neg >= 20 and neg >= 0.05:  # a few stray negatives are per-cell skips; this many is a scaled matrix
+        what = mpath if layer in (None, "", "X") else f"{mpath} (--h5ad-layer {layer})"
+        raise InputError(f"{path}: {what} holds negative values ({neg:.0%} of the nonzero entries "
+                         f"of the first {min(n_obs, PROBE_CELLS)} cells, e.g. {d[d < 0][0]:.3g}): it looks scaled "
+                         f"(z-scored), not raw counts; {hint}")
+    frac = d != np.round(d)
+    if frac.any():
+        log.warning("%s: %s holds non-integer values (e.g. %.4g in %.0f%% of the first cells' entries): it looks "
+                    "normalised, not raw counts. Ranks within a cell are the same, but the inverse-transform fit "
+                    "(expression from rank) assumes counts; %s", path, mpath, float(d[frac][0]),
+                    100 * float(frac.mean()), hint)
+        return "non-integer"
+    return "counts"
+
+
+def read_rows(f, mpath: str, lo: int, hi: int) -> sp.csr_matrix:
     from anndata.io import sparse_dataset
 
     el = f[mpath]
@@ -206,14 +304,19 @@ def _rows(f, mpath: str, lo: int, hi: int) -> sp.csr_matrix:
 
 def read_task(task: Task, *, block_size: int, **_: object) -> Iterator[Block]:
     """Whole-cell blocks of one task, in row order."""
-    mpath, _ = _matrix_paths(task.options.get("layer"))
+    mpath, _ = matrix_paths(task.options.get("layer"))
     mapping: dict[str, str | None] = task.options["labels"]
-    with _open(task.uri) as f:
+    renamed: dict[int, str] = task.options.get("renamed") or {}
+    with open_h5ad(task.uri) as f:
         obs = f["obs"]
         index_name = obs.attrs["_index"]
         for lo in range(task.lo, task.hi + 1, block_size):
             hi = min(lo + block_size, task.hi + 1)
-            m = _rows(f, mpath, lo, hi)
+            try:
+                m = read_rows(f, mpath, lo, hi)
+            except (OSError, KeyError, ValueError, TypeError) as e:
+                raise InputError(f"{task.uri}: cannot read rows {lo}-{hi - 1} of {mpath} ({e}); the file may be "
+                                 "truncated or damaged") from None
             rows = np.arange(lo, hi, dtype=np.int64)
             if task.joinids is not None:
                 keep = np.asarray([j for j in task.joinids if lo <= j < hi], dtype=np.int64)
@@ -221,16 +324,15 @@ def read_task(task: Task, *, block_size: int, **_: object) -> Iterator[Block]:
                     continue
                 m, rows = m[keep - lo], keep
             sel = rows - lo
-            cols: dict[str, pa.Array] = {
-                "soma_joinid": pa.array(rows),
-                "cell_id": pa.array(_column(obs, index_name, lo, hi)[sel].astype(str), pa.string()),
-            }
+            names = np.asarray([str(v) for v in read_column(obs, index_name, lo, hi, task.uri)[sel]], dtype=object)
+            for r in (renamed and [r for r in rows.tolist() if r in renamed]):
+                names[int(np.searchsorted(rows, r))] = renamed[r]
+            cols: dict[str, pa.Array] = {"soma_joinid": pa.array(rows), "cell_id": pa.array(names, pa.string())}
             for field, col in mapping.items():
                 if col is None:
                     cols[field] = pa.array([UNKNOWN] * len(rows), pa.string())
                 else:
-                    v = _column(obs, col, lo, hi)[sel]
-                    cols[field] = pa.array([UNKNOWN if x is None else str(x) for x in v], pa.string())
+                    cols[field] = pa.array(label_text(read_column(obs, col, lo, hi, task.uri)[sel]), pa.string())
             cols["is_primary_data"] = pa.array(np.ones(len(rows), dtype=bool))
             if task.options.get("spatial_key"):
                 cols["spatial_x"], cols["spatial_y"] = _coordinates(f, task.options["spatial_key"], lo, hi, sel)

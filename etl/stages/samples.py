@@ -17,17 +17,12 @@ from collections.abc import Callable, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import xxhash
 
+from etl.rowhash import sample_hash
+from etl.sources.base import InputError
 from etl.storage import AtomicParquetWriter, Store
-from etl.tasks.builders import (
-    CELL_FIELDS,
-    Counts,
-    SampleContext,
-    build_samples,
-    cell_order,
-    knowledge_samples,
-)
+from etl.tasks.builders import build_samples, knowledge_samples
+from etl.tasks.common import CELL_FIELDS, Counts, SampleContext, cell_order
 from etl.tasks.spatial import SECTION_FIELDS, SPATIAL_COLUMNS, extents, run_key
 from schemas import SAMPLES
 
@@ -44,14 +39,14 @@ class PartWriter:
         self.staging, self.part, self.compression = staging, part, compression
         self.buffers: dict[tuple[str, str], list[dict]] = {}
         self.writers: dict[tuple[str, str], AtomicParquetWriter] = {}
-        self.digest = 0  # order-free: sum of per-sample hashes mod 2^64
+        self.digests: dict[tuple[str, str], int] = {}  # per part: order-free sum of sample hashes mod 2^64
         self.counts = Counts()
 
     def add(self, row: dict) -> None:
         self.counts.add(row)
-        self.digest = (self.digest + xxhash.xxh64_intdigest(
-            f"{row['sample_id']}\x1f{row['split']}\x1f{row['prompt']}\x1f{row['response']}".encode())) % 2**64
         key = (row["task"], row["split"])
+        self.digests[key] = (self.digests.get(key, 0) + sample_hash(
+            row["sample_id"], row["task"], row["split"], row["prompt"], row["response"], row["cell_ids"])) % 2**64
         buf = self.buffers.setdefault(key, [])
         buf.append(row)
         if len(buf) >= FLUSH_ROWS:
@@ -71,10 +66,10 @@ class PartWriter:
         for key in list(self.buffers):
             self._flush(key)
         files = {}
-        for w in self.writers.values():
+        for key, w in self.writers.items():
             w.close()
-            files[w.rel] = int(w.bytes_written)
-        return {"files": files, "digest": self.digest, "counts": self.counts.as_dict()}
+            files[w.rel] = {"rows": w.rows, "bytes": int(w.bytes_written), "hash": f"{self.digests[key]:016x}"}
+        return {"files": files, "counts": self.counts.as_dict()}
 
     def abort(self) -> None:
         """Drop every part this partition started: nothing half-written stays behind."""
@@ -120,12 +115,32 @@ def build_partition(cells: Iterable[dict], ctx: SampleContext, staging: Store, p
     return write_samples(staging, part, lambda counts: build_samples(cells, ctx, counts))
 
 
+def read_columns(root: Store, rel: str, columns: list[str]) -> pa.Table:
+    """Columns of one sentences part (local or object store)."""
+    fs, _ = root.fs_root
+    return pq.read_table(root.path(rel), columns=columns, filesystem=fs)
+
+
+def map_files(spark, root_uri: str, files: list[str], fn: Callable[[pa.Table], object],
+              columns: list[str]) -> list:
+    """fn(columns of each sentences part), one result per file: Spark tasks read the files themselves
+    (through pyarrow, so any file system pyarrow reaches works, with no Hadoop connector), or this process
+    does when `spark` is None. For small per-file results (distinct keys, extents)."""
+    if spark is None:
+        root = Store(root_uri)
+        return [fn(read_columns(root, f, columns)) for f in files]
+    if not files:
+        return []
+    return (spark.sparkContext.parallelize(files, len(files))
+            .map(lambda f: fn(read_columns(Store(root_uri), f, columns))).collect())
+
+
 def run_local(sentence_files: list[str], root: Store, ctx: SampleContext, staging: Store) -> dict:
     """The whole stage in this process (tests, tiny corpora): read, annotate, sort, build."""
-    tables = [pq.read_table(root.path(f), columns=READ_COLUMNS) for f in sentence_files]
+    tables = [read_columns(root, f, READ_COLUMNS) for f in sentence_files]
     t = pa.concat_tables(tables) if tables else None
     if t is None or t.num_rows == 0:
-        return {"files": {}, "digest": 0, "counts": Counts().as_dict()}
+        return {"files": {}, "counts": Counts().as_dict()}
     t = pa.Table.from_batches([annotate(t.combine_chunks().to_batches()[0], ctx)]).sort_by([("gkey", "ascending"), ("ord", "ascending")])
     return build_partition(cells_of(t), ctx, staging, "part-00000")
 
@@ -133,54 +148,76 @@ def run_local(sentence_files: list[str], root: Store, ctx: SampleContext, stagin
 SUMMARY_DDL = "result string"
 
 
-def run_spark(spark, sentences_uri: str, ctx: SampleContext, staging_uri: str, partitions: int) -> list[dict]:
-    """One shuffle of the (cut) gene lists by group key; each partition writes its own parts."""
-    from pyspark.sql import functions as F
+def run_spark(spark, root_uri: str, files: list[str], ctx: SampleContext, out_uri: str, partitions: int,
+              n_cells: int) -> list[dict]:
+    """One shuffle of the (cut) gene lists by group key; each partition writes its own parts.
 
-    df = (spark.read.option("recursiveFileLookup", "true").parquet(sentences_uri).select(*READ_COLUMNS)
-          .withColumn("genes", F.slice("genes", 1, ctx.max_genes)))  # cut in the JVM: less crosses to Python
+    Python tasks read the sentence parts (one task per part, row group by row group) and cut the gene lists
+    before anything crosses to the JVM, so the data cross twice (to the shuffle and back), and object stores
+    need no Hadoop connector. An input error in a task stops the job and is raised once on the driver."""
+    from etl.spark import SparkJob
+
+    job = SparkJob(spark, "samples", total_cells=n_cells, total_tasks=partitions)
+    errors, cells_done = job.errors, job.cells
     ann_schema = (", ".join(f"`{c}` string" for c in CELL_FIELDS)
                   + "".join(f", `{c}` double" for c in SPATIAL_COLUMNS)
                   + ", genes array<string>, split string, gkey string, ord long")
 
-    def add_keys(batches):
+    def read_annotate(batches):
+        root = Store(root_uri)
+        fs, _ = root.fs_root
         for b in batches:
-            yield annotate(b, ctx)
+            for rel in b.column("path").to_pylist():
+                try:
+                    with fs.open_input_file(root.path(rel)) as f:
+                        for rb in pq.ParquetFile(f).iter_batches(batch_size=4096, columns=READ_COLUMNS):
+                            yield annotate(rb, ctx)
+                except InputError as e:
+                    errors.add([str(e)])
+                    return
 
     def build(batches):
         from pyspark import TaskContext
 
         part = f"part-{TaskContext.get().partitionId():05d}"
+        seen = [0]
 
         def cells():
             for b in batches:
+                seen[0] += b.num_rows
                 yield from cells_of(b)
 
-        res = build_partition(cells(), ctx, Store(staging_uri), part)
+        try:
+            res = build_partition(cells(), ctx, Store(out_uri), part)
+        except InputError as e:
+            errors.add([str(e)])
+            res = {"error": str(e), "files": {}, "counts": Counts().as_dict()}
+        cells_done.add(seen[0])
         yield pa.RecordBatch.from_pydict({"result": [json.dumps(res)]})
 
-    out = (df.mapInArrow(add_keys, ann_schema)
+    paths = spark.createDataFrame([(f,) for f in files], "path string").repartition(max(1, len(files)))
+    out = (paths.mapInArrow(read_annotate, ann_schema)
            .repartition(partitions, "gkey")
            .sortWithinPartitions("gkey", "ord")
            .mapInArrow(build, SUMMARY_DDL))  # fmt: skip
-    return [json.loads(r["result"]) for r in out.collect()]
+    return [json.loads(r["result"]) for r in job.run(out.collect)]
 
 
 def spatial_extents(spark, root: Store, sentence_files: list[str]) -> list[dict]:
     """Per section (organism, dataset, donor, tissue): cells with coordinates (n) and their bounding box
-    (x0, x1, y0, y1). A small aggregate over six narrow columns: Spark groupBy, or pyarrow in process."""
-    cols = [*SECTION_FIELDS, *SPATIAL_COLUMNS]
-    if spark is None:
-        tables = [pq.read_table(root.path(f), columns=cols) for f in sentence_files]
-        return extents(pa.concat_tables(tables)) if tables else []
-    from pyspark.sql import functions as F
-
-    df = (spark.read.option("recursiveFileLookup", "true").parquet(root.path("sentences")).select(*cols)
-          .where(F.col("spatial_x").isNotNull() & F.col("spatial_y").isNotNull()))
-    agg = df.groupBy(*SECTION_FIELDS).agg(
-        F.count("*").alias("n"), F.min("spatial_x").alias("x0"), F.max("spatial_x").alias("x1"),
-        F.min("spatial_y").alias("y0"), F.max("spatial_y").alias("y1"))  # fmt: skip
-    return [r.asDict() for r in agg.collect()]
+    (x0, x1, y0, y1). Per-file extents (pyarrow, in Spark tasks or here) merged on the driver."""
+    merged: dict[tuple, dict] = {}
+    for rows in map_files(spark, root.uri, sentence_files, extents, [*SECTION_FIELDS, *SPATIAL_COLUMNS]):
+        for r in rows:
+            k = tuple(r[f] for f in SECTION_FIELDS)
+            if k not in merged:
+                merged[k] = dict(r)
+                continue
+            m = merged[k]
+            m["n"] += r["n"]
+            m["x0"], m["y0"] = min(m["x0"], r["x0"]), min(m["y0"], r["y0"])
+            m["x1"], m["y1"] = max(m["x1"], r["x1"]), max(m["y1"], r["y1"])
+    return [merged[k] for k in sorted(merged)]
 
 
 def run_knowledge(gene_sets: list[tuple[str, list[str]]], ctx: SampleContext, staging: Store) -> dict:
@@ -189,9 +226,13 @@ def run_knowledge(gene_sets: list[tuple[str, list[str]]], ctx: SampleContext, st
 
 
 def merge_results(results: Iterable[dict]) -> dict:
+    """One result from many: counts summed, files merged, the samples hash as the sum of the files' hashes."""
     counts, files, digest = Counts(), {}, 0
     for r in results:
+        if r.get("error"):
+            raise InputError(r["error"])
         counts.merge(Counts.from_dict(r["counts"]))
         files.update(r["files"])
-        digest = (digest + r["digest"]) % 2**64
+        for info in r["files"].values():
+            digest = (digest + int(info["hash"], 16)) % 2**64
     return {"counts": counts, "files": files, "digest": f"{digest:016x}"}

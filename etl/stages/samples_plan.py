@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 import schemas
 from etl import manifest as mf
 from etl.config import BuildConfig
+from etl.sources import perturbation as pert_source
 from etl.sources.base import InputError
+from etl.stages import perturbation as pert_stage
 from etl.stages import samples
 from etl.storage import Store
-from etl.tasks import DEFAULT_MIXTURE, NOT_BUILT_REASON, TASKS, perturbation, spatial
+from etl.tasks import DEFAULT_MIXTURE, NOT_BUILT_REASON, TASKS, spatial
+from etl.tasks import perturbation as pert_task
 from etl.tasks.budget import TokenBudget, load_tokenizer_json
-from etl.tasks.builders import SampleContext, SplitConfig, choose_ood
+from etl.tasks.common import SampleContext, SplitConfig, choose_ood
 
 log = logging.getLogger(__name__)
 
@@ -39,30 +41,57 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def knowledge_inputs(cfg: BuildConfig) -> dict:
-    """The knowledge files to use: the flags, or the demo files when building the demo with none given."""
-    given = {"biogrid": cfg.biogrid, "cellphonedb": cfg.cellphonedb, "abstracts": list(cfg.abstracts),
-             "gene_sets": list(cfg.gene_sets)}
-    if cfg.source_kind == "demo" and not any(given.values()):
-        log.info("demo: using the demo knowledge files in %s", DEMO_KNOWLEDGE)
-        return {"biogrid": str(DEMO_KNOWLEDGE / "BIOGRID-DEMO.tab3.txt"),
-                "cellphonedb": str(DEMO_KNOWLEDGE / "cellphonedb"), "abstracts": [str(DEMO_KNOWLEDGE)],
-                "gene_sets": [str(DEMO_KNOWLEDGE / "hallmark_demo.gmt")]}
-    return given
+KNOWLEDGE_INPUTS = {"biogrid": "--biogrid", "cellphonedb": "--cellphonedb", "abstracts": "--abstracts",
+                    "gene_sets": "--gene-sets", "perturbation": "--perturbation-h5ad"}  # input -> its flag
 
 
-def perturbation_inputs(cfg: BuildConfig) -> list[str]:
-    """The perturbation files: the flag's, or (demo source, no flag, task wanted) the generated synthetic
-    demo file, written at first use; [] otherwise."""
-    if cfg.perturbation_h5ad:
-        return perturbation.check_files(cfg.perturbation_h5ad)
-    if cfg.source_kind == "demo" and perturbation.TASK in (cfg.tasks or TASKS):
-        from etl.sources.demo import ensure_demo_perturbation
+def _given(cfg: BuildConfig) -> dict:
+    return {"biogrid": cfg.biogrid, "cellphonedb": cfg.cellphonedb, "abstracts": list(cfg.abstracts),
+            "gene_sets": list(cfg.gene_sets), "perturbation": list(cfg.perturbation_h5ad)}
 
-        log.info("demo: using the synthetic demo perturbation file %s (generated at first use)",
-                 cfg.demo_perturbation_uri)
-        return perturbation.check_files([ensure_demo_perturbation(cfg.demo_perturbation_uri)])
-    return []
+
+def demo_knowledge() -> dict:
+    """The demo's knowledge files, as BuildConfig options (benchmarks and examples use them too)."""
+    return {"biogrid": str(DEMO_KNOWLEDGE / "BIOGRID-DEMO.tab3.txt"), "cellphonedb": str(DEMO_KNOWLEDGE / "cellphonedb"),
+            "abstracts": [str(DEMO_KNOWLEDGE)], "gene_sets": [str(DEMO_KNOWLEDGE / "hallmark_demo.gmt")]}
+
+
+def knowledge_inputs(cfg: BuildConfig, manifest: dict, samples_only: bool) -> dict:
+    """The knowledge and perturbation files the samples are made from.
+
+    A build that encodes sentences uses the flags, or, for the demo source with none given, the demo's files
+    (and its synthetic perturbation file, generated at first use). A samples-only build extends a corpus: it
+    uses what that corpus's manifest records, each input replaced by its flag when the flag is given, and
+    never the demo's files (the manifest, not this command's source flags, says what the corpus is)."""
+    given = _given(cfg)
+    if samples_only:
+        recorded = manifest.get("samples", {}).get("inputs", {})
+        inputs = {k: (given[k] or recorded.get(k) or ([] if isinstance(given[k], list) else None))
+                  for k in KNOWLEDGE_INPUTS}
+        from_manifest = [k for k in KNOWLEDGE_INPUTS if not given[k] and recorded.get(k)]
+        if from_manifest:
+            log.info("samples-only build: %s as recorded in the manifest of version %s (flags replace them)",
+                     ", ".join(from_manifest), manifest.get("version", "?"))
+        for k in from_manifest:
+            for p in inputs[k] if isinstance(inputs[k], list) else [inputs[k]]:
+                if not os.path.exists(p):
+                    raise InputError(f"{k} input {p!r}, recorded in the manifest of the corpus this build extends, "
+                                     f"no longer exists; give {KNOWLEDGE_INPUTS[k]} to replace it")
+    else:
+        inputs = given
+        if cfg.source_kind == "demo" and not any(given[k] for k in ("biogrid", "cellphonedb", "abstracts",
+                                                                       "gene_sets")):
+            log.info("demo: using the demo knowledge files in %s", DEMO_KNOWLEDGE)
+            inputs.update(demo_knowledge())
+        if not given["perturbation"] and cfg.source_kind == "demo" and pert_task.TASK in (cfg.tasks or TASKS):
+            from etl.demo import ensure_demo_perturbation
+
+            log.info("demo: using the synthetic demo perturbation file %s (generated at first use)",
+                     cfg.demo_perturbation_uri)
+            inputs["perturbation"] = [ensure_demo_perturbation(cfg.demo_perturbation_uri)]
+    if inputs["perturbation"]:
+        inputs["perturbation"] = pert_source.check_files(inputs["perturbation"])
+    return inputs
 
 
 def _datasets_table(source: dict) -> pa.Table | None:
@@ -73,46 +102,44 @@ def _datasets_table(source: dict) -> pa.Table | None:
     return open_census(source["uri"])["census_info"]["datasets"].read().concat()
 
 
-def _assign_splits(splits: SplitConfig, ood: frozenset, cfg: BuildConfig, out: Store, manifest: dict,
+def _pairs(t: pa.Table) -> set[tuple[str, str]]:
+    return set(zip(t["dataset_id"].to_pylist(), t["donor_id"].to_pylist(), strict=True))
+
+
+def _assign_splits(splits: SplitConfig, ood: frozenset, cfg: BuildConfig, src: Store, manifest: dict,
                    spark) -> SplitConfig:
-    """Donor (or dataset) keys read from the sentences (two small columns; distinct on Spark), ranked by
+    """Donor (or dataset) keys read from the sentences (two small columns, distinct per file), ranked by
     hash into train/val/test; cell-level splits stay per-cell hashes."""
     splits = SplitConfig(splits.key, splits.fractions, ood, splits.seed)
     if cfg.split_key == "cell":
         return splits
-    if spark is not None:
-        rows = (spark.read.option("recursiveFileLookup", "true").parquet(out.path("sentences"))
-                .select("dataset_id", "donor_id").distinct().collect())
-        pairs = [(r["dataset_id"], r["donor_id"]) for r in rows]
-    else:
-        pairs = set()
-        for rel in manifest["files"]:
-            t = pq.read_table(out.path(rel), columns=["dataset_id", "donor_id"])
-            pairs |= set(zip(t["dataset_id"].to_pylist(), t["donor_id"].to_pylist(), strict=True))
+    pairs: set[tuple[str, str]] = set()
+    for p in samples.map_files(spark, src.uri, sorted(manifest["files"]), _pairs, ["dataset_id", "donor_id"]):
+        pairs |= p
     keys = {splits.key_of(d, o) for d, o in pairs if d not in ood}
     return splits.assign(keys)
 
 
-def _spatial_extents(cfg: BuildConfig, out: Store, spark, manifest: dict) -> list[dict]:
+def _spatial_extents(cfg: BuildConfig, src: Store, spark, manifest: dict) -> list[dict]:
     """Per-section extents of the cells with coordinates (driver aggregate); [] without a scan when no
     spatial task is wanted or no source file had coordinates (only h5ad obsm carries them)."""
     mix = _mixture(cfg)
     wanted = [t for t in (cfg.tasks or TASKS) if TASKS[t].family == "spatial" and mix.get(t, 0) > 0]
     if not wanted or not any(f.get("spatial_key") for f in manifest["source"].get("files", [])):
         return []
-    return samples.spatial_extents(spark, out, sorted(manifest["files"]))
+    return samples.spatial_extents(spark, src, sorted(manifest["files"]))
 
 
 MULTI_CELL_FIXED_TOKENS = 160  # template text, labels and answer of a multi-cell sample, beside the cells
 
 
-def _symbols(out: Store, organisms: list[str], n: int = 2000) -> list[str]:
+def _symbols(src: Store, organisms: list[str], n: int = 2000) -> list[str]:
     """Up to n gene symbols of the corpus vocabularies (a small read): what an exact tokenizer is probed on."""
     syms: list[str] = []
     for org in organisms:
         rel = f"vocab/{org}.parquet"
-        if out.exists(rel):
-            syms += pq.read_table(out.path(rel), columns=["gene_symbol"])["gene_symbol"].to_pylist()[:n]
+        if src.exists(rel):
+            syms += samples.read_columns(src, rel, ["gene_symbol"])["gene_symbol"].to_pylist()[:n]
     return syms
 
 
@@ -147,27 +174,39 @@ def _mixture(cfg: BuildConfig) -> dict[str, float]:
     return mix
 
 
-def run(cfg: BuildConfig, out: Store, spark, manifest: dict) -> dict:
-    """Build DIR/samples and DIR/knowledge from the committed sentences; returns the updated manifest."""
-    t0 = time.perf_counter()
+@dataclass
+class SamplesJob:
+    """What the samples stage will be made of, decided before any work: its run key, inputs, tokenizer and
+    where the sentences are read from."""
+
+    key: str
+    inputs: dict
+    tok_json: str | None
+    sentences: Store
+
+
+def prepare(cfg: BuildConfig, manifest: dict, sentences_root: str, samples_only: bool) -> SamplesJob:
+    """Check the options, pick the inputs (see knowledge_inputs) and compute the samples run key."""
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise InputError(f"unknown task(s) {unknown}; tasks: {', '.join(TASKS)}")
-    inputs = knowledge_inputs(cfg)
-    if pert_files := perturbation_inputs(cfg):
-        inputs["perturbation"] = pert_files  # their digests enter the key
+    inputs = knowledge_inputs(cfg, manifest, samples_only)
     tok_json = load_tokenizer_json(cfg.tokenizer) if cfg.tokenizer else None
-    key_src = {"sentences": manifest["content_hash"], "options": cfg.samples_options(),
-               "inputs": {k: ([_file_digest(p) for p in v] if isinstance(v, list) else (_file_digest(v) if v else None))
-                          for k, v in inputs.items()},
-               "tokenizer": hashlib.sha256(tok_json.encode()).hexdigest()[:16] if tok_json else None,
-               "code": mf.code_version()}
-    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()
-    current = manifest.get("samples", {})
-    if current.get("run_key") == key and not cfg.force:
-        log.info("samples are current (same sentences, knowledge and options); nothing to do")
-        return manifest
+    key = mf.samples_key({
+        "sentences": manifest["content_hash"], "options": cfg.samples_options(),
+        "inputs": {k: ([_file_digest(p) for p in v] if isinstance(v, list) else (_file_digest(v) if v else None))
+                   for k, v in inputs.items()},
+        "tokenizer": hashlib.sha256(tok_json.encode()).hexdigest()[:16] if tok_json else None})
+    return SamplesJob(key, inputs, tok_json, Store(sentences_root))
 
+
+def run(cfg: BuildConfig, job: SamplesJob, out: Store, spark, manifest: dict) -> dict:
+    """Build samples/ and knowledge/ into the version `out` from the sentences `job.sentences`; returns the
+    manifest with its samples section (the caller validates and commits)."""
+    t0 = time.perf_counter()
+    inputs, tok_json, src = job.inputs, job.tok_json, job.sentences
+    out.remove("samples")  # what an earlier failed attempt at this version left
+    out.remove("knowledge")
     organisms = sorted(manifest["counts"]["organisms"])
     datasets = sorted({d for o in organisms for d in manifest["counts"]["organisms"][o]["datasets"]})
     knowledge_counts: dict[str, dict] = {}
@@ -224,7 +263,8 @@ def run(cfg: BuildConfig, out: Store, spark, manifest: dict) -> dict:
         gene_sets = list(zip(gs["name"].to_pylist(), gs["genes"].to_pylist(), strict=True))
         knowledge_counts["gene_sets"] = {"sets": gs.num_rows}
 
-    spatial_rows = _spatial_extents(cfg, out, spark, manifest)
+    session = spark() if spark is not None and spark.enabled else None
+    spatial_rows = _spatial_extents(cfg, src, session, manifest)
 
     # which tasks run, and why the others do not
     present = {"biogrid": bool(biogrid), "cellphonedb": bool(lr_pairs), "abstracts": bool(abstracts),
@@ -254,7 +294,7 @@ def run(cfg: BuildConfig, out: Store, spark, manifest: dict) -> dict:
             log.info("task %s skipped: %s", name, st["reason"])
 
     budget = TokenBudget(max_tokens=cfg.max_tokens, tokens_per_gene=cfg.tokens_per_gene, tokenizer_json=tok_json)
-    group_max = group_max_for_budget(budget, cfg.group_max, cfg.multi_cell_genes, _symbols(out, organisms))
+    group_max = group_max_for_budget(budget, cfg.group_max, cfg.multi_cell_genes, _symbols(src, organisms))
     if group_max < cfg.group_max:
         log.info("multi-cell groups: at most %d cells (%d genes each fit %d tokens; --group-max %d)", group_max,
                  cfg.multi_cell_genes, cfg.max_tokens, cfg.group_max)
@@ -263,31 +303,29 @@ def run(cfg: BuildConfig, out: Store, spark, manifest: dict) -> dict:
     ctx = SampleContext(
         mixture=active,
         budget=budget,
-        splits=_assign_splits(splits, ood, cfg, out, manifest, spark),
+        splits=_assign_splits(splits, ood, cfg, src, manifest, session),
         seed=cfg.seed, abstracts=abstracts, lr_pairs=lr_pairs, biogrid=biogrid, group_max=group_max,
         max_genes=genes_cap(budget),
         spatial=(spatial.sections(spatial_rows, cfg.spatial_tile_cells)
                  if any(TASKS[t].family == "spatial" for t in active) else {}),
     )
-    staging_rel = f"_staging/samples-{key[:16]}"
-    out.remove(staging_rel)
-    staging = out.child(staging_rel)
     for name, table in tables.items():
-        staging.write_table(f"knowledge/{name}.parquet", schemas.conform(table, schemas.TABLES[f"knowledge/{name}"],
+        out.write_table(f"knowledge/{name}.parquet", schemas.conform(table, schemas.TABLES[f"knowledge/{name}"],
                                                                         f"knowledge/{name}"))
     n_cells = manifest["counts"]["totals"]["written"]
     files = sorted(manifest["files"])
     results = []
     if any(TASKS[t].family in ("single", "multi", "spatial") for t in active):
-        if spark is not None:
-            parts = cfg.samples_partitions or max(spark.sparkContext.defaultParallelism, n_cells // CELLS_PER_PARTITION)
-            results = samples.run_spark(spark, out.path("sentences"), ctx, staging.uri, parts)
+        if session is not None:
+            parts = cfg.samples_partitions or max(session.sparkContext.defaultParallelism,
+                                                  n_cells // CELLS_PER_PARTITION)
+            results = samples.run_spark(session, src.uri, files, ctx, out.uri, parts, n_cells)
         else:
-            results = [samples.run_local(files, out, ctx, staging)]
-    results.append(samples.run_knowledge(gene_sets, ctx, staging))
+            results = [samples.run_local(files, src, ctx, out)]
+    results.append(samples.run_knowledge(gene_sets, ctx, out))
     if "perturbation_prediction" in active:  # on the driver, one file at a time (etl/tasks/perturbation.py)
-        pert_results, knowledge_counts["perturbation"] = perturbation.run(
-            inputs["perturbation"], perturbation.options_from_config(cfg), ctx, staging)
+        pert_results, knowledge_counts["perturbation"] = pert_stage.run(
+            inputs["perturbation"], pert_stage.options_from_config(cfg), ctx, out)
         results.extend(pert_results)
     merged = samples.merge_results(results)
     counts = merged["counts"]
@@ -295,19 +333,10 @@ def run(cfg: BuildConfig, out: Store, spark, manifest: dict) -> dict:
     if total == 0:
         raise InputError("the samples stage made no samples (check --tasks, --mixture and the inputs)")
 
-    # commit: old samples and knowledge out, new ones in, then the manifest
-    out.remove("samples")
-    out.remove("knowledge")
-    out.move(f"{staging_rel}/samples", "samples")
-    if tables:
-        out.move(f"{staging_rel}/knowledge", "knowledge")
-    out.remove(staging_rel)
-    if not out.list("_staging"):
-        out.remove("_staging")
-    nbytes = sum(merged["files"].values())
+    nbytes = sum(f["bytes"] for f in merged["files"].values())
     tokens = sum(counts.tokens.values())
     section = {
-        "run_key": key,
+        "run_key": job.key,
         "options": cfg.samples_options(),
         "inputs": {k: v for k, v in inputs.items() if v},
         "tokenizer": cfg.tokenizer,
@@ -327,29 +356,6 @@ def run(cfg: BuildConfig, out: Store, spark, manifest: dict) -> dict:
         "spatial": spatial.summary(ctx.spatial, cfg.spatial_tile_cells),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    manifest = {**manifest, "samples": section, "stages": ["sentences", "samples"], "created_at": mf.now()}
-    out.write_json("manifest.json", manifest)
-    validate(out, manifest)
     log.info("samples: %d samples from %d cells (%.2f per cell), %d tasks built, %.1f MB, %.1f s", total,
              counts.cells, total / max(n_cells, 1), len(active), nbytes / 1e6, section["seconds"])
-    return manifest
-
-
-def validate(out: Store, manifest: dict) -> None:
-    """Re-read DIR/samples: the files are the manifest's, match the schema, and hold the counted rows."""
-    section = manifest["samples"]
-    listed = set(out.list("samples", ".parquet"))
-    if listed != set(section["files"]):
-        raise mf.CorpusInvalid(f"{out.uri}: samples files differ from the manifest "
-                               f"(extra {sorted(listed - set(section['files']))[:3]}, "
-                               f"missing {sorted(set(section['files']) - listed)[:3]})")
-    rows: dict[tuple[str, str], int] = {}
-    for rel in listed:
-        f = pq.ParquetFile(out.path(rel))
-        schemas.check(f.schema_arrow, schemas.SAMPLES, rel)
-        task = rel.split("task=")[1].split("/")[0]
-        split = rel.split("split=")[1].split("/")[0]
-        rows[(task, split)] = rows.get((task, split), 0) + f.metadata.num_rows
-    want = {(t, s): n for t, d in section["counts"]["per_task_split"].items() for s, n in d.items()}
-    if rows != want:
-        raise mf.CorpusInvalid(f"{out.uri}: samples rows per task/split differ from the manifest")
+    return {**manifest, "samples": section, "stages": ["sentences", "samples"]}

@@ -1,10 +1,12 @@
 """The sentences stage: tasks → rank-encoded parquet parts, plus the statistics gathered in the same pass.
 
 `run_task` is plain Python (tests and benchmarks call it without Spark): it reads one task's blocks, encodes
-them, streams them into one parquet part, and writes a small `.npz` beside the staging area as the task's
-commit marker. A re-run finds finished tasks by that marker and reuses them, so a killed run resumes with
-no duplicate or partial part. `run_spark` is the thin orchestration: one Spark task per plan task, results
-merged with treeReduce (never collected one by one to the driver).
+them, streams them into one parquet part of the version being built, and writes a small `.npz` under the
+version's `_work/` as the task's marker. A re-run finds finished tasks by that marker and reuses them, so a
+killed run resumes with no duplicate or partial part. Each part's hash is the order-free sum of its rows'
+hashes (etl/rowhash.py). `run_spark` is the thin orchestration: one Spark task per plan task, results
+merged with treeReduce (never collected one by one to the driver), progress logged, input errors raised
+once on the driver.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import psutil
 import pyarrow as pa
-import xxhash
 
+from etl import rowhash
 from etl.encode import Encoder
 from etl.inverse import FitStats
 from etl.sources import census, h5ad
@@ -82,6 +84,7 @@ class Summary:
     resumed: int = 0
     task_seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    errors: list[str] = field(default_factory=list)  # input errors raised in tasks (Spark path)
 
     def __add__(self, o: Summary) -> Summary:
         ds = dict(self.datasets)
@@ -91,11 +94,16 @@ class Summary:
         for k, v in o.token_cells.items():
             tc[k] = tc[k] + v if k in tc else v
         return Summary(ds, tc, {**self.files, **o.files}, self.tasks + o.tasks, self.resumed + o.resumed,
-                       self.task_seconds + o.task_seconds, max(self.peak_rss_mb, o.peak_rss_mb))
+                       self.task_seconds + o.task_seconds, max(self.peak_rss_mb, o.peak_rss_mb),
+                       (self.errors + o.errors)[:10])
+
+
+class SourceChanged(InputError):
+    """A task read other cells than the plan selected for it."""
 
 
 def _stats_rel(task: Task) -> str:
-    return f"tasks/{task.organism}/{task.dataset_id}/{task.part_name}.npz"
+    return f"_work/tasks/{task.organism}/{task.dataset_id}/{task.part_name}.npz"
 
 
 def _save_result(staging: Store, task: Task, s: Summary, token_cells: np.ndarray) -> None:
@@ -124,16 +132,10 @@ def _load_result(staging: Store, task: Task, n_tokens: int) -> Summary:
                    {task.rel_path: meta["file"]}, 1, 1, 0.0, 0.0)
 
 
-def _label_ipc(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as w:
-        w.write_table(table)
-    return sink.getvalue().to_pybytes()
+def run_task(task: Task, staging: Store, col_token: np.ndarray, vocab: pa.Array, opts: TaskOptions) -> Summary:
+    """Encode one task into `staging/<task.rel_path>`; reuse it if a previous run finished it.
 
-
-def run_task(task: Task, staging: Store, col_token: np.ndarray, vocab: pa.Array, vocab_digest: str,
-             opts: TaskOptions) -> Summary:
-    """Encode one task into `staging/<task.rel_path>`; reuse it if a previous run finished it."""
+    Raises SourceChanged when the cells read are not the cells the plan selected (read = planned, per task)."""
     if staging.exists(_stats_rel(task)) and staging.exists(task.rel_path):
         return _load_result(staging, task, len(vocab))
     t0 = time.perf_counter()
@@ -141,8 +143,7 @@ def run_task(task: Task, staging: Store, col_token: np.ndarray, vocab: pa.Array,
     peak = proc.memory_info().rss
     encoder = Encoder(col_token, vocab, seed=opts.seed, max_genes=opts.max_genes)
     counts = DatasetCounts(planned=task.n_cells)
-    h = xxhash.xxh3_128()
-    h.update(vocab_digest.encode())
+    file_sum = 0
     stats_cols = [n for n in WRITE_SCHEMA.names if n != "genes"]
     read = _READERS[task.kind]
     with staging.parquet_writer(task.rel_path, WRITE_SCHEMA, compression=opts.compression,
@@ -178,12 +179,14 @@ def run_task(task: Task, staging: Store, col_token: np.ndarray, vocab: pa.Array,
                 writer.write_table(table, row_group_size=opts.row_group_cells)
                 counts.written += n
                 counts.fit = counts.fit + FitStats.from_cells(enc.fit)
-                h.update(_label_ipc(table.drop_columns(["genes"])))
-                h.update(np.ascontiguousarray(enc.offsets).tobytes())
-                h.update(np.ascontiguousarray(enc.tokens).tobytes())
+                file_sum = rowhash.fold(rowhash.row_hashes(table, WRITE_SCHEMA.names), file_sum)
             peak = max(peak, proc.memory_info().rss)
+        if counts.read != task.n_cells:
+            raise SourceChanged(f"{task.uri} dataset {task.dataset_id} (task {task.index}): read {counts.read} cells, "
+                                f"the plan selected {task.n_cells}; the source changed during the build (rebuild "
+                                "from a fixed copy or Census version)")
     size = staging.fs_root[0].get_file_info(staging.path(task.rel_path)).size
-    file_info = {"rows": counts.written, "hash": h.hexdigest(), "bytes": int(size or 0)}
+    file_info = {"rows": counts.written, "hash": f"{file_sum:016x}", "bytes": int(size or 0)}
     s = Summary({(task.organism, task.dataset_id): counts}, {task.organism: encoder.token_cells.copy()},
                 {task.rel_path: file_info}, 1, 0, time.perf_counter() - t0, peak / 2**20)
     _save_result(staging, task, s, encoder.token_cells)
@@ -217,10 +220,17 @@ def run_spark(spark, tasks: list[Task], staging_uri: str, shared: dict, opts: Ta
     """One Spark task per plan task; returns the merged Summary.
 
     `shared` holds, per organism, `symbols` and `digest`, and per var key the `col_token` array: broadcast
-    once, never pickled per task.
+    once, never pickled per task. An InputError in a task is reported, not raised (no retries, no Spark
+    tracebacks): the job stops and the driver raises it as one line.
     """
+    from etl.spark import SparkJob
+
+    if not tasks:
+        return Summary()
     sc = spark.sparkContext
     bc = sc.broadcast(shared)
+    job = SparkJob(spark, "sentences", total_cells=sum(t.n_cells for t in tasks), total_tasks=len(tasks))
+    errors, cells = job.errors, job.cells
 
     def part(it):
         worker_init(opts.cores)
@@ -228,25 +238,37 @@ def run_spark(spark, tasks: list[Task], staging_uri: str, shared: dict, opts: Ta
         store = Store(staging_uri)
         for t in it:
             org = bc.value["organisms"][t.organism]
-            s = s + run_task(t, store, bc.value["col_token"][t.var_key], _vocab(org["digest"], org["symbols"]),
-                             org["digest"], opts)
+            try:
+                s = s + run_task(t, store, bc.value["col_token"][t.var_key], _vocab(org["digest"], org["symbols"]),
+                                 opts)
+            except InputError as e:
+                errors.add([str(e)])
+                s.errors.append(str(e))
+                break
+            cells.add(t.n_cells)
         yield s
 
-    if not tasks:
-        return Summary()
     rdd = sc.parallelize(tasks, numSlices=len(tasks))
     depth = 2 if len(tasks) < 10_000 else 3
-    result = rdd.mapPartitions(part).treeReduce(lambda a, b: a + b, depth=depth)
-    bc.destroy()
+    try:
+        result = job.run(lambda: rdd.mapPartitions(part).treeReduce(lambda a, b: a + b, depth=depth))
+    finally:
+        bc.destroy()
+    if result.errors:
+        raise InputError(result.errors[0])
     return result
 
 
-def run_local(tasks: list[Task], staging_uri: str, shared: dict, opts: TaskOptions) -> Summary:
-    """The same work without Spark, in this process (tests, benchmarks, tiny inputs)."""
+def run_local(tasks: list[Task], staging_uri: str, shared: dict, opts: TaskOptions, progress: bool = True) -> Summary:
+    """The same work without Spark, in this process (tests, benchmarks, tiny inputs), with a progress bar."""
+    from tqdm.auto import tqdm
+
     s = Summary()
     store = Store(staging_uri)
-    for t in tasks:
-        org = shared["organisms"][t.organism]
-        s = s + run_task(t, store, shared["col_token"][t.var_key], _vocab(org["digest"], org["symbols"]),
-                         org["digest"], opts)
+    with tqdm(total=sum(t.n_cells for t in tasks), unit="cells", unit_scale=True, desc="sentences",
+              disable=not progress or None, leave=False) as bar:
+        for t in tasks:
+            org = shared["organisms"][t.organism]
+            s = s + run_task(t, store, shared["col_token"][t.var_key], _vocab(org["digest"], org["symbols"]), opts)
+            bar.update(t.n_cells)
     return s

@@ -1,9 +1,9 @@
 """perturbation_prediction: a control cell's sentence + a perturbation name -> the perturbed cell's sentence.
 
-From perturbation AnnData files (Perturb-seq style: one obs column names each cell's perturbation, control
-cells carry a control label, combinations join genes with a separator as in "KLF1+MAP2K6"). As in C2S-Scale,
-each perturbed cell is paired with a control of the same context (default: the same cell_type), chosen by
-hash. Splits hold perturbations out so a model is tested on what it never saw:
+The pure part of the task (no I/O): hold-outs, splits, control pools, pairing and sample rendering over what
+etl/sources/perturbation.py reads (FileObs); etl/stages/perturbation.py runs the passes and writes the parts.
+As in C2S-Scale, each perturbed cell is paired with a control of the same context (default: the same
+cell_type), chosen by hash. Splits hold perturbations out so a model is tested on what it never saw:
 
 - single perturbations chosen by hash (--perturbation-holdout) are test-only, alone or inside a combination;
 - combinations chosen by hash among those whose genes all have train cells as singles
@@ -11,67 +11,25 @@ hash. Splits hold perturbations out so a model is tested on what it never saw:
 - every other perturbed cell goes to train or val by a hash of the cell;
 - controls are ranked by hash within each context and shared out over the splits in proportion to the
   perturbed cells there; a sample takes its control from its own split's pool, so no cell is in two splits.
-
-The pure core (label parsing, hold-outs, splits, pairing, sample rendering) works on plain Python/numpy
-data; `run` is the thin driver: pass 1 reads obs only, pass 2 encodes the chosen controls (block by block),
-pass 3 streams the perturbed rows and writes parts through the samples stage's PartWriter. It runs on the
-driver, one file at a time; memory is the obs columns plus the chosen controls' (cut) sentences.
 """
 
 from __future__ import annotations
 
-import math
-import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import xxhash
 
-from etl.sources.base import ORGANISMS, InputError, normalise_organism, safe_name
+from etl.sources.base import ORGANISMS
+from etl.sources.perturbation import FileObs, PerturbationOptions, parse_label  # noqa: F401 (re-exported)
 from etl.tasks import templates as tpl
-from etl.tasks.builders import SPLITS, Counts, SampleContext, _row, draws, h64, unit
+from etl.tasks.common import SPLITS, Counts, SampleContext, draws, h64, row, unit
 
 TASK = "perturbation_prediction"
 NO_CELL_TYPE = "cell"  # {cell_type} when the file has no cell_type column: "a Homo sapiens cell"
 _SPLIT_CODE = {s: i for i, s in enumerate(SPLITS)}
-
-
-@dataclass(frozen=True)
-class PerturbationOptions:
-    """The options of the perturbation files (plain data; they enter the run key through the config)."""
-
-    column: str = "perturbation"
-    controls: tuple[str, ...] = ("control",)
-    context: tuple[str, ...] | None = None  # None: ("cell_type",) when that column exists, else ()
-    separator: str = "+"
-    holdout: float = 0.1
-    combination_holdout: float = 0.2
-    layer: str | None = None  # X | raw | a layer name
-    organism: str = "homo_sapiens"
-    uppercase: bool = True
-    block_cells: int = 4096
-
-
-# ---------------------------------------------------------------------------------------------- labels
-
-
-def parse_label(label, controls: frozenset[str], separator: str) -> tuple[str, ...] | None:
-    """The genes of a perturbation label: () for a control, None for a missing label.
-
-    Parts equal to a control label are dropped ("KLF1+ctrl" is the single KLF1, GEARS style); the genes of a
-    combination are sorted, so "MAP2K6+KLF1" and "KLF1+MAP2K6" are one combination."""
-    if label is None or (isinstance(label, float) and math.isnan(label)):
-        return None
-    text = str(label).strip()
-    if not text or text.lower() == "nan":
-        return None
-    if text in controls:
-        return ()
-    genes = {p.strip() for p in text.split(separator)} - controls - {""}
-    return tuple(sorted(genes))
 
 
 def choose_by_hash(items, fraction: float, seed: int, salt: str) -> frozenset:
@@ -88,19 +46,6 @@ def _key(x) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- splits
-
-
-@dataclass
-class FileObs:
-    """What pass 1 reads of one file: obs only."""
-
-    path: str
-    dataset_id: str
-    cell_ids: list[str]
-    genes: list[tuple[str, ...] | None]  # parsed label per cell
-    contexts: list[tuple[str, ...]]  # context values per cell
-    cell_types: list[str] | None  # the cell_type column, when the file has one
-    context_columns: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -274,7 +219,7 @@ def perturbation_sample(control: dict, perturbed: dict, perturbation: str, split
     while n >= max(floor, 1):
         prompt, response, est = _format(t, values, sentences[0][:n], sentences[1][:n], ctx)
         if est <= ctx.budget.max_tokens:  # the fit's estimate can round a token or two under
-            return _row(TASK, split, [control, perturbed], prompt, response, n, est, t, sid)
+            return row(TASK, split, [control, perturbed], prompt, response, n, est, t, sid)
         n -= 1
     counts.skip(TASK, "over_token_budget")
     return None
@@ -298,121 +243,6 @@ def build_pair_samples(plan: PairPlan, lo: int, hi: int, perturbed: dict[int, di
             yield row
 
 
-# ---------------------------------------------------------------------------------------------- reading
-
-
-def options_from_config(cfg) -> PerturbationOptions:
-    """PerturbationOptions from a BuildConfig ('none' as --perturbation-context pairs across the file)."""
-    context = tuple(cfg.perturbation_context) or None
-    if context and [c.lower() for c in context] == ["none"]:
-        context = ()
-    return PerturbationOptions(
-        column=cfg.perturbation_column, controls=tuple(cfg.control_label), context=context,
-        separator=cfg.combination_separator, holdout=cfg.perturbation_holdout,
-        combination_holdout=cfg.combination_holdout, layer=cfg.perturbation_layer,
-        organism=normalise_organism(cfg.organism), uppercase=cfg.uppercase, block_cells=cfg.block_cells)
-
-
-def check_files(paths: Sequence[str]) -> list[str]:
-    """Absolute paths, each an existing file with a dataset id (file stem) of its own."""
-    out, ids = [], {}
-    for p in paths:
-        if not os.path.isfile(p):
-            raise InputError(f"--perturbation-h5ad: file not found: {p!r}")
-        ds = safe_name(Path(p).stem)
-        if ds in ids:
-            raise InputError(f"--perturbation-h5ad: {p!r} and {ids[ds]!r} share the dataset id {ds!r} "
-                             "(the file name): rename one")
-        ids[ds] = p
-        out.append(str(Path(p).resolve()))
-    return out
-
-
-def _labels_hint(raw: np.ndarray) -> str:
-    common = Counter("<missing>" if v is None else str(v) for v in raw).most_common(8)
-    return ", ".join(f"{v!r} ({n})" for v, n in common)
-
-
-def read_obs(path: str, opts: PerturbationOptions) -> FileObs:
-    """Pass 1: the perturbation, context and cell_type columns of one file (never X)."""
-    from etl.sources.h5ad import _column, _columns, _index, _matrix_paths, _open
-
-    with _open(path) as f:
-        mpath, vpath = _matrix_paths(opts.layer)
-        if "obs" not in f or vpath not in f:
-            raise InputError(f"{path}: not an AnnData file (no obs/var groups)")
-        if mpath not in f:
-            raise InputError(f"{path}: no matrix {mpath!r} (--perturbation-layer {opts.layer!r})")
-        obs = f["obs"]
-        cols = set(_columns(obs)) - {obs.attrs.get("_index")}
-        if opts.column not in cols:
-            raise InputError(f"{path}: obs has no column {opts.column!r} (--perturbation-column); "
-                             f"obs columns: {sorted(cols)}")
-        context = opts.context if opts.context is not None else (("cell_type",) if "cell_type" in cols else ())
-        for c in context:
-            if c not in cols:
-                raise InputError(f"{path}: obs has no context column {c!r} (--perturbation-context); "
-                                 f"obs columns: {sorted(cols)}")
-        ids = _index(obs)
-        n = len(ids)
-        raw = _column(obs, opts.column, 0, n)
-        controls = frozenset(opts.controls)
-        genes = [parse_label(v, controls, opts.separator) for v in raw]
-        if not any(g == () for g in genes):
-            raise InputError(f"{path}: no cell has the control label(s) {sorted(controls)} in obs column "
-                             f"{opts.column!r} (--control-label); most common labels: {_labels_hint(raw)}")
-        if not any(genes):
-            raise InputError(f"{path}: every labelled cell in obs column {opts.column!r} is a control "
-                             f"({sorted(controls)}): no perturbed cell")
-        ctx_cols = [[("unknown" if v is None else str(v)) for v in _column(obs, c, 0, n)] for c in context]
-        contexts = list(zip(*ctx_cols, strict=True)) if ctx_cols else [()] * n
-        cell_types = ([("unknown" if v is None else str(v)) for v in _column(obs, "cell_type", 0, n)]
-                      if "cell_type" in cols else None)
-    return FileObs(path, safe_name(Path(path).stem), [str(x) for x in ids], genes, contexts, cell_types,
-                   tuple(context))
-
-
-def _encoder(f, vpath: str, opts: PerturbationOptions, ctx: SampleContext):
-    from etl.encode import Encoder, Vocabulary, var_words
-    from etl.sources.h5ad import _column, _columns, _index
-
-    var = f[vpath]
-    ids = _index(var)
-    names = _column(var, "feature_name", 0, len(ids)) if "feature_name" in _columns(var) else ids
-    words, _ = var_words(ids, names, uppercase=opts.uppercase)
-    voc = Vocabulary.from_sources([([str(x) for x in ids], words)])
-    enc = Encoder(voc.col_token(words), voc.symbols, seed=ctx.seed, max_genes=gene_cap(ctx))
-    return enc, voc.symbols.to_pylist()
-
-
-def encode_rows(path: str, rows: np.ndarray, opts: PerturbationOptions, ctx: SampleContext,
-                ) -> Iterator[tuple[np.ndarray, dict[int, list[str]]]]:
-    """(rows of the block, row -> ranked genes cut to gene_cap) for the given sorted rows, one block per
-    window of --block-cells file rows that holds any; rows with no expressed gene (or invalid values) have
-    no entry."""
-    from etl.sources.h5ad import _matrix_paths, _open, _rows
-
-    mpath, vpath = _matrix_paths(opts.layer)
-    rows = np.asarray(rows, np.int64)
-    with _open(path) as f:
-        enc, symbols = _encoder(f, vpath, opts, ctx)
-        i = 0
-        while i < len(rows):
-            j = int(np.searchsorted(rows, rows[i] + opts.block_cells))
-            want = rows[i:j]
-            m = _rows(f, mpath, int(want[0]), int(want[-1]) + 1)[want - want[0]]
-            m.sort_indices()
-            e = enc.encode(m.indptr, m.indices, m.data, want)
-            yield want, {int(want[p]): [symbols[t] for t in e.tokens[e.offsets[k]:e.offsets[k + 1]]]
-                         for k, p in enumerate(e.kept)}
-            i = j
-
-
-def _cell(fo: FileObs, row: int, genes: list[str], organism: str) -> dict:
-    return {"cell_id": fo.cell_ids[row], "organism": organism, "dataset_id": fo.dataset_id, "genes": genes,
-            "cell_type": fo.cell_types[row] if fo.cell_types is not None else None}
-
-
 def file_stats(fo: FileObs, splits: list[str | None], plan: PairPlan, pools: dict, hold: Holdout,
                separator: str) -> dict:
     """What the manifest records of one file (knowledge counts)."""
@@ -432,32 +262,3 @@ def file_stats(fo: FileObs, splits: list[str | None], plan: PairPlan, pools: dic
     }
 
 
-def run(paths: Sequence[str], opts: PerturbationOptions, ctx: SampleContext, staging) -> tuple[list[dict], dict]:
-    """The task over every file: one PartWriter result per file (merge with samples.merge_results) and the
-    per-file statistics for the manifest (dataset_id -> stats, plus the hold-outs over all files)."""
-    from etl.stages.samples import write_samples
-
-    paths = check_files(paths)
-    files = [read_obs(p, opts) for p in paths]
-    splits, hold = assign_splits(files, opts, ctx.splits.fractions, ctx.seed)
-    rate = ctx.mixture.get(TASK, 1.0)
-    results, stats = [], {}
-    for k, (fo, sp) in enumerate(zip(files, splits, strict=True)):
-        pools = control_pools(fo, sp, ctx.seed)
-        plan = plan_pairs(fo, sp, pools, rate, ctx.seed, opts.separator)
-
-        def rows(counts: Counts, fo=fo, plan=plan) -> Iterator[dict]:
-            if plan.skipped:
-                counts.skipped[TASK] = dict(plan.skipped)
-            controls = {}
-            for _, block in encode_rows(fo.path, plan.control_rows(), opts, ctx):  # pass 2: chosen controls
-                controls.update({r: _cell(fo, r, g, opts.organism) for r, g in block.items()})
-            for want, block in encode_rows(fo.path, np.unique(plan.pert), opts, ctx):  # pass 3: streamed
-                cells = {r: _cell(fo, r, g, opts.organism) for r, g in block.items()}
-                lo, hi = np.searchsorted(plan.pert, [want[0], want[-1] + 1])
-                yield from build_pair_samples(plan, int(lo), int(hi), cells, controls, ctx, counts)
-
-        results.append(write_samples(staging, f"perturbation-{k:03d}", rows))
-        stats[fo.dataset_id] = file_stats(fo, sp, plan, pools, hold, opts.separator)
-    return results, {"files": stats, "held_out_perturbations": sorted(hold.singles),
-                     "held_out_combinations": sorted(opts.separator.join(c) for c in hold.combinations)}

@@ -26,17 +26,17 @@ import xxhash
 from scipy.spatial import cKDTree
 
 from etl.tasks import TASKS
-from etl.tasks.builders import (
+from etl.tasks.common import (
     Counts,
     SampleContext,
-    _finish,
-    _labels,
-    _render,
-    _row,
     cell_order,
     draws,
+    finish,
     group_key,
     h64,
+    labels,
+    render,
+    row,
     unit,
 )
 
@@ -196,17 +196,17 @@ def _sample_id(task: str, c: dict, d: int, seed: int) -> str:
 def _neighbor(c: dict, nb: dict, sid: str, ctx: SampleContext, counts: Counts) -> dict | None:
     """Centre sentence in the prompt, its nearest neighbour's sentence as the response (both cut alike)."""
     task = "neighbor_generation"
-    values = {**_labels(c), "neighbor_sentence": ""}  # the neighbour's genes are fitted as a sentence
-    out = _render(task, sid, values, [c["genes"], nb["genes"]], ctx, counts)
+    values = {**labels(c), "neighbor_sentence": ""}  # the neighbour's genes are fitted as a sentence
+    out = render(task, sid, values, [c["genes"], nb["genes"]], ctx, counts)
     if out is None:
         return None
     _, _, n, _, t = out
     values["neighbor_sentence"] = " ".join(nb["genes"][:n])
-    prompt, response, est = _finish(task, t, values, [c["genes"][:n], nb["genes"][:n]], ctx)
+    prompt, response, est = finish(task, t, values, [c["genes"][:n], nb["genes"][:n]], ctx)
     if est > ctx.budget.max_tokens:
         counts.skip(task, "over_token_budget")
         return None
-    return _row(task, c["split"], [c, nb], prompt, response, n, est, t, sid)
+    return row(task, c["split"], [c, nb], prompt, response, n, est, t, sid)
 
 
 def _niche(tile: list[dict], i: int, index: TileIndex, sid: str, ctx: SampleContext, counts: Counts
@@ -227,12 +227,12 @@ def _niche(tile: list[dict], i: int, index: TileIndex, sid: str, ctx: SampleCont
         counts.skip(task, "too_few_far_cells")
         return None
     cells = sorted((tile[j] for j in [i, *others]), key=lambda x: h64("niche_order", sid, x["cell_id"]))
-    values = {**_labels(tile[i]), "num_cells": k, "answer": "yes" if positive else "no"}
-    out = _render(task, sid, values, [x["genes"] for x in cells], ctx, counts)
+    values = {**labels(tile[i]), "num_cells": k, "answer": "yes" if positive else "no"}
+    out = render(task, sid, values, [x["genes"] for x in cells], ctx, counts)
     if out is None:
         return None
     prompt, response, n, est, t = out
-    return _row(task, tile[i]["split"], cells, prompt, response, n, est, t, sid)
+    return row(task, tile[i]["split"], cells, prompt, response, n, est, t, sid)
 
 
 def spatial_samples(tile: list[dict], ctx: SampleContext, counts: Counts) -> Iterator[dict]:

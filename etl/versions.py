@@ -1,0 +1,250 @@
+"""The commit protocol: every build writes an immutable version; one small pointer, written last, commits it.
+
+    DIR/versions/<id>/_work/build.json   written first: the run keys (an unfinished version: resumable)
+    DIR/versions/<id>/sentences/...      task parts, written in place (never moved: object stores cannot)
+    DIR/versions/<id>/_work/...          task markers and stage results, removed before the manifest
+    DIR/versions/<id>/manifest.json      the version is complete (it is validated after this)
+    DIR/latest.json                      the commit: one PUT on an object store, a rename locally
+
+A reader of DIR sees the version `latest.json` names, before, during and after any build: a build that fails
+or is killed never changes the pointer and never deletes a committed version. Unfinished versions are resumed
+by a later run with the same run key, and removed when another build commits. `prune` keeps the newest N
+committed versions and every version a kept one reuses the sentences of.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import posixpath
+
+from etl.storage import TMP_MARK, Store
+from schemas.layout import MANIFEST, POINTER, VERSIONS, CorpusNotFound, CorpusVersion, resolve
+
+log = logging.getLogger(__name__)
+
+WORK = "_work"
+TABLE_DIRS = ("sentences", "vocab", "stats", "samples", "knowledge")  # what a version folder holds
+BUILD = f"{WORK}/build.json"
+
+
+class LegacyLayout(ValueError):
+    """DIR holds a corpus written before versions existed."""
+
+
+def _stamp() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+
+
+class Versions:
+    """The versions of one corpus directory (local path or object-store URI)."""
+
+    def __init__(self, uri: str):
+        self.out = Store(uri)
+
+    # ------------------------------------------------------------------------------------------ reading
+    def store(self, vid: str) -> Store:
+        return self.out.child(f"{VERSIONS}/{vid}")
+
+    def ids(self) -> list[str]:
+        return self.out.dirs(VERSIONS)
+
+    def committed(self) -> list[str]:
+        """Version ids with a manifest, oldest first (ids begin with their UTC creation time)."""
+        return [v for v in self.ids() if self.out.is_file(f"{VERSIONS}/{v}/{MANIFEST}")]
+
+    def unfinished(self) -> list[str]:
+        return [v for v in self.ids() if not self.out.is_file(f"{VERSIONS}/{v}/{MANIFEST}")]
+
+    def pointer(self) -> dict | None:
+        return self.out.read_json(POINTER) if self.out.is_file(POINTER) else None
+
+    def latest(self) -> CorpusVersion | None:
+        """The committed version readers see; None for an empty DIR. A pre-versions corpus raises LegacyLayout."""
+        if self.out.is_file(POINTER):
+            return resolve(self.out.uri)
+        if self.out.is_file(MANIFEST):
+            raise LegacyLayout(
+                f"{self.out.uri} holds a corpus in the layout before versions (manifest.json and tables at the top); "
+                f"convert it once with `python -m etl.versions migrate {self.out.uri}` (it becomes the first "
+                "version; readers keep working), or build into a new --output")
+        return None
+
+    def referenced(self, vid: str) -> set[str]:
+        """The versions `vid` needs: itself and the one whose sentences it reuses."""
+        m = self.store(vid).read_json(MANIFEST)
+        return {vid, m.get("sentences_version") or vid}
+
+    # ------------------------------------------------------------------------------------------ writing
+    def find_unfinished(self, sentences_key: str) -> str | None:
+        """An unfinished version started with the same sentences run key (its finished tasks are reused)."""
+        for vid in reversed(self.unfinished()):
+            st = self.store(vid)
+            if st.is_file(BUILD) and st.read_json(BUILD).get("sentences_key") == sentences_key:
+                return vid
+        return None
+
+    def create(self, key: str, **info) -> str:
+        vid = f"{_stamp()}-{key[:8]}"
+        self.store(vid).write_json(BUILD, {"key": key, "pid": os.getpid(), **info})
+        return vid
+
+    def commit(self, vid: str, manifest: dict, validate) -> None:
+        """Finish version `vid`: drop its work files, write its manifest, validate it (re-read), then switch the
+        pointer to it (the commit). `validate(uri)` raises on any mismatch; the pointer is then unchanged."""
+        st = self.store(vid)
+        st.remove(WORK)
+        st.write_json(MANIFEST, manifest)
+        validate(st.uri)
+        rel = f"{VERSIONS}/{vid}"
+        self.out.write_json(POINTER, {"version": vid, "path": rel, "created_at": manifest.get("created_at"),
+                                      "content_hash": manifest.get("content_hash"),
+                                      "samples_hash": manifest.get("samples", {}).get("samples_hash")})
+        log.info("committed version %s: %s now points to %s", vid, posixpath.join(self.out.uri, POINTER), rel)
+
+    def remove_unfinished(self, keep: str | None = None) -> list[str]:
+        """Delete the unfinished versions (of failed or killed builds) but `keep`: called after a commit.
+        One build at a time per DIR: a build running beside this one would lose its work."""
+        gone = [v for v in self.unfinished() if v != keep]
+        for v in gone:
+            self.out.remove(f"{VERSIONS}/{v}")
+        if gone:
+            log.info("removed %d unfinished version(s) of earlier failed or killed builds", len(gone))
+        return gone
+
+    def prune(self, keep: int) -> list[str]:
+        """Delete committed versions beyond the newest `keep` (the pointer's always kept), never one a kept
+        version reuses the sentences of. keep <= 0 keeps everything. Returns the deleted ids."""
+        if keep <= 0:
+            return []
+        done = self.committed()
+        ptr = (self.pointer() or {}).get("version")
+        kept = set(done[-keep:]) | ({ptr} if ptr else set())
+        needed = set().union(*(self.referenced(v) for v in kept)) if kept else set()
+        gone = [v for v in done if v not in needed]
+        for v in gone:
+            self.out.remove(f"{VERSIONS}/{v}")
+        if gone:
+            log.info("pruned %d old version(s) (--keep-versions %d): %s", len(gone), keep, ", ".join(gone))
+        return gone
+
+    def use(self, vid: str, validate) -> None:
+        """Point DIR at an existing committed version (roll back or forward), after validating it."""
+        if vid not in self.committed():
+            raise CorpusNotFound(f"{self.out.uri}: no committed version {vid!r} (versions: {', '.join(self.committed())})")
+        st = self.store(vid)
+        m = st.read_json(MANIFEST)
+        validate(st.uri)
+        self.out.write_json(POINTER, {"version": vid, "path": f"{VERSIONS}/{vid}", "created_at": m.get("created_at"),
+                                      "content_hash": m.get("content_hash"),
+                                      "samples_hash": m.get("samples", {}).get("samples_hash")})
+
+    def migrate(self) -> str:
+        """Turn a pre-versions corpus (manifest.json and tables at the top of DIR) into the first version.
+
+        Local: the tables are renamed into versions/<id>/ (cheap). Object stores: they are copied, then the old
+        top-level files are deleted after the pointer is written."""
+        if self.out.is_file(POINTER):
+            raise LegacyLayout(f"{self.out.uri} is already versioned ({POINTER} exists)")
+        if not self.out.is_file(MANIFEST):
+            raise CorpusNotFound(f"{self.out.uri}: no manifest.json to migrate")
+        manifest = self.out.read_json(MANIFEST)
+        vid = f"{(manifest.get('created_at') or '').replace('-', '').replace(':', '')}-legacy" \
+            if manifest.get("created_at") else f"{_stamp()}-legacy"
+        rels = [r for top in TABLE_DIRS for r in self.out.list(top) if TMP_MARK not in r]
+        fs, _ = self.out.fs_root
+        dst = self.store(vid)
+        for rel in rels:
+            fs.create_dir(posixpath.dirname(dst.path(rel)), recursive=True)
+            if self.out.local:
+                os.replace(self.out.path(rel), dst.path(rel))
+            else:
+                fs.copy_file(self.out.path(rel), dst.path(rel))
+        manifest = {**manifest, "version": vid, "sentences_version": vid}
+        dst.write_json(MANIFEST, manifest)
+        self.out.write_json(POINTER, {"version": vid, "path": f"{VERSIONS}/{vid}",
+                                      "created_at": manifest.get("created_at"),
+                                      "content_hash": manifest.get("content_hash")})
+        self.out.remove(MANIFEST)
+        for rel in rels:
+            self.out.remove(rel)
+        for top in (*TABLE_DIRS, "_staging"):
+            self.out.remove(top)
+        return vid
+
+
+def sweep(store: Store, keep: set[str]) -> int:
+    """Delete files of a version being built that its manifest will not list (a killed write's temporary
+    file, a part of a task no longer planned); `_work/` stays. Returns how many were deleted."""
+    n = 0
+    for rel in store.list(""):
+        if rel.startswith(f"{WORK}/") or rel in keep:
+            continue
+        store.remove(rel)
+        n += 1
+    return n
+
+
+def _describe(v: Versions, vid: str, current: str | None) -> str:
+    m = v.store(vid).read_json(MANIFEST)
+    cells = m.get("counts", {}).get("totals", {}).get("written", 0)
+    samples = m.get("samples", {}).get("counts", {}).get("total", 0)
+    reuse = m.get("sentences_version")
+    note = f", sentences of {reuse}" if reuse and reuse != vid else ""
+    return (f"{'*' if vid == current else ' '} {vid}  {m.get('created_at', '?')}  {cells:,} cells  {samples:,} samples"
+            f"  content {str(m.get('content_hash', ''))[:12]}{note}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m etl.versions {list,use,prune,migrate} DIR: look after a corpus's versions."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m etl.versions", description=(
+        "The versions of a corpus directory: list them (* marks the one latest.json names), point latest at "
+        "another (roll back or forward), prune old ones, or convert a corpus written before versions existed."))
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, help_ in (("list", "list committed and unfinished versions"),
+                        ("use", "point DIR/latest.json at VERSION (validated first)"),
+                        ("prune", "keep the newest N committed versions (and what they reuse)"),
+                        ("migrate", "turn a pre-versions corpus into its first version")):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("dir", metavar="DIR")
+        if name == "use":
+            sp.add_argument("version", metavar="VERSION")
+        if name == "prune":
+            sp.add_argument("--keep", type=int, required=True, metavar="N")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from etl.validate import CorpusInvalid, validate
+
+    v = Versions(args.dir)
+    try:
+        if args.cmd == "list":
+            current = (v.pointer() or {}).get("version")
+            for vid in v.committed():
+                print(_describe(v, vid, current))
+            for vid in v.unfinished():
+                print(f"  {vid}  (unfinished: a failed, killed or running build)")
+            if not v.ids() and v.out.is_file(MANIFEST):
+                print("  (a corpus in the layout before versions: `python -m etl.versions migrate DIR`)")
+        elif args.cmd == "use":
+            v.use(args.version, validate)
+            print(f"{args.dir}/{POINTER} -> {VERSIONS}/{args.version}")
+        elif args.cmd == "prune":
+            if args.keep < 1:
+                p.error("--keep must be at least 1")
+            gone = v.prune(args.keep)
+            print(f"pruned {len(gone)} version(s)" + (f": {', '.join(gone)}" if gone else ""))
+        else:
+            print(f"migrated {args.dir} into {VERSIONS}/{v.migrate()}")
+    except (CorpusNotFound, LegacyLayout, CorpusInvalid) as e:
+        log.error("%s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Where a corpus's files live: immutable versions behind one small pointer (shared by the ETL and the trainer).
+
+    DIR/latest.json                    {"version": "<id>", "path": "versions/<id>", ...}: written last (the commit)
+    DIR/versions/<id>/manifest.json    a version's own marker: written once its tables are complete
+    DIR/versions/<id>/samples/..., knowledge/...
+    DIR/versions/<id>/sentences/..., vocab/..., stats/...   (or in the version named by "sentences_version")
+
+A reader given DIR follows `latest.json`; given `DIR/versions/<id>` it reads that version (pinned). A corpus
+written before versions existed (manifest.json and tables directly in DIR) is still read, as it was. Paths are
+local or object-store URIs (s3://, s3a://, gs://) through pyarrow.fs; an S3 endpoint comes from
+AWS_ENDPOINT_URL, as in the AWS SDKs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+POINTER = "latest.json"
+VERSIONS = "versions"
+MANIFEST = "manifest.json"
+# tables written by the sentences stage (they live in the version named by "sentences_version")
+SENTENCES_TABLES = ("sentences", "vocab", "stats")
+
+
+class CorpusNotFound(ValueError):
+    """DIR is not a readable corpus; the message names DIR and says what to do."""
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(file system, path on it) for a local path or an object-store URI (s3a:// and s3n:// read as s3://)."""
+    if uri.startswith(("s3a://", "s3n://")):
+        uri = "s3://" + uri.split("://", 1)[1]
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    fs, path = pafs.FileSystem.from_uri(uri)
+    return fs, path.rstrip("/")
+
+
+def join(uri: str, *parts: str) -> str:
+    """`uri`/parts, keeping the scheme of an object-store URI."""
+    if "://" in uri:
+        return "/".join([uri.rstrip("/"), *parts])
+    return os.path.join(uri, *parts)
+
+
+def _read_json(fs: pafs.FileSystem, path: str, what: str) -> dict | None:
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        raw = f.read()
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorpusNotFound(f"{what} is not valid JSON ({e}); the corpus is damaged") from e
+    if not isinstance(obj, dict):
+        raise CorpusNotFound(f"{what} is not a JSON object; the corpus is damaged")
+    return obj
+
+
+@dataclass(frozen=True)
+class CorpusVersion:
+    """One readable corpus version: its manifest and where each of its tables lives."""
+
+    uri: str  # what was asked for (DIR or DIR/versions/<id>)
+    root: str  # the folder that holds manifest.json
+    version: str | None  # version id; None for a corpus written before versions existed
+    manifest: dict
+
+    @property
+    def sentences_root(self) -> str:
+        """The folder holding sentences/, vocab/ and stats/: this version's, or the one it reuses."""
+        sid = self.manifest.get("sentences_version")
+        if self.version is None or not sid or sid == self.version:
+            return self.root
+        return join(posixpath.dirname(self.root.rstrip("/")) if "://" in self.root
+                    else os.path.dirname(self.root.rstrip(os.sep)), sid)
+
+    def table_root(self, table: str) -> str:
+        """The folder that holds `table` (sentences, vocab, stats, samples, knowledge)."""
+        return self.sentences_root if table in SENTENCES_TABLES else self.root
+
+    def path(self, table: str, *rest: str) -> str:
+        return join(self.table_root(table), table, *rest)
+
+
+def resolve(uri: str) -> CorpusVersion:
+    """The version a reader of `uri` sees: DIR's latest, a pinned DIR/versions/<id>, or a pre-versions corpus."""
+    fs, base = filesystem(uri)
+    pointer = _read_json(fs, posixpath.join(base, POINTER), f"{uri}/{POINTER}")
+    if pointer is not None:
+        rel = pointer.get("path") or (f"{VERSIONS}/{pointer['version']}" if pointer.get("version") else None)
+        if not rel:
+            raise CorpusNotFound(f"{uri}/{POINTER} names no version; the corpus is damaged")
+        root = join(uri, rel)
+        manifest = _read_json(fs, posixpath.join(base, rel, MANIFEST), f"{root}/{MANIFEST}")
+        if manifest is None:
+            raise CorpusNotFound(f"{uri}/{POINTER} points to {rel}, which has no {MANIFEST}; the corpus is damaged "
+                                 "(pin an older version: DIR/versions/<id>)")
+        return CorpusVersion(uri, root, manifest.get("version") or pointer.get("version"), manifest)
+    manifest = _read_json(fs, posixpath.join(base, MANIFEST), f"{uri}/{MANIFEST}")
+    if manifest is not None:
+        return CorpusVersion(uri, uri, manifest.get("version"), manifest)
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        raise CorpusNotFound(f"corpus {uri}: not found")
+    if info.type == pafs.FileType.File:
+        raise CorpusNotFound(f"corpus {uri}: is a file, not a corpus directory")
+    if fs.get_file_info(posixpath.join(base, VERSIONS)).type == pafs.FileType.Directory:
+        raise CorpusNotFound(f"corpus {uri}: no committed version yet (no {POINTER}: a build is running or did "
+                             "not finish); rerun the build, or pin a version: DIR/versions/<id>")
+    raise CorpusNotFound(f"corpus {uri}: no {POINTER} or {MANIFEST} (not a built corpus)")

@@ -1,0 +1,125 @@
+"""Builds into an S3 bucket, for real: a local S3-compatible server (moto's server mode) on 127.0.0.1, reached
+through AWS_ENDPOINT_URL as the AWS SDKs and pyarrow do. Two builds, a third that fails halfway, prune,
+roll back: `latest` always resolves to a committed version that validates, and nothing committed is lost."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from etl.config import BuildConfig
+from etl.pipeline import build
+from etl.sources.base import InputError
+from etl.storage import Store
+from etl.validate import validate
+from etl.versions import Versions
+from schemas.layout import resolve
+
+BUCKET = "c2s-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server started by PID and stopped the same way; the AWS environment points at it."""
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError("moto server did not start") from None
+                time.sleep(0.2)
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        yield env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _cfg(census: str, out: str, **kw) -> BuildConfig:
+    opts = {"organisms": ["homo_sapiens"], "cells_per_task": 150, "max_genes": 100,
+            "tasks": ["cell_type_prediction", "multi_cell_lm"], **kw}
+    return BuildConfig(output=out, census_uri=census, **opts)
+
+
+def test_build_rebuild_failed_build_prune_and_rollback_on_s3(s3, demo_census, tmp_path):
+    out = f"s3://{BUCKET}/corpora/c1"
+    first = build(_cfg(demo_census, out), None)
+    assert validate(out, deep=True)["version"] == first["version"]
+    second = build(_cfg(demo_census, out, max_tokens=512), None)  # samples differ: sentences reused
+    assert second["sentences_version"] == first["version"] and second["version"] != first["version"]
+    assert resolve(out).version == second["version"]
+    assert validate(out, deep=True)["content_hash"] == first["content_hash"]
+
+    # a third build fails halfway, after its sentences are written to the bucket: a broken GMT file
+    bad = tmp_path / "broken.gmt"
+    bad.write_text("ONLY_A_NAME\n")
+    with pytest.raises(InputError, match=r"broken\.gmt, line 1"):
+        build(_cfg(demo_census, out, max_genes=80, gene_sets=[str(bad)],
+                   tasks=["cell_type_prediction", "gene_set_naming"]), None)
+    v = Versions(out)
+    assert resolve(out).version == second["version"]  # latest unchanged
+    assert validate(out, deep=True)["samples"]["samples_hash"] == second["samples"]["samples_hash"]
+    (unfinished,) = v.unfinished()
+    assert Store(out).list(f"versions/{unfinished}/sentences"), "the failed build's parts are in the bucket"
+    assert set(v.committed()) == {first["version"], second["version"]}
+
+    # the next successful build removes the unfinished version; prune keeps what the kept version reuses
+    third = build(_cfg(demo_census, out, max_tokens=768), None)
+    assert not v.unfinished() and third["sentences_version"] == first["version"]
+    assert v.prune(1) == [second["version"]]  # first stays: third reuses its sentences
+    assert set(v.committed()) == {first["version"], third["version"]}
+    assert validate(out, deep=True)["version"] == third["version"]
+
+    # roll back to the first version: one pointer write
+    v.use(first["version"], validate)
+    assert resolve(out).version == first["version"]
+    assert validate(f"{out}/versions/{third['version']}")["version"] == third["version"]  # pinned still reads
+
+
+@pytest.mark.slow
+def test_cli_on_spark_writes_to_s3_and_reports_input_errors_in_one_line(s3, demo_census, tmp_path):
+    """The user's path: the build command on Spark local[2], output in a bucket, then a bad option."""
+    out = f"s3://{BUCKET}/corpora/cli"
+    env = {**os.environ, **s3, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    cmd = [sys.executable, "-m", "etl.build_corpus", "--census-uri", demo_census, "--output", out,
+           "--master", "local[2]", "--cells-per-task", "200", "--max-genes", "100",
+           "--tasks", "cell_type_prediction,multi_cell_lm"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = validate(out, deep=True)
+    assert m["counts"]["totals"]["written"] > 0 and m["samples"]["counts"]["total"] > 0
+    bad = subprocess.run([*cmd, "--max-cells", "-5"], env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2
+    errors = [ln for ln in bad.stderr.splitlines() if "ERROR" in ln]
+    assert len(errors) == 1 and "--max-cells must be at least 1" in errors[0] and "Traceback" not in bad.stderr
+    assert resolve(out).version == m["version"]
