@@ -9,7 +9,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export PYSPARK_PYTHON := $(abspath $(BIN))/python
 export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN))/python
 
-.PHONY: setup demo train test lint bench gpu-wheels clean help
+.PHONY: setup demo train test test-quick lint bench gpu-wheels clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*## /\t/'
@@ -35,6 +35,10 @@ train: setup  ## a short SFT run of the tiny model on ./corpus (after `make demo
 test: setup  ## lint, then run the test suite
 	$(BIN)/ruff check etl training schemas tests benchmarks jobs
 	$(BIN)/python -m pytest -q tests
+
+test-quick: setup  ## lint, then the suite without the slow end-to-end tests (spark-submit, CLI on S3, ...)
+	$(BIN)/ruff check etl training schemas tests benchmarks jobs
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: setup  ## ruff
 	$(BIN)/ruff check etl training schemas tests benchmarks jobs

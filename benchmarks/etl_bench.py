@@ -9,7 +9,9 @@ prints one JSON line, all measured in this run on the same cells (a generated Ce
   c2s_cells_per_s         cell2sentence 1.2.0's conversion to Arrow, CSData.adata_to_arrow (its public API)
   c2s_sentences_cells_per_s  the sentence step alone (generate_vocabulary + generate_sentences), for reference
   read_floor_cells_per_s  plain tiledbsoma blockwise(axis=0).scipy() read of X raw, nothing else
-  end_to_end_cells_per_s  the whole build in one process: plan, read, encode, parquet, vocab, manifest
+  end_to_end_cells_per_s  the sentences stage as a whole build in one process (--stages sentences): plan,
+                          read, encode, parquet parts, vocab and stats tables, validation, commit
+  with_samples_cells_per_s  the same build with the samples stage too (the default --stages), per cell
 and peak RSS of one task (fresh process, 256-cell blocks, so N/10 already spans several blocks and
 queries) at N/10 and N cells: memory is set by the block, not by the task.
 """
@@ -33,7 +35,7 @@ sys.path.insert(0, ROOT)
 
 
 def census(cells: int, genes: int, nnz: int) -> str:
-    from etl.sources.demo import ensure_demo_census
+    from etl.demo import ensure_demo_census
 
     uri = os.path.join(ROOT, ".bench", f"census_{cells}_{genes}_{nnz}")
     return ensure_demo_census(uri, n_cells=cells, n_genes=genes, mean_nnz=nnz, organisms=("homo_sapiens",), seed=7)
@@ -65,8 +67,9 @@ def blocks_in_memory(uri: str, block: int):
 
 
 def encode_speed(uri: str, blocks) -> tuple[float, float]:
-    from etl.encode import Encoder, Vocabulary, var_words
+    from etl.encode import Encoder, Vocabulary
     from etl.sources.census import open_census
+    from etl.symbols import var_words
 
     var = open_census(uri)["census_data"]["homo_sapiens"].ms["RNA"].var.read().concat().to_pandas()
     var = var.sort_values("soma_joinid")
@@ -119,14 +122,15 @@ def c2s_speed(uri: str, blocks) -> tuple[float, float]:
     return arrow, sentences
 
 
-def end_to_end(uri: str, cells_per_task: int, block_cells: int) -> float:
+def end_to_end(uri: str, cells_per_task: int, block_cells: int, stages: list[str]) -> float:
+    """Cells/s of a whole build of `stages` in one process: plan, the stages, validation, commit."""
     from etl.config import BuildConfig
     from etl.pipeline import build
 
     with tempfile.TemporaryDirectory(dir=os.path.join(ROOT, ".bench")) as d:
         t = time.perf_counter()
         m = build(BuildConfig(output=d, census_uri=uri, organisms=["homo_sapiens"], obs_filter=None,
-                              cells_per_task=cells_per_task, block_cells=block_cells))
+                              cells_per_task=cells_per_task, block_cells=block_cells, stages=stages))
         return m["counts"]["totals"]["read"] / (time.perf_counter() - t)
 
 
@@ -143,7 +147,8 @@ def hwm():  # this process's peak RSS in MiB (VmHWM; ru_maxrss would carry the p
 sys.path.insert(0, {ROOT!r})
 from etl.sources.base import Task
 from etl.sources import census
-from etl.encode import Vocabulary, var_words
+from etl.encode import Vocabulary
+from etl.symbols import var_words
 from etl.stages.sentences import run_task, TaskOptions
 from etl.storage import Store
 import numpy as np
@@ -156,7 +161,7 @@ voc = Vocabulary.from_sources([(list(var["feature_id"]), words)])
 task = Task("bench/0", "census", uri, "homo_sapiens", "bench", 0, 0, {cells} - 1, {cells}, "homo_sapiens")
 base = hwm()
 with tempfile.TemporaryDirectory() as d:
-    s = run_task(task, Store(d), voc.col_token(words), voc.symbols, "x", TaskOptions(block_cells=256, max_genes=2048))
+    s = run_task(task, Store(d), voc.col_token(words), voc.symbols, TaskOptions(block_cells=256, max_genes=2048))
 print(json.dumps({{"cells": {cells}, "peak_rss_mib": hwm(),
                   "before_task_mib": base, "task_sampled_peak_mib": s.peak_rss_mb}}))
 """
@@ -184,7 +189,8 @@ def main() -> None:
     enc, enc_str = encode_speed(uri, blocks)
     c2s, c2s_sent = (float("nan"),) * 2 if a.skip_c2s else c2s_speed(uri, blocks)
     del blocks
-    e2e = end_to_end(uri, cells_per_task=a.cells, block_cells=a.block)
+    e2e = end_to_end(uri, cells_per_task=a.cells, block_cells=a.block, stages=["sentences"])
+    e2e_samples = end_to_end(uri, cells_per_task=a.cells, block_cells=a.block, stages=["sentences", "samples"])
     small, large = task_peak_rss(uri, a.cells // 10), task_peak_rss(uri, a.cells)
     print(json.dumps({
         "cells": n, "genes": a.genes, "mean_nnz": round(nnz, 1),
@@ -194,6 +200,7 @@ def main() -> None:
         "encode_materialised_cells_per_s": round(enc_str),
         "read_floor_cells_per_s": round(floor), "end_to_end_cells_per_s": round(e2e),
         "end_to_end_vs_read_floor": round(e2e / floor, 3),
+        "with_samples_cells_per_s": round(e2e_samples), "with_samples_vs_read_floor": round(e2e_samples / floor, 3),
         "task_peak_rss_mib": {str(r["cells"]): round(r["peak_rss_mib"]) for r in (small, large)},
         "task_process_rss_before_task_mib": {str(r["cells"]): round(r["before_task_mib"]) for r in (small, large)},
         "task_rss_sampled_per_block_mib": {str(r["cells"]): round(r["task_sampled_peak_mib"]) for r in (small, large)},

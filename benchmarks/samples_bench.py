@@ -28,18 +28,19 @@ def main() -> None:
                    "in one process; samples/s per core = samples/s / cores")
     a = p.parse_args()
     from etl.config import BuildConfig
+    from etl.demo import ensure_demo_census
     from etl.pipeline import build
-    from etl.sources.demo import ensure_demo_census
     from etl.stages import samples_plan
-    from etl.storage import Store
 
     os.makedirs(os.path.join(ROOT, ".bench"), exist_ok=True)
     uri = ensure_demo_census(os.path.join(ROOT, ".bench", f"samples_census_{a.cells}"), n_cells=a.cells,
                              n_genes=4000, mean_nnz=1500, seed=3)
     out = os.path.join(ROOT, ".bench", f"samples_corpus_{a.cells}")
-    k = samples_plan.knowledge_inputs(BuildConfig())  # the demo knowledge files
-    m = build(BuildConfig(output=out, census_uri=uri, stages=["sentences"]))
-    cfg = BuildConfig(output=out, census_uri=uri, stages=["samples"], force=True, max_tokens=a.max_tokens, **k)
+    k = samples_plan.demo_knowledge()
+    build(BuildConfig(output=out, census_uri=uri, stages=["sentences"], keep_versions=1))
+    # samples only, forced: each run a new version over the same sentences (--keep-versions 1 prunes the last)
+    cfg = BuildConfig(output=out, census_uri=uri, stages=["samples"], force=True, max_tokens=a.max_tokens,
+                      keep_versions=1, **k)
     spark = None
     if a.spark:
         from etl.spark import get_spark
@@ -48,10 +49,10 @@ def main() -> None:
     cold = None
     if spark is not None:  # the first run pays the JVM's and the Python workers' warm-up: timed apart
         t = time.perf_counter()
-        samples_plan.run(cfg, Store(out), spark, m)
+        build(cfg, spark)
         cold = time.perf_counter() - t
     t = time.perf_counter()
-    m = samples_plan.run(cfg, Store(out), spark, m)
+    m = build(cfg, spark)
     secs = time.perf_counter() - t
     cores = (os.cpu_count() or 1) if a.spark else 1
     if spark is not None:

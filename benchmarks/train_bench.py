@@ -25,15 +25,15 @@ sys.path.insert(0, ROOT)
 
 def build_corpus(cells: int) -> str:
     from etl.config import BuildConfig
+    from etl.demo import ensure_demo_census
     from etl.pipeline import build
-    from etl.sources.demo import ensure_demo_census
     from etl.stages import samples_plan
 
     os.makedirs(os.path.join(ROOT, ".bench"), exist_ok=True)
     uri = ensure_demo_census(os.path.join(ROOT, ".bench", f"train_census_{cells}"), n_cells=cells,
                              n_genes=2000, mean_nnz=600, seed=5)
     out = os.path.join(ROOT, ".bench", f"train_corpus_{cells}")
-    k = samples_plan.knowledge_inputs(BuildConfig())  # the demo knowledge files
+    k = samples_plan.demo_knowledge()
     build(BuildConfig(output=out, census_uri=uri, max_genes=400, **k))
     return out
 
