@@ -96,7 +96,11 @@ class Versions:
         st = self.store(vid)
         st.remove(WORK)
         st.write_json(MANIFEST, manifest)
-        validate(st.uri)
+        try:
+            validate(st.uri)
+        except BaseException:
+            st.remove(MANIFEST)  # not a committed version: the next commit removes it
+            raise
         rel = f"{VERSIONS}/{vid}"
         self.out.write_json(POINTER, {"version": vid, "path": rel, "created_at": manifest.get("created_at"),
                                       "content_hash": manifest.get("content_hash"),

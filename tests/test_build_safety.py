@@ -250,3 +250,75 @@ def test_spark_submit_census_sample_exact_and_hash_equal_across_masters(demo_cen
     local = build(BuildConfig(output=str(tmp_path / "local"), census_uri=demo_census, max_cells=n,
                               cells_per_task=1000, stages=["sentences"]))
     assert local["content_hash"] == m["content_hash"]
+
+
+# ---------------------------------------------------------------------------------------- the validator
+
+
+def test_deep_validation_finds_changed_rows_foreign_cells_and_split_leaks(tmp_path, caplog):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from etl import validate as v
+
+    path, _ = write_h5ad(tmp_path / "a.h5ad", n_cells=120, n_genes=30, seed=2)
+    out = str(tmp_path / "c")
+    build(BuildConfig(output=out, h5ad=[path], cell_type_column="celltype", max_genes=30, split_key="cell",
+                      tasks=["cell_type_prediction", "cell_lm"]))
+    assert v.main([out, "--deep"]) == 0
+    st = Store(corpus_path(out))
+    part = st.list("sentences", ".parquet")[0]
+    original = st.read_bytes(part)
+
+    def rewrite(rel: str, change) -> None:
+        t = pq.read_table(st.path(rel))
+        pq.write_table(change(t), st.path(rel))
+
+    # one gene swapped in one sentence, same row count: only the deep check sees it
+    def swap(t):
+        genes = t["genes"].to_pylist()
+        genes[0] = genes[0][1:2] + genes[0][:1] + genes[0][2:]
+        return t.set_column(t.schema.get_field_index("genes"), "genes", pa.array(genes, t.schema.field("genes").type))
+
+    rewrite(part, swap)
+    size = Path(st.path(part)).stat().st_size
+    m = st.read_json("manifest.json")
+    m["files"][part]["bytes"] = size  # a tamperer who fixed the size too
+    st.write_json("manifest.json", m)
+    v.validate(out)  # the shallow check passes
+    with pytest.raises(v.CorpusInvalid, match="its rows hash to"):
+        v.validate(out, deep=True)
+    st.write_bytes(part, original)
+    m["files"][part]["bytes"] = len(original)
+    st.write_json("manifest.json", m)
+
+    samples = st.list("samples/task=cell_lm", ".parquet")
+    train = next(p for p in samples if "split=train" in p)
+    val = next(p for p in st.list("samples", ".parquet") if "split=val" in p)
+    kept = {p: st.read_bytes(p) for p in (train, val)}
+    m = st.read_json("manifest.json")
+
+    def fix_manifest(rel: str) -> None:
+        mm = st.read_json("manifest.json")
+        mm["samples"]["files"][rel]["bytes"] = Path(st.path(rel)).stat().st_size
+        st.write_json("manifest.json", mm)
+
+    # a sample that names a cell the corpus does not have
+    rewrite(train, lambda t: t.set_column(t.schema.get_field_index("cell_ids"), "cell_ids",
+                                          pa.array([["no-such-cell"]] + t["cell_ids"].to_pylist()[1:],
+                                                   t.schema.field("cell_ids").type)))
+    fix_manifest(train)
+    with pytest.raises(v.CorpusInvalid, match="not in the corpus's sentences"):
+        v._deep_cells(resolve(out))
+    st.write_bytes(train, kept[train])
+    # a val sample that uses a train cell
+    train_cell = pq.read_table(st.path(train))["cell_ids"].to_pylist()[0]
+    rewrite(val, lambda t: t.set_column(t.schema.get_field_index("cell_ids"), "cell_ids",
+                                        pa.array([train_cell] + t["cell_ids"].to_pylist()[1:],
+                                                 t.schema.field("cell_ids").type)))
+    fix_manifest(val)
+    with pytest.raises(v.CorpusInvalid, match="a cell appears in two splits"):
+        v._deep_cells(resolve(out))
+    assert v.main([out, "--deep"]) == 1  # the CLI: non-zero, naming the first mismatch
+    assert "invalid: samples/task=cell_lm/split=val" in caplog.text
+    assert v.main([str(tmp_path / "nothing")]) == 2
