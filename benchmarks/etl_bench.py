@@ -123,15 +123,18 @@ def c2s_speed(uri: str, blocks) -> tuple[float, float]:
 
 
 def end_to_end(uri: str, cells_per_task: int, block_cells: int, stages: list[str]) -> float:
-    """Cells/s of a whole build of `stages` in one process: plan, the stages, validation, commit."""
+    """Cells/s of a whole build of `stages` in one process: plan, the stages, validation, commit (best of 2)."""
     from etl.config import BuildConfig
     from etl.pipeline import build
 
-    with tempfile.TemporaryDirectory(dir=os.path.join(ROOT, ".bench")) as d:
-        t = time.perf_counter()
-        m = build(BuildConfig(output=d, census_uri=uri, organisms=["homo_sapiens"], obs_filter=None,
-                              cells_per_task=cells_per_task, block_cells=block_cells, stages=stages))
-        return m["counts"]["totals"]["read"] / (time.perf_counter() - t)
+    best = 0.0
+    for _ in range(2):  # best of 2, as the read floor
+        with tempfile.TemporaryDirectory(dir=os.path.join(ROOT, ".bench")) as d:
+            t = time.perf_counter()
+            m = build(BuildConfig(output=d, census_uri=uri, organisms=["homo_sapiens"], obs_filter=None,
+                                  cells_per_task=cells_per_task, block_cells=block_cells, stages=stages))
+            best = max(best, m["counts"]["totals"]["read"] / (time.perf_counter() - t))
+    return best
 
 
 def task_peak_rss(uri: str, cells: int) -> dict:

@@ -6,9 +6,14 @@ entries shuffled with a generator seeded from (seed, soma_joinid) — so ties br
 way in any partitioning — and then stably sorted by descending count. Raw counts are small integers, so the
 sort is a counting sort over value buckets (O(nnz + distinct values)); values above the bucket cap, and
 non-integer data, take a stable comparison sort. Count 1 (about three quarters of raw UMI counts) is
-split off without branches in the first pass and shuffled straight into the tail of the sentence. The same
-pass accumulates the sufficient statistics of the C2S inverse-transform fit (log10(1+normalised
+split off without branches in the first pass and shuffled straight into the tail of the sentence; the same
+pass counts expressing cells per column (a sequential walk; folded into per-symbol counts once per block).
+The placement accumulates the sufficient statistics of the C2S inverse-transform fit (log10(1+normalised
 expression) on log10(1+rank)), per run of equal values. See BENCHMARKS.md for what each step costs.
+
+The tie-break is exactly uniform (given a uniform generator): the generator is a splitmix64 stream, every
+bounded draw is Lemire's nearly-divisionless method with its rejection step, and draws are batched two to
+a 32-bit half (Brackett-Rozinsky & Lemire 2024, with the batch's rejection step), four per generator step.
 """
 
 from __future__ import annotations
@@ -19,48 +24,128 @@ import numba as nb
 import numpy as np
 import pyarrow as pa
 
+from etl.jit import njit
+
+# Bump whenever the encoder's output bytes may change for the same input (it goes into the build's run
+# key, so a changed encoder never reuses parts written by an older one). 1: the first release; 2: the
+# exactly uniform tie-break (splitmix64 stream, Lemire's method with rejection, batched draws).
+ENCODER_VERSION = 2
+
 # Why a cell was skipped, indexed by the kernel's status code (0 = written).
 SKIP_REASONS: tuple[str, ...] = ("nan_or_inf", "negative", "no_expressed_genes")
 FIT_MAX_RANK = 999  # C2S fits on log10(1 + rank) < 3, i.e. 0-based ranks 0..998
 NORMALIZE_TARGET = 1e4  # counts scaled to this per-cell total before log10(1 + x) (see docs/ARCHITECTURE.md)
 _CAP = 4096  # counting-sort buckets: integer counts 1.._CAP; larger values are few and take a comparison sort
 _U = nb.uint64
+_M32 = 0xFFFFFFFF
+_BATCH = 65536  # two bounds up to this share one 32-bit half: their product is at most 2**32
 
 
-@nb.njit(cache=True, inline="always")
+@njit(inline="always")
+def _mix(z):
+    """splitmix64's output function (Steele, Lea & Flood 2014): a bijection of 64-bit words."""
+    z = (z ^ (z >> _U(30))) * _U(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> _U(27))) * _U(0x94D049BB133111EB)
+    return z ^ (z >> _U(31))
+
+
+@njit(inline="always")
 def _splitmix64(x):
-    x = x + _U(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> _U(30))) * _U(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> _U(27))) * _U(0x94D049BB133111EB)
-    return x ^ (x >> _U(31))
+    return _mix(x + _U(0x9E3779B97F4A7C15))
 
 
-@nb.njit(cache=True, inline="always")
-def _xorshift(s):
-    s ^= s >> _U(12)
-    s ^= s << _U(25)
-    s ^= s >> _U(27)
-    return s
+@njit(inline="always")
+def _next(s):
+    """One step of the splitmix64 stream: (new state, 64 random bits; both 32-bit halves are good)."""
+    s = s + _U(0x9E3779B97F4A7C15)
+    return s, _mix(s)
 
 
-@nb.njit(cache=True)
+@njit()
 def cell_seed(seed: int, joinid: int) -> int:
     """The per-cell generator state: a function of (seed, joinid) only, never of the partitioning."""
-    s = _splitmix64(_U(seed) ^ _splitmix64(_U(joinid)))
-    return s if s != _U(0) else _U(0x2545F4914F6CDD1D)
+    return _splitmix64(_U(seed) ^ _splitmix64(_U(joinid)))
 
 
-@nb.njit(cache=True, inline="always")
+@njit()
+def _redraw(s, n, t):
+    """The rejection loop of _below, kept out of line (rarely run): redraw until the low half is >= t."""
+    while True:
+        s, x = _next(s)
+        p = (x >> _U(32)) * n
+        if (p & _U(_M32)) >= t:
+            return s, p
+
+
+@njit(inline="always")
+def _below(s, n):
+    """(state, a uniform draw in [0, n)), 1 <= n <= 2**32: Lemire's nearly-divisionless method with its
+    rejection step, on the high half of fresh outputs (the products' low halves stand for the rejection)."""
+    n = _U(n)
+    s, x = _next(s)
+    p = (x >> _U(32)) * n
+    if (p & _U(_M32)) < n:
+        t = (_U(1 << 32) - n) % n  # 2**32 mod n: the low halves below it are the surplus
+        if (p & _U(_M32)) < t:
+            s, p = _redraw(s, n, t)
+    return s, np.int64(p >> _U(32))
+
+
+@njit()
+def _redraw2(s, n1, n2, t):
+    """The rejection loop of _below2, kept out of line (rarely run): redraw the batch until l >= t."""
+    while True:
+        s, x = _next(s)
+        p = (x >> _U(32)) * n1
+        j1 = p >> _U(32)
+        p = (p & _U(_M32)) * n2
+        if (p & _U(_M32)) >= t:
+            return s, j1, p
+
+
+@njit(inline="always")
+def _below2(s, r, n1, n2, pmax):
+    """(state, j1, j2): independent uniform draws in [0, n1) and [0, n2) from the 32 random bits r, for
+    n1 * n2 <= pmax <= 2**32 (batched dice rolls, Brackett-Rozinsky & Lemire 2024). r * n1 = j1 * 2**32 + l1
+    and l1 * n2 = j2 * 2**32 + l, so (j1 * n2 + j2, l) = divmod(r * n1 * n2, 2**32): Lemire's method for the
+    bound n1 * n2, which rejects when l < 2**32 mod (n1 * n2) and then redraws the whole batch from fresh
+    bits. `pmax` (a bound of the loop, not of the batch) keeps the common case to one compare."""
+    n1 = _U(n1)
+    n2 = _U(n2)
+    p = r * n1
+    j1 = p >> _U(32)
+    p = (p & _U(_M32)) * n2
+    if (p & _U(_M32)) < pmax:
+        prod = n1 * n2
+        t = (_U(1 << 32) - prod) % prod  # 2**32 mod prod: the low halves below it are the surplus
+        if (p & _U(_M32)) < t:
+            s, j1, p = _redraw2(s, n1, n2, t)
+    return s, np.int64(j1), np.int64(p >> _U(32))
+
+
+@njit(inline="always")
 def _shuffle(arr, lo, hi, s):
-    """Fisher-Yates over arr[lo:hi] with xorshift state s; returns the new state."""
-    for i in range(hi - lo - 1, 0, -1):
-        s = _xorshift(s)
-        j = np.int64(((s >> _U(32)) * _U(i + 1)) >> _U(32))
+    """Fisher-Yates over arr[lo:hi], four exact draws per generator step; returns the new state."""
+    i = hi - lo - 1
+    if hi - lo <= _BATCH:
+        pmax = _U(hi - lo) * _U(hi - lo)
+        while i >= 4:  # steps i, i-1, i-2, i-3 with bounds i+1 .. i-2
+            s, x = _next(s)
+            s, ja, jb = _below2(s, x >> _U(32), i + 1, i, pmax)
+            s, jc, jd = _below2(s, x & _U(_M32), i - 1, i - 2, pmax)
+            arr[lo + i], arr[lo + ja] = arr[lo + ja], arr[lo + i]
+            arr[lo + i - 1], arr[lo + jb] = arr[lo + jb], arr[lo + i - 1]
+            arr[lo + i - 2], arr[lo + jc] = arr[lo + jc], arr[lo + i - 2]
+            arr[lo + i - 3], arr[lo + jd] = arr[lo + jd], arr[lo + i - 3]
+            i -= 4
+    while i > 0:
+        s, j = _below(s, i + 1)
         arr[lo + i], arr[lo + j] = arr[lo + j], arr[lo + i]
+        i -= 1
     return s
 
 
-@nb.njit(cache=True, inline="always")
+@njit(inline="always")
 def _fit_run(a, b, v, scale, sx, acc):
     """Add ranks [a, b) (already clipped to the fit range), all of value v, to acc = (Σy, Σy², Σxy)."""
     if b > a:
@@ -70,57 +155,39 @@ def _fit_run(a, b, v, scale, sx, acc):
         acc[2] += y * (sx[b] - sx[a])
 
 
-@nb.njit(cache=True, inline="always")
-def _draw(s):
-    """Advance the xorshift state; return (state, 64 scrambled bits) (xorshift64*): two 32-bit draws."""
-    s = _xorshift(s)
-    return s, s * _U(0x2545F4914F6CDD1D)
-
-
-@nb.njit(cache=True, inline="always")
-def _below(r32, n):
-    """A draw in [0, n) from 32 random bits (Lemire's multiply-shift)."""
-    return np.int64((r32 * _U(n)) >> _U(32))
-
-
-@nb.njit(cache=True, inline="always")
+@njit(inline="always")
 def _shuffle_into(dst, o, src, n, s):
-    """dst[o:o+n] = a uniformly random permutation of src[:n] (inside-out Fisher-Yates).
-
-    Four bounded draws per generator step: each 32-bit half gives one index by Lemire's multiply-shift,
-    and the low 32 bits of that product a second (batched dice rolls, Brackett-Rozinsky & Lemire 2024).
-    """
+    """dst[o:o+n] = a uniformly random permutation of src[:n] (inside-out Fisher-Yates), four exact draws
+    per generator step (two per 32-bit half); returns the new state."""
     c = 0
-    m32 = _U(0xFFFFFFFF)
-    while c + 3 < n:
-        s, x = _draw(s)
-        pa_ = (x >> _U(32)) * _U(c + 1)
-        pb = (x & m32) * _U(c + 2)
-        pc = (pa_ & m32) * _U(c + 3)
-        pd = (pb & m32) * _U(c + 4)
-        j = o + np.int64(pa_ >> _U(32))
+    nb4 = min(n, _BATCH)
+    pmax = _U(nb4) * _U(nb4)
+    while c + 3 < nb4:  # bounds c+1 .. c+4 <= nb4 <= _BATCH
+        s, x = _next(s)
+        s, ja, jb = _below2(s, x >> _U(32), c + 1, c + 2, pmax)
+        s, jc, jd = _below2(s, x & _U(_M32), c + 3, c + 4, pmax)
+        j = o + ja
         dst[o + c] = dst[j]
         dst[j] = src[c]
-        j = o + np.int64(pb >> _U(32))
+        j = o + jb
         dst[o + c + 1] = dst[j]
         dst[j] = src[c + 1]
-        j = o + np.int64(pc >> _U(32))
+        j = o + jc
         dst[o + c + 2] = dst[j]
         dst[j] = src[c + 2]
-        j = o + np.int64(pd >> _U(32))
+        j = o + jd
         dst[o + c + 3] = dst[j]
         dst[j] = src[c + 3]
         c += 4
     while c < n:
-        s, x = _draw(s)
-        j = o + _below(x >> _U(32), c + 1)
-        dst[o + c] = dst[j]
-        dst[j] = src[c]
+        s, j = _below(s, c + 1)
+        dst[o + c] = dst[o + j]
+        dst[o + j] = src[c]
         c += 1
     return s
 
 
-@nb.njit(cache=True, fastmath=True)
+@njit(fastmath=True)
 def _sum(val, m):
     """Σ val[:m], vectorised (order-free; exact for integer counts)."""
     t = 0.0
@@ -129,21 +196,7 @@ def _sum(val, m):
     return t
 
 
-@nb.njit(cache=True, inline="always")
-def _split_ones(tok, val, m, ones, rest):
-    """Branch-free split of entries [0, m) into tokens of value 1 and indices of the others."""
-    n1 = 0
-    nr = 0
-    for i in range(m):
-        one = val[i] == 1.0
-        ones[n1] = tok[i]
-        rest[nr] = i
-        n1 += one
-        nr += not one
-    return n1, nr
-
-
-@nb.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _encode_kernel(
     indptr, indices, data, col_token, n_tokens, joinids, seed, max_genes, fit_max_rank, norm_target,
     out_offsets, out_tokens, out_nexpr, out_rawsum, out_kept, status, fit, token_cells,
@@ -152,13 +205,24 @@ def _encode_kernel(
     maxlen = 0
     for r in range(n_rows):
         maxlen = max(maxlen, indptr[r + 1] - indptr[r])
-    pos = np.full(n_tokens, -1, np.int32)
-    cells = np.zeros(n_tokens, np.int32)  # this block's share of token_cells, compact for the cache
-    tok = np.empty(maxlen, np.int32)
-    val = np.empty(maxlen, np.float64)
+    # cells per column (a row's columns usually ascend: a sequential walk, unlike token ids), folded into
+    # token_cells at the end; symbols several columns share (col_token < 0 encodes -(token + 1)) are counted
+    # per token
+    col_cells = np.zeros(col_token.size, np.int32)
+    shared_cells = np.zeros(n_tokens, np.int32)
+    pos = np.full(n_tokens, -1, np.int32)  # a shared symbol's slot in this row's sums
     ones = np.empty(maxlen, np.int32)  # tokens of value-1 entries: most raw counts, ranked last
-    rest = np.empty(maxlen, np.int64)  # indices of the other entries
-    over = np.empty(maxlen, np.int64)  # entries outside the counting-sort buckets
+    rtok = np.empty(maxlen, np.int32)  # the other entries: tokens and values
+    rval = np.empty(maxlen, np.float64)
+    stash = np.empty(maxlen, np.int64)  # positions (in data) of entries of shared symbols
+    stok = np.empty(maxlen, np.int32)  # shared symbols of the row and their summed values
+    sval = np.empty(maxlen, np.float64)
+    itok = np.empty(maxlen, np.int32)  # non-1 entries inside the counting-sort buckets: token and bucket
+    bucket = np.empty(maxlen, np.int64)
+    rank = np.empty(maxlen, np.int64)  # and its rank among its bucket's entries
+    otok = np.empty(maxlen, np.int32)  # entries outside the buckets (comparison-sorted): token and value
+    oval = np.empty(maxlen, np.float64)
+    over = np.empty(maxlen, np.int64)
     hist = np.zeros(_CAP + 1, np.int64)
     start = np.zeros(_CAP + 1, np.int64)
     acc = np.zeros(3)
@@ -173,78 +237,114 @@ def _encode_kernel(
     w = 0
     out_offsets[0] = 0
     for r in range(n_rows):
-        # Pass 1: validate, drop zeros, count cells per token, split value-1 entries (most raw counts)
-        # from the rest without branches. Only columns whose symbol several feature_ids share
-        # (col_token < 0 encodes -(token + 1)) go through the summing table.
-        m = 0
+        # Pass 1: validate, drop zeros, count cells per column, and split value-1 entries (most raw counts)
+        # from the rest without branches. Entries of shared symbols are set aside and summed after.
+        lo = indptr[r]
+        hi = indptr[r + 1]
         bad = 0
-        n_shared = 0
         n1 = 0
         nr = 0
-        for k in range(indptr[r], indptr[r + 1]):
+        ns = 0
+        for k in range(lo, hi):
             v = np.float64(data[k])
             if not v > 0.0:  # zero (skipped), negative or NaN
                 if v == 0.0:
                     continue
                 bad = 2 if v < 0.0 else 1
+                hi = k
                 break
             if v == np.inf:
                 bad = 1
+                hi = k
                 break
-            t = col_token[indices[k]]
+            c = indices[k]
+            t = col_token[c]
             if t < 0:
-                t = -t - 1
-                p = pos[t]
-                if p >= 0:
-                    val[p] += v
-                    continue
-                pos[t] = m
-                n_shared += 1
-            tok[m] = t
-            val[m] = v
-            cells[t] += 1
+                stash[ns] = k
+                ns += 1
+                continue
+            col_cells[c] += 1
             one = v == 1.0
             ones[n1] = t
-            rest[nr] = m
+            rtok[nr] = t
+            rval[nr] = v
             n1 += one
             nr += not one
-            m += 1
-        if n_shared:  # summed values may no longer be 1: split again
-            for i in range(m):
-                pos[tok[i]] = -1
-            n1, nr = _split_ones(tok, val, m, ones, rest)
-        if bad or m == 0:
-            for i in range(m):
-                cells[tok[i]] -= 1
-            status[r] = bad if bad else 3
+        if bad:
+            for k in range(lo, hi):  # undo the counts of the entries before the bad one
+                c = indices[k]
+                if data[k] != 0 and col_token[c] >= 0:
+                    col_cells[c] -= 1
+            status[r] = bad
             continue
-        total = _sum(val, m)
-        # Pass 2, over the non-1 entries only: histogram the integer counts up to the cap; larger values
-        # are comparison-sorted and ranked first; any non-integer sends the whole cell to that sort.
+        if ns:  # sum the shared symbols' counts (in column order), then file each by its sum
+            n_sym = 0
+            for q in range(ns):
+                k = stash[q]
+                t = -col_token[indices[k]] - 1
+                v = np.float64(data[k])
+                p = pos[t]
+                if p >= 0:
+                    sval[p] += v
+                else:
+                    pos[t] = n_sym
+                    stok[n_sym] = t
+                    sval[n_sym] = v
+                    n_sym += 1
+            for q in range(n_sym):
+                t = stok[q]
+                pos[t] = -1
+                shared_cells[t] += 1
+                if sval[q] == 1.0:
+                    ones[n1] = t
+                    n1 += 1
+                else:
+                    rtok[nr] = t
+                    rval[nr] = sval[q]
+                    nr += 1
+        m = n1 + nr
+        if m == 0:
+            status[r] = 3
+            continue
+        total = n1 + _sum(rval, nr)
+        # Pass 2, over the non-1 entries only: histogram the integer counts up to the cap (keeping their
+        # tokens and buckets, in order, for the placement); larger values are comparison-sorted and ranked
+        # first; any non-integer sends the whole cell to that sort.
         h = 1
         n_o = 0
+        n_in = 0
         frac = False
         for q in range(nr):
-            i = rest[q]
-            v = val[i]
+            v = rval[q]
             if v > _CAP:
-                over[n_o] = i
+                otok[n_o] = rtok[q]
+                oval[n_o] = v
                 n_o += 1
                 continue
             b = np.int64(v)
             if b != v:
                 frac = True
                 break
-            hist[b] += 1
+            c = hist[b]
+            hist[b] = c + 1
             h = max(h, b)
+            itok[n_in] = rtok[q]
+            bucket[n_in] = b
+            rank[n_in] = c
+            n_in += 1
         if frac:
-            hist[: h + 1] = 0
+            for i in range(h + 1):
+                hist[i] = 0
             h = 1
-            for i in range(m):
-                over[i] = i
+            for i in range(nr):
+                otok[i] = rtok[i]
+                oval[i] = rval[i]
+            for i in range(n1):
+                otok[nr + i] = ones[i]
+                oval[nr + i] = 1.0
             n_o = m
             n1 = 0
-            nr = 0
+            n_in = 0
         s = cell_seed(seed, joinids[r])
         ranked = out_tokens[w : w + m]  # tokens in rank order, written in place
         top = min(m, fit_max_rank)
@@ -255,28 +355,41 @@ def _encode_kernel(
         for b in range(h, 1, -1):
             start[b] = end
             end += hist[b]
-            hist[b] = 0  # from here: entries placed so far
         # Place and shuffle in one pass (inside-out Fisher-Yates within each bucket): every bucket ends
-        # in a uniformly random order, the same law as C2S's shuffle-then-stable-sort.
-        half = False
-        x = _U(0)
-        for q in range(nr):
-            i = rest[q]
-            v = val[i]
-            if v > _CAP:
-                continue
-            b = np.int64(v)
-            c = hist[b]
-            if half:  # the low 32 bits of the last draw
-                r32 = x & _U(0xFFFFFFFF)
-            else:
-                s, x = _draw(s)
-                r32 = x >> _U(32)
-            half = not half
-            j = start[b] + _below(r32, c + 1)
-            ranked[start[b] + c] = ranked[j]
-            ranked[j] = tok[i]
-            hist[b] = c + 1
+        # in a uniformly random order, the same law as C2S's shuffle-then-stable-sort. An entry that is
+        # the c-th of its bucket (counted in pass 2) takes slot c and swaps with a uniform slot in [0, c].
+        # Four entries per generator step.
+        q = 0
+        if n_in <= _BATCH:  # every bound (c + 1) <= n_in <= _BATCH
+            pmax = _U(n_in) * _U(n_in)
+            while q + 3 < n_in:
+                c1 = rank[q]
+                c2 = rank[q + 1]
+                c3 = rank[q + 2]
+                c4 = rank[q + 3]
+                s, x = _next(s)
+                s, j1, j2 = _below2(s, x >> _U(32), c1 + 1, c2 + 1, pmax)
+                s, j3, j4 = _below2(s, x & _U(_M32), c3 + 1, c4 + 1, pmax)
+                st = start[bucket[q]]
+                ranked[st + c1] = ranked[st + j1]
+                ranked[st + j1] = itok[q]
+                st = start[bucket[q + 1]]
+                ranked[st + c2] = ranked[st + j2]
+                ranked[st + j2] = itok[q + 1]
+                st = start[bucket[q + 2]]
+                ranked[st + c3] = ranked[st + j3]
+                ranked[st + j3] = itok[q + 2]
+                st = start[bucket[q + 3]]
+                ranked[st + c4] = ranked[st + j4]
+                ranked[st + j4] = itok[q + 3]
+                q += 4
+        while q < n_in:
+            c = rank[q]
+            s, j = _below(s, c + 1)
+            st = start[bucket[q]]
+            ranked[st + c] = ranked[st + j]
+            ranked[st + j] = itok[q]
+            q += 1
         for b in range(h, 1, -1):
             c = hist[b]
             if c:
@@ -284,23 +397,25 @@ def _encode_kernel(
                 hist[b] = 0
         # the value-1 bucket (most entries): four draws per generator step
         o = end
-        _shuffle_into(ranked, o, ones, n1, s)
+        s = _shuffle_into(ranked, o, ones, n1, s)
         _fit_run(min(o, top), min(o + n1, top), 1.0, scale, sx, acc)
         if n_o > 0:
             # shuffle, then stable sort by descending value: the C2S tie-break, literally
+            for i in range(n_o):
+                over[i] = i
             s = _shuffle(over, 0, n_o, s)
             keys = np.empty(n_o)
             for i in range(n_o):
-                keys[i] = -val[over[i]]
+                keys[i] = -oval[over[i]]
             idx = np.argsort(keys, kind="mergesort")
             a = 0
             while a < n_o:
-                v = val[over[idx[a]]]
+                v = oval[over[idx[a]]]
                 b = a + 1
-                while b < n_o and val[over[idx[b]]] == v:
+                while b < n_o and oval[over[idx[b]]] == v:
                     b += 1
                 for i in range(a, b):
-                    ranked[i] = tok[over[idx[i]]]
+                    ranked[i] = otok[over[idx[i]]]
                 _fit_run(min(a, top), min(b, top), v, scale, sx, acc)
                 a = b
         fit[n_out, 0] = top
@@ -316,8 +431,12 @@ def _encode_kernel(
         out_kept[n_out] = r
         n_out += 1
         out_offsets[n_out] = w
+    for c in range(col_token.size):
+        t = col_token[c]
+        if t >= 0:
+            token_cells[t] += col_cells[c]
     for t in range(n_tokens):
-        token_cells[t] += cells[t]
+        token_cells[t] += shared_cells[t]
     return n_out, w
 
 
@@ -383,8 +502,10 @@ class Encoder:
         )  # fmt: skip
         tokens, offsets = tokens[:w], offsets[: n_out + 1]
         # dictionary-encoded over the vocabulary: zero-copy here, and the fastest input to the parquet
-        # writer (which stores plain strings); .cast(list<string>) materialises when a reader wants that
-        values = pa.DictionaryArray.from_arrays(pa.array(tokens), self.vocab)
+        # writer (which stores plain strings); .cast(list<string>) materialises when a reader wants that.
+        # Arrow's bounds check is skipped (it cost ~10% of encode): every token is a col_token value,
+        # checked against the vocabulary in __init__, and the kernel writes every slot of tokens[:w].
+        values = pa.DictionaryArray.from_arrays(pa.array(tokens), self.vocab, safe=False)
         genes = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
         counts = np.bincount(status, minlength=len(SKIP_REASONS) + 1)
         return EncodedBlock(
@@ -398,25 +519,6 @@ class Encoder:
             skipped={reason: int(counts[i + 1]) for i, reason in enumerate(SKIP_REASONS) if counts[i + 1]},
             status=status,
         )
-
-
-def var_words(feature_ids, feature_names, *, uppercase: bool = True) -> tuple[list[str], int]:
-    """The word each var row is written as, and how many rows had no symbol.
-
-    A row with no symbol (null or empty feature_name) keeps its feature_id as its word, so its counts
-    still rank; the caller records the count in the manifest.
-    """
-    ids = [str(x) for x in feature_ids]
-    if len(set(ids)) != len(ids):
-        raise ValueError("var feature_id values are not unique")
-    words, missing = [], 0
-    for fid, name in zip(ids, feature_names, strict=True):
-        if name is None or (isinstance(name, float) and np.isnan(name)) or str(name).strip() == "":
-            missing += 1
-            name = fid
-        name = str(name).strip()
-        words.append(name.upper() if uppercase else name)
-    return words, missing
 
 
 @dataclass

@@ -17,7 +17,7 @@ import numba as nb
 import numpy as np
 import pyarrow as pa
 
-import etl.encode  # noqa: F401  (first: it points numba at a writable cache before anything compiles)
+from etl.jit import njit
 
 ROW_HASH_VERSION = 1  # bump when the row hash changes (content hashes of older corpora then differ)
 _P = nb.uint64(0x100000001B3)
@@ -25,14 +25,14 @@ _NULL = np.uint64(0x6A09E667F3BCC909)
 _GOLD = np.uint64(0x9E3779B97F4A7C15)
 
 
-@nb.njit(cache=True, inline="always")
+@njit(inline="always")
 def _mix(x):
     x = (x ^ (x >> nb.uint64(30))) * nb.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> nb.uint64(27))) * nb.uint64(0x94D049BB133111EB)
     return x ^ (x >> nb.uint64(31))
 
 
-@nb.njit(cache=True)
+@njit(nogil=True)
 def _hash_strings(offsets, data, out):
     """FNV-1a over each string's bytes, finished with splitmix64's mix."""
     for r in range(out.size):
@@ -42,7 +42,7 @@ def _hash_strings(offsets, data, out):
         out[r] = _mix(h + nb.uint64(offsets[r + 1] - offsets[r]))
 
 
-@nb.njit(cache=True)
+@njit(nogil=True)
 def _hash_lists(offsets, elem, out):
     """One hash per list from its elements' hashes, in order."""
     for r in range(out.size):
@@ -52,13 +52,13 @@ def _hash_lists(offsets, elem, out):
         out[r] = _mix(h + nb.uint64(offsets[r + 1] - offsets[r]))
 
 
-@nb.njit(cache=True)
+@njit(nogil=True)
 def _gather(codes, table, out):
     for i in range(codes.size):
         out[i] = table[codes[i]]
 
 
-@nb.njit(cache=True)
+@njit(nogil=True)
 def _hash_code_lists(offsets, codes, table, out):
     """_hash_lists over dictionary codes: element k hashes as table[codes[k]] (no gathered array)."""
     for r in range(out.size):

@@ -200,7 +200,7 @@ def test_config_file_values_pass_the_same_checks_as_flags(tmp_path):
 
 @pytest.mark.spark
 def test_an_input_error_in_a_spark_task_is_one_line_without_retries(spark, tmp_path, capfd):
-    x_path, x = write_h5ad(tmp_path / "late_nan.h5ad", n_cells=900, n_genes=30, seed=3)
+    x_path, _ = write_h5ad(tmp_path / "late_nan.h5ad", n_cells=900, n_genes=30, seed=3)
     import anndata as ad
 
     a = ad.read_h5ad(x_path)
@@ -243,7 +243,7 @@ def test_spark_submit_census_sample_exact_and_hash_equal_across_masters(demo_cen
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     m = validate(out, deep=True)
-    for org, counts in m["counts"]["organisms"].items():
+    for counts in m["counts"]["organisms"].values():
         d = counts["datasets"].values()
         assert sum(x["planned"] for x in d) == sum(x["read"] for x in d) == n
         assert sum(x["written"] for x in d) + sum(sum(x["skipped"].values()) for x in d) == n
@@ -305,7 +305,7 @@ def test_deep_validation_finds_changed_rows_foreign_cells_and_split_leaks(tmp_pa
 
     # a sample that names a cell the corpus does not have
     rewrite(train, lambda t: t.set_column(t.schema.get_field_index("cell_ids"), "cell_ids",
-                                          pa.array([["no-such-cell"]] + t["cell_ids"].to_pylist()[1:],
+                                          pa.array([["no-such-cell"], *t["cell_ids"].to_pylist()[1:]],
                                                    t.schema.field("cell_ids").type)))
     fix_manifest(train)
     with pytest.raises(v.CorpusInvalid, match="not in the corpus's sentences"):
@@ -314,7 +314,7 @@ def test_deep_validation_finds_changed_rows_foreign_cells_and_split_leaks(tmp_pa
     # a val sample that uses a train cell
     train_cell = pq.read_table(st.path(train))["cell_ids"].to_pylist()[0]
     rewrite(val, lambda t: t.set_column(t.schema.get_field_index("cell_ids"), "cell_ids",
-                                        pa.array([train_cell] + t["cell_ids"].to_pylist()[1:],
+                                        pa.array([train_cell, *t["cell_ids"].to_pylist()[1:]],
                                                  t.schema.field("cell_ids").type)))
     fix_manifest(val)
     with pytest.raises(v.CorpusInvalid, match="a cell appears in two splits"):

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import scipy.sparse as sp
 
-from etl.encode import FIT_MAX_RANK, NORMALIZE_TARGET, Encoder, Vocabulary, var_words
+from etl.encode import FIT_MAX_RANK, NORMALIZE_TARGET, Encoder, Vocabulary
 from etl.inverse import FitStats, expression_from_ranks, sentence_to_expression, sentences_to_matrix
+from etl.symbols import var_words
 
 
 def make_encoder(symbols: list[str], **kw) -> Encoder:
@@ -113,8 +118,8 @@ def test_explicit_zeros_never_appear():
 def test_shared_symbols_are_summed():
     # ENSG0 and ENSG2 are both "PINX1" (Census 2.4.0 has such symbols): 2 + 3 = 5 beats 4
     ids = ["ENSG0", "ENSG1", "ENSG2"]
-    words, missing = var_words(ids, ["PINX1", "CD3E", "pinx1"])
-    assert missing == 0
+    words, counts = var_words(ids, ["PINX1", "CD3E", "pinx1"])
+    assert counts == {"missing": 0, "replaced": 0, "merged_by_case": 1}  # pinx1 fell onto PINX1
     voc = Vocabulary.from_sources([(ids, words)])
     assert voc.symbols.to_pylist() == ["CD3E", "PINX1"] and voc.feature_ids[1] == ["ENSG0", "ENSG2"]
     enc = Encoder(voc.col_token(words), voc.symbols)
@@ -125,8 +130,8 @@ def test_shared_symbols_are_summed():
 
 
 def test_missing_symbol_falls_back_to_feature_id():
-    words, missing = var_words(["ENSG1", "ENSG2", "ENSG3"], ["CD3E", None, ""])
-    assert words == ["CD3E", "ENSG2", "ENSG3"] and missing == 2
+    words, counts = var_words(["ENSG1", "ENSG2", "ENSG3"], ["CD3E", None, ""])
+    assert words == ["CD3E", "ENSG2", "ENSG3"] and counts["missing"] == 2
     with pytest.raises(ValueError, match="not unique"):
         var_words(["ENSG1", "ENSG1"], ["A", "B"])
 
@@ -179,3 +184,105 @@ def test_inverse_transform_rebuilds_expression():
     assert dup[0] == pytest.approx(2.2 - 0.7 * np.log10(2))
     mat = sentences_to_matrix([["A"], ["D", "C"]], vocab, -0.7, 2.2)
     assert mat.shape == (2, 4) and mat[1, 3] == pytest.approx(2.2)
+
+
+def _read_only_env(tmp_path):
+    """A copy of the etl package in a read-only folder, a read-only HOME, and a command prefix under which
+    the permission bits bind (root ignores them unless it drops CAP_DAC_OVERRIDE)."""
+    import shutil
+
+    site, home = tmp_path / "site", tmp_path / "home"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "etl", site / "etl",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    home.mkdir()
+    prefix = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        prefix = [setpriv, "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+        if not setpriv or subprocess.run([*prefix, "true"], capture_output=True).returncode:
+            pytest.skip("running as root without setpriv: cannot make a folder read-only for this process")
+    return site, home, prefix
+
+
+def _chmod_tree(root, writable: bool):
+    for path in [root, *root.rglob("*")]:
+        mode = path.stat().st_mode
+        path.chmod(mode | 0o200 if writable else mode & ~0o222)
+
+
+def test_imports_and_caches_from_a_read_only_install(tmp_path):
+    """A wheel in a read-only site-packages with a read-only HOME: numba's own cache locations (the package's
+    __pycache__, ~/.cache/numba) both fail, which made `cache=True` raise at import. The module then caches
+    in a private folder under the temp dir, or, if that is read-only too, compiles without a cache."""
+    site, home, prefix = _read_only_env(tmp_path)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    code = ("import sys, tempfile; tempfile.tempdir = sys.argv[1] or None; import etl.encode as e; "
+            f"assert e.__file__.startswith({str(site)!r}), e.__file__; "
+            "import etl.jit as j, etl.rowhash as rh, numpy as np, pyarrow as pa; "
+            "assert rh.string_hashes(pa.array(['a'])).shape == (1,); "
+            "print(j._CACHE_ON, j._CACHE_DIR, e.cell_seed(1, 2))")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "PYTHONPATH": str(site),
+           "TMPDIR": str(tmp)}
+    _chmod_tree(site, False)
+    _chmod_tree(home, False)
+    try:
+        run = subprocess.run([*prefix, sys.executable, "-c", code, ""], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        on, where, seed = run.stdout.split()
+        assert on == "True" and where.startswith(str(tmp)) and int(seed) > 0
+        assert list(Path(where).rglob("*.nbi")), "nothing cached"  # numba wrote its index there
+        assert not list(site.rglob("*.nbi"))
+        (tmp / "ro").mkdir()
+        _chmod_tree(tmp, False)  # nowhere to write at all: still imports and runs, uncached
+        run = subprocess.run([*prefix, sys.executable, "-c", code, str(tmp / "ro")], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stdout.split()[:2] == ["False", "None"]
+    finally:
+        for d in (site, home, tmp):
+            _chmod_tree(d, True)
+
+
+def test_shared_symbols_invalid_rows_and_statistics_against_truth_computed_here():
+    """Random blocks with symbols shared by several columns, explicit zeros, rows made invalid after some
+    valid entries, non-integer rows and counts above the bucket cap: sentences (value at every rank),
+    n_expressed, raw_sum and token_cells against the collapsed matrix computed here."""
+    rng = np.random.default_rng(17)
+    n_cols, n_rows = 60, 400
+    words = [f"S{j % 45:02d}" for j in range(n_cols)]  # columns 45..59 share a symbol with 0..14
+    ids = [f"ENSG{j:05d}" for j in range(n_cols)]
+    voc = Vocabulary.from_sources([(ids, words)])
+    col_token = voc.col_token(words)
+    enc = Encoder(col_token, voc.symbols, max_genes=0)
+    dense = rng.choice([0, 0, 0, 1, 1, 1, 2, 3, 7, 5000, 9000], size=(n_rows, n_cols)).astype(np.float64)
+    dense[rng.random(n_rows) < 0.2] *= 0.5  # some rows non-integer
+    m = sp.csr_matrix(dense)
+    m.data[rng.random(m.nnz) < 0.03] = 0.0  # explicit zeros
+    for r in rng.choice(n_rows, 30, replace=False):  # invalid after some valid entries
+        lo, hi = m.indptr[r], m.indptr[r + 1]
+        if hi - lo > 2:
+            m.data[lo + (hi - lo) // 2] = rng.choice([-1.0, np.nan, np.inf])
+    block = encode(enc, m)
+    tokens = [block.tokens[a:b] for a, b in itertools.pairwise(block.offsets)]
+    expect_cells = np.zeros(len(voc), np.int64)
+    kept = []
+    for r in range(n_rows):
+        row = m.data[m.indptr[r] : m.indptr[r + 1]]
+        if np.any(~np.isfinite(row)) or np.any(row < 0):
+            continue
+        collapsed = np.zeros(len(voc))
+        np.add.at(collapsed, col_token[m.indices[m.indptr[r] : m.indptr[r + 1]]], row)
+        if not collapsed.any():
+            continue
+        kept.append(r)
+        i = len(kept) - 1
+        expressed = np.flatnonzero(collapsed)
+        expect_cells[expressed] += 1
+        assert sorted(tokens[i].tolist()) == expressed.tolist()
+        assert collapsed[tokens[i]].tolist() == sorted(collapsed[expressed], reverse=True)
+        assert block.n_expressed[i] == expressed.size and block.raw_sum[i] == pytest.approx(row.sum())
+    assert block.kept.tolist() == kept and len(kept) > 300
+    assert enc.token_cells.tolist() == expect_cells.tolist()
+    assert sum(block.skipped.values()) == n_rows - len(kept)

@@ -8,6 +8,7 @@ changed or skipped counted in the manifest. Every input is generated here, at te
 from __future__ import annotations
 
 import gzip
+import itertools
 import re
 import shutil
 from collections.abc import Callable
@@ -284,8 +285,7 @@ def test_refused_with_one_line_and_the_committed_version_intact(make, says, corp
 
 
 def test_debug_log_level_shows_the_traceback(corpus, good, tmp_path, capsys):
-    rc, errors, err = run([*BASE, "--output", corpus["out"], *not_hdf5(tmp_path, good), "--log-level", "debug"],
-                          capsys)
+    rc, _, err = run([*BASE, "--output", corpus["out"], *not_hdf5(tmp_path, good), "--log-level", "debug"], capsys)
     assert rc == 2 and "Traceback" in err
 
 
@@ -295,7 +295,7 @@ def test_debug_log_level_shows_the_traceback(corpus, good, tmp_path, capsys):
 
 def _build(path: str, tmp_path, capsys, *extra) -> tuple[dict, list[dict]]:
     out = str(tmp_path / "o")
-    rc, errors, err = run(["--h5ad", path, "--output", out, *BASE, *extra], capsys)
+    rc, _, err = run(["--h5ad", path, "--output", out, *BASE, *extra], capsys)
     assert rc == 0, err[-2000:]
     m = validate(out, deep=True)
     rows = pads.dataset(corpus_path(out, "sentences"), format="parquet").to_table().to_pylist()
@@ -307,7 +307,7 @@ def _truth_ranked(x: np.ndarray, symbols: list[str], rows: list[dict]) -> None:
     for r in rows:
         i = r["soma_joinid"]
         v = {symbols[j]: x[i, j] for j in np.flatnonzero(x[i])}
-        assert set(r["genes"]) == set(v) and all(v[a] >= v[b] for a, b in zip(r["genes"], r["genes"][1:]))
+        assert set(r["genes"]) == set(v) and all(v[a] >= v[b] for a, b in itertools.pairwise(r["genes"]))
 
 
 @pytest.mark.parametrize("layout", ["dense", "csc", "csr_int64", "csr_float64"])
@@ -362,7 +362,7 @@ def test_symbols_that_break_the_format_are_replaced_and_counted(tmp_path, capsys
 
 def test_float_labels_with_nan_become_unknown(tmp_path, capsys):
     donors = [np.nan if i % 5 == 0 else float(i % 3) for i in range(40)]
-    m, rows = _build(_h5ad(tmp_path / "lab.h5ad", _counts(), obs_extra={"patient": donors}), tmp_path, capsys,
+    _, rows = _build(_h5ad(tmp_path / "lab.h5ad", _counts(), obs_extra={"patient": donors}), tmp_path, capsys,
                      "--label-column", "donor_id=patient")
     got = {r["soma_joinid"]: r["donor_id"] for r in rows}
     assert all(got[i] == "unknown" for i in range(0, 40, 5)) and got[1] == "1.0"

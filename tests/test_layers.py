@@ -12,8 +12,8 @@ PACKAGES = ("schemas", "etl", "training")
 # lowest first; a module may import its own layer or lower ones only
 LAYERS: list[tuple[str, ...]] = [
     ("schemas",),
-    ("etl.sources.base", "etl.encode", "etl.inverse", "etl.storage", "etl.symbols", "etl.rowhash", "etl.cli",
-     "etl.spark"),
+    ("etl.sources.base", "etl.jit", "etl.encode", "etl.inverse", "etl.storage", "etl.symbols", "etl.rowhash",
+     "etl.cli", "etl.spark"),
     ("etl.sources", "etl.knowledge", "etl.demo", "etl.manifest", "etl.config", "etl.validate", "etl.versions"),
     ("etl.tasks",),
     ("etl.stages",),
