@@ -132,65 +132,99 @@ def _load_result(staging: Store, task: Task, n_tokens: int) -> Summary:
                    {task.rel_path: meta["file"]}, 1, 1, 0.0, 0.0)
 
 
+class TaskEncoder:
+    """One task's part, fed block by block: encode, hash and write each block; `finish` closes the part,
+    checks read = planned and writes the task's marker. The body of `run_task`, and of `run_local`'s
+    stream over several tasks."""
+
+    def __init__(self, task: Task, staging: Store, col_token: np.ndarray, vocab: pa.Array, opts: TaskOptions):
+        self.task, self.staging, self.opts = task, staging, opts
+        self.t0 = time.perf_counter()
+        self.proc = psutil.Process()
+        self.peak = self.proc.memory_info().rss
+        self.encoder = Encoder(col_token, vocab, seed=opts.seed, max_genes=opts.max_genes)
+        self.counts = DatasetCounts(planned=task.n_cells)
+        self.file_sum = 0
+        stats_cols = [n for n in WRITE_SCHEMA.names if n != "genes"]
+        self.writer = staging.parquet_writer(task.rel_path, WRITE_SCHEMA, compression=opts.compression,
+                                             write_statistics=stats_cols, store_schema=False)
+
+    def add(self, block) -> None:
+        task, opts, counts = self.task, self.opts, self.counts
+        enc = self.encoder.encode(block.indptr, block.indices, block.data, block.joinids)
+        if opts.on_invalid == "error" and ({"nan_or_inf", "negative"} & enc.skipped.keys()):
+            row = int(np.flatnonzero((enc.status == 1) | (enc.status == 2))[0])
+            reason = "NaN or infinite" if enc.status[row] == 1 else "negative"
+            raise InputError(f"{task.uri} dataset {task.dataset_id}: cell {block.obs['cell_id'][row]} "
+                             f"(joinid {block.joinids[row]}) has {reason} values "
+                             "(--on-invalid skip counts and skips such cells)")
+        counts.read += len(block.joinids)
+        for k, v in enc.skipped.items():
+            counts.skipped[k] = counts.skipped.get(k, 0) + v
+        n = len(enc.kept)
+        if n:
+            obs = block.obs.take(pa.array(enc.kept))
+            cols = {
+                "cell_id": obs["cell_id"], "soma_joinid": obs["soma_joinid"],
+                "organism": pa.array([task.organism] * n, pa.string()),
+                "dataset_id": pa.array([task.dataset_id] * n, pa.string()),
+                **{c: obs[c] for c in WRITE_SCHEMA.names if c in obs.column_names and c not in
+                   ("cell_id", "soma_joinid")},
+                "raw_sum": pa.array(enc.raw_sum), "n_expressed": pa.array(enc.n_expressed),
+                "genes": enc.genes,
+            }  # fmt: skip
+            for f in WRITE_SCHEMA:  # optional columns a source does not have (coordinates): nulls
+                if f.nullable and f.name not in cols:
+                    cols[f.name] = pa.nulls(n, f.type)
+            table = pa.table(cols).select(WRITE_SCHEMA.names).cast(WRITE_SCHEMA)
+            self.writer.write_table(table, row_group_size=opts.row_group_cells)
+            counts.written += n
+            counts.fit = counts.fit + FitStats.from_cells(enc.fit)
+            self.file_sum = rowhash.fold(rowhash.row_hashes(table, WRITE_SCHEMA.names), self.file_sum)
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def abort(self) -> None:
+        self.writer.close(ok=False)
+
+    def finish(self) -> Summary:
+        task, counts = self.task, self.counts
+        if counts.read != task.n_cells:
+            self.abort()
+            raise SourceChanged(f"{task.uri} dataset {task.dataset_id} (task {task.index}): read {counts.read} "
+                                f"cells, the plan selected {task.n_cells}; the source changed during the build "
+                                "(rebuild from a fixed copy or Census version)")
+        self.writer.close()
+        size = self.staging.fs_root[0].get_file_info(self.staging.path(task.rel_path)).size
+        file_info = {"rows": counts.written, "hash": f"{self.file_sum:016x}", "bytes": int(size or 0)}
+        s = Summary({(task.organism, task.dataset_id): counts}, {task.organism: self.encoder.token_cells.copy()},
+                    {task.rel_path: file_info}, 1, 0, time.perf_counter() - self.t0, self.peak / 2**20)
+        _save_result(self.staging, task, s, self.encoder.token_cells)
+        return s
+
+
+def _done(staging: Store, task: Task) -> bool:
+    return staging.exists(_stats_rel(task)) and staging.exists(task.rel_path)
+
+
+def _blocks(task: Task, opts: TaskOptions):
+    return _READERS[task.kind](task, block_size=opts.block_cells, cores=opts.cores, buffer_mib=opts.buffer_mib)
+
+
 def run_task(task: Task, staging: Store, col_token: np.ndarray, vocab: pa.Array, opts: TaskOptions) -> Summary:
     """Encode one task into `staging/<task.rel_path>`; reuse it if a previous run finished it.
 
     Raises SourceChanged when the cells read are not the cells the plan selected (read = planned, per task)."""
-    if staging.exists(_stats_rel(task)) and staging.exists(task.rel_path):
+    if _done(staging, task):
         return _load_result(staging, task, len(vocab))
-    t0 = time.perf_counter()
-    proc = psutil.Process()
-    peak = proc.memory_info().rss
-    encoder = Encoder(col_token, vocab, seed=opts.seed, max_genes=opts.max_genes)
-    counts = DatasetCounts(planned=task.n_cells)
-    file_sum = 0
-    stats_cols = [n for n in WRITE_SCHEMA.names if n != "genes"]
-    read = _READERS[task.kind]
-    with staging.parquet_writer(task.rel_path, WRITE_SCHEMA, compression=opts.compression,
-                                write_statistics=stats_cols, store_schema=False) as writer:
-        blocks = read(task, block_size=opts.block_cells, cores=opts.cores, buffer_mib=opts.buffer_mib)
+    enc = TaskEncoder(task, staging, col_token, vocab, opts)
+    blocks = _blocks(task, opts)
+    try:
         for block in read_ahead(blocks, depth=opts.read_ahead) if opts.read_ahead else blocks:
-            enc = encoder.encode(block.indptr, block.indices, block.data, block.joinids)
-            if opts.on_invalid == "error" and ({"nan_or_inf", "negative"} & enc.skipped.keys()):
-                row = int(np.flatnonzero((enc.status == 1) | (enc.status == 2))[0])
-                reason = "NaN or infinite" if enc.status[row] == 1 else "negative"
-                raise InputError(f"{task.uri} dataset {task.dataset_id}: cell {block.obs['cell_id'][row]} "
-                                 f"(joinid {block.joinids[row]}) has {reason} values "
-                                 "(--on-invalid skip counts and skips such cells)")
-            counts.read += len(block.joinids)
-            for k, v in enc.skipped.items():
-                counts.skipped[k] = counts.skipped.get(k, 0) + v
-            n = len(enc.kept)
-            if n:
-                obs = block.obs.take(pa.array(enc.kept))
-                cols = {
-                    "cell_id": obs["cell_id"], "soma_joinid": obs["soma_joinid"],
-                    "organism": pa.array([task.organism] * n, pa.string()),
-                    "dataset_id": pa.array([task.dataset_id] * n, pa.string()),
-                    **{c: obs[c] for c in WRITE_SCHEMA.names if c in obs.column_names and c not in
-                       ("cell_id", "soma_joinid")},
-                    "raw_sum": pa.array(enc.raw_sum), "n_expressed": pa.array(enc.n_expressed),
-                    "genes": enc.genes,
-                }  # fmt: skip
-                for f in WRITE_SCHEMA:  # optional columns a source does not have (coordinates): nulls
-                    if f.nullable and f.name not in cols:
-                        cols[f.name] = pa.nulls(n, f.type)
-                table = pa.table(cols).select(WRITE_SCHEMA.names).cast(WRITE_SCHEMA)
-                writer.write_table(table, row_group_size=opts.row_group_cells)
-                counts.written += n
-                counts.fit = counts.fit + FitStats.from_cells(enc.fit)
-                file_sum = rowhash.fold(rowhash.row_hashes(table, WRITE_SCHEMA.names), file_sum)
-            peak = max(peak, proc.memory_info().rss)
-        if counts.read != task.n_cells:
-            raise SourceChanged(f"{task.uri} dataset {task.dataset_id} (task {task.index}): read {counts.read} cells, "
-                                f"the plan selected {task.n_cells}; the source changed during the build (rebuild "
-                                "from a fixed copy or Census version)")
-    size = staging.fs_root[0].get_file_info(staging.path(task.rel_path)).size
-    file_info = {"rows": counts.written, "hash": f"{file_sum:016x}", "bytes": int(size or 0)}
-    s = Summary({(task.organism, task.dataset_id): counts}, {task.organism: encoder.token_cells.copy()},
-                {task.rel_path: file_info}, 1, 0, time.perf_counter() - t0, peak / 2**20)
-    _save_result(staging, task, s, encoder.token_cells)
-    return s
+            enc.add(block)
+    except BaseException:
+        enc.abort()
+        raise
+    return enc.finish()
 
 
 # ---- Spark orchestration --------------------------------------------------------------------------------
@@ -260,15 +294,47 @@ def run_spark(spark, tasks: list[Task], staging_uri: str, shared: dict, opts: Ta
 
 
 def run_local(tasks: list[Task], staging_uri: str, shared: dict, opts: TaskOptions, progress: bool = True) -> Summary:
-    """The same work without Spark, in this process (tests, benchmarks, tiny inputs), with a progress bar."""
+    """The same work without Spark, in this process (tests, benchmarks, small inputs), with a progress bar.
+
+    One read-ahead thread runs over every task's blocks in turn, so reading the next task's first block
+    overlaps encoding and writing the last block of the one before (one reader at a time, as in one task)."""
     from tqdm.auto import tqdm
 
     s = Summary()
     store = Store(staging_uri)
+    todo = []
+    for t in tasks:
+        if _done(store, t):
+            s = s + _load_result(store, t, len(shared["organisms"][t.organism]["symbols"]))
+        else:
+            todo.append(t)
+
+    def stream():
+        for i, t in enumerate(todo):
+            for block in _blocks(t, opts):
+                yield i, block
+            yield i, None  # the end of task i
+
     with tqdm(total=sum(t.n_cells for t in tasks), unit="cells", unit_scale=True, desc="sentences",
               disable=not progress or None, leave=False) as bar:
-        for t in tasks:
-            org = shared["organisms"][t.organism]
-            s = s + run_task(t, store, shared["col_token"][t.var_key], _vocab(org["digest"], org["symbols"]), opts)
-            bar.update(t.n_cells)
+        bar.update(sum(t.n_cells for t in tasks) - sum(t.n_cells for t in todo))
+        items = read_ahead(stream(), depth=opts.read_ahead) if opts.read_ahead else stream()
+        current: TaskEncoder | None = None
+        try:
+            for i, block in items:
+                t = todo[i]
+                if current is None:
+                    org = shared["organisms"][t.organism]
+                    current = TaskEncoder(t, store, shared["col_token"][t.var_key],
+                                          _vocab(org["digest"], org["symbols"]), opts)
+                if block is None:
+                    done, current = current, None
+                    s = s + done.finish()
+                    bar.update(t.n_cells)
+                else:
+                    current.add(block)
+        except BaseException:
+            if current is not None:
+                current.abort()
+            raise
     return s
