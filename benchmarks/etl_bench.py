@@ -3,7 +3,8 @@
     python benchmarks/etl_bench.py --cells 20000
 
 prints one JSON line, all measured in this run on the same cells (a generated Census-shaped collection,
-~2,000 expressed genes per cell of 20k genes, cached under .bench/):
+~2,000 expressed genes per cell of 20k genes, cached under .bench/). Each figure and its peer are measured back
+to back in --rounds rounds; figures are medians, ratios medians of the per-round ratios:
   encode_cells_per_s      the encode kernel: CSR block in, Arrow `genes` column out (Encoder.encode), every
                           expressed gene kept (--max-genes 0), as cell2sentence does
   c2s_cells_per_s         cell2sentence 1.2.0's conversion to Arrow, CSData.adata_to_arrow (its public API)
@@ -23,6 +24,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,13 +54,10 @@ def _blockwise(uri: str, block: int):
 
 
 def read_floor(uri: str, block: int) -> float:
-    """A plain blockwise read of every cell, each block dropped as soon as it arrives: best of 2."""
-    best = 0.0
-    for _ in range(2):
-        t = time.perf_counter()
-        n = sum(m.shape[0] for m, _ in _blockwise(uri, block))
-        best = max(best, n / (time.perf_counter() - t))
-    return best
+    """One plain blockwise read of every cell, each block dropped as soon as it arrives."""
+    t = time.perf_counter()
+    n = sum(m.shape[0] for m, _ in _blockwise(uri, block))
+    return n / (time.perf_counter() - t)
 
 
 def blocks_in_memory(uri: str, block: int):
@@ -66,7 +65,7 @@ def blocks_in_memory(uri: str, block: int):
     return [(m, np.asarray(rows)) for m, (rows, _) in _blockwise(uri, block)]
 
 
-def encode_speed(uri: str, blocks) -> tuple[float, float]:
+def make_encoder(uri: str):
     from etl.encode import Encoder, Vocabulary
     from etl.sources.census import open_census
     from etl.symbols import var_words
@@ -75,24 +74,22 @@ def encode_speed(uri: str, blocks) -> tuple[float, float]:
     var = var.sort_values("soma_joinid")
     words, _ = var_words(var["feature_id"], var["feature_name"])
     voc = Vocabulary.from_sources([(list(var["feature_id"]), words)])
-    enc = Encoder(voc.col_token(words), voc.symbols, max_genes=0)  # all genes, as c2s keeps
-    m0, r0 = blocks[0]
-    enc.encode(m0.indptr, m0.indices, m0.data, r0)  # compile / load the numba cache outside the clock
-    best = []
-    for _ in range(3):
-        t = time.perf_counter()
-        n = 0
-        for m, rows in blocks:
-            b = enc.encode(m.indptr, m.indices, m.data, rows)
-            n += len(b.kept)
-        best.append(n / (time.perf_counter() - t))
-    # the same, with the column materialised as plain list<string> (what a reader that casts pays)
+    return Encoder(voc.col_token(words), voc.symbols, max_genes=0)  # all genes, as c2s keeps
+
+
+def encode_speed(enc, blocks, materialise: bool = False) -> float:
+    """One pass of the encoder over every block in memory, cells/s (`materialise`: genes cast to
+    list<string>, what a reader that needs plain strings pays)."""
     import pyarrow as pa
 
     t = time.perf_counter()
+    n = 0
     for m, rows in blocks:
-        enc.encode(m.indptr, m.indices, m.data, rows).genes.cast(pa.list_(pa.string()))
-    return max(best), sum(len(r) for _, r in blocks) / (time.perf_counter() - t)
+        b = enc.encode(m.indptr, m.indices, m.data, rows)
+        if materialise:
+            b.genes.cast(pa.list_(pa.string()))
+        n += len(rows)
+    return n / (time.perf_counter() - t)
 
 
 def c2s_speed(uri: str, blocks) -> tuple[float, float]:
@@ -123,18 +120,15 @@ def c2s_speed(uri: str, blocks) -> tuple[float, float]:
 
 
 def end_to_end(uri: str, cells_per_task: int, block_cells: int, stages: list[str]) -> float:
-    """Cells/s of a whole build of `stages` in one process: plan, the stages, validation, commit (best of 2)."""
+    """Cells/s of one whole build of `stages` in one process: plan, the stages, validation, commit."""
     from etl.config import BuildConfig
     from etl.pipeline import build
 
-    best = 0.0
-    for _ in range(2):  # best of 2, as the read floor
-        with tempfile.TemporaryDirectory(dir=os.path.join(ROOT, ".bench")) as d:
-            t = time.perf_counter()
-            m = build(BuildConfig(output=d, census_uri=uri, organisms=["homo_sapiens"], obs_filter=None,
-                                  cells_per_task=cells_per_task, block_cells=block_cells, stages=stages))
-            best = max(best, m["counts"]["totals"]["read"] / (time.perf_counter() - t))
-    return best
+    with tempfile.TemporaryDirectory(dir=os.path.join(ROOT, ".bench")) as d:
+        t = time.perf_counter()
+        m = build(BuildConfig(output=d, census_uri=uri, organisms=["homo_sapiens"], obs_filter=None,
+                              cells_per_task=cells_per_task, block_cells=block_cells, stages=stages))
+        return m["counts"]["totals"]["read"] / (time.perf_counter() - t)
 
 
 def task_peak_rss(uri: str, cells: int) -> dict:
@@ -180,29 +174,52 @@ def main() -> None:
     p.add_argument("--block", type=int, default=4096,
                    help="cells per blockwise read, for the floor and the build (--block-cells)")
     p.add_argument("--skip-c2s", action="store_true", help="leave out the cell2sentence run")
+    p.add_argument("--rounds", type=int, default=3, help="back-to-back measurements of each figure and its peer; "
+                   "ratios are medians of the per-round ratios")
     a = p.parse_args()
     os.makedirs(os.path.join(ROOT, ".bench"), exist_ok=True)
     t = time.perf_counter()
     uri = census(a.cells, a.genes, a.nnz)
     build_s = time.perf_counter() - t
-    floor = read_floor(uri, a.block)
+    # Each figure and its peer are measured back to back, a.rounds times, and the ratio is the median of the
+    # per-round ratios: on a shared machine whose speed drifts, a ratio of figures taken minutes apart is not.
     blocks = blocks_in_memory(uri, 4096)
     n = sum(m.shape[0] for m, _ in blocks)
     nnz = sum(m.nnz for m, _ in blocks) / n
-    enc, enc_str = encode_speed(uri, blocks)
-    c2s, c2s_sent = (float("nan"),) * 2 if a.skip_c2s else c2s_speed(uri, blocks)
+    enc = make_encoder(uri)
+    encode_speed(enc, blocks[:1])  # compile / load the numba cache outside the clock
+    rounds_enc, rounds_c2s, rounds_c2s_sent = [], [], []
+    for _ in range(a.rounds):
+        rounds_enc.append(encode_speed(enc, blocks))
+        if not a.skip_c2s:
+            arrow, sent = c2s_speed(uri, blocks)
+            rounds_c2s.append(arrow)
+            rounds_c2s_sent.append(sent)
+    enc_str = encode_speed(enc, blocks, materialise=True)
     del blocks
-    e2e = end_to_end(uri, cells_per_task=a.cells, block_cells=a.block, stages=["sentences"])
+    end_to_end(uri, cells_per_task=a.cells, block_cells=a.block, stages=["sentences"])  # warm: imports, caches
+    rounds_floor, rounds_e2e = [], []
+    for _ in range(a.rounds):
+        rounds_floor.append(read_floor(uri, a.block))
+        rounds_e2e.append(end_to_end(uri, cells_per_task=a.cells, block_cells=a.block, stages=["sentences"]))
     e2e_samples = end_to_end(uri, cells_per_task=a.cells, block_cells=a.block, stages=["sentences", "samples"])
+    med = statistics.median
+    enc_s, floor, e2e = med(rounds_enc), med(rounds_floor), med(rounds_e2e)
+    c2s = med(rounds_c2s) if rounds_c2s else float("nan")
+    c2s_sent = med(rounds_c2s_sent) if rounds_c2s_sent else float("nan")
+    vs_c2s = med([e / c for e, c in zip(rounds_enc, rounds_c2s, strict=False)]) if rounds_c2s else float("nan")
+    vs_floor = med([e / f for e, f in zip(rounds_e2e, rounds_floor, strict=True)])
     small, large = task_peak_rss(uri, a.cells // 10), task_peak_rss(uri, a.cells)
     print(json.dumps({
         "cells": n, "genes": a.genes, "mean_nnz": round(nnz, 1),
-        "encode_cells_per_s": round(enc), "c2s_cells_per_s": round(c2s, 1),
+        "encode_cells_per_s": round(enc_s), "c2s_cells_per_s": round(c2s, 1),
         "c2s_sentences_cells_per_s": round(c2s_sent, 1),
-        "encode_vs_c2s": round(enc / c2s, 1), "encode_vs_c2s_sentences": round(enc / c2s_sent, 1),
+        "encode_vs_c2s": round(vs_c2s, 1), "encode_vs_c2s_sentences": round(enc_s / c2s_sent, 1),
+        "encode_vs_c2s_rounds": [round(e / c, 1) for e, c in zip(rounds_enc, rounds_c2s, strict=False)],
         "encode_materialised_cells_per_s": round(enc_str),
         "read_floor_cells_per_s": round(floor), "end_to_end_cells_per_s": round(e2e),
-        "end_to_end_vs_read_floor": round(e2e / floor, 3),
+        "end_to_end_vs_read_floor": round(vs_floor, 3),
+        "end_to_end_vs_read_floor_rounds": [round(e / f, 3) for e, f in zip(rounds_e2e, rounds_floor, strict=True)],
         "with_samples_cells_per_s": round(e2e_samples), "with_samples_vs_read_floor": round(e2e_samples / floor, 3),
         "task_peak_rss_mib": {str(r["cells"]): round(r["peak_rss_mib"]) for r in (small, large)},
         "task_process_rss_before_task_mib": {str(r["cells"]): round(r["before_task_mib"]) for r in (small, large)},
