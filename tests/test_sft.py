@@ -229,7 +229,8 @@ def test_two_processes_ddp_on_cpu_checkpoint_and_resume(train_corpus, tmp_path):
     base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "training/sft.py",
             "--corpus", train_corpus, "--output-dir", str(out), "--save-steps", "3", "--eval-steps", "0",
             "--eval-cells", "2", "--eval-samples-per-task", "2", "--report-to", "none", "--logging-steps", "1",
-            "--max-length", "512", "--per-device-batch-size", "2", "--stream-close-wait-s", "0"]
+            "--max-length", "512", "--per-device-batch-size", "2", "--stream-close-wait-s", "0",
+            "--warmup-steps", "2", "--lr-scheduler", "linear"]
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([*base, "--max-steps", "3"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -246,6 +247,22 @@ def test_two_processes_ddp_on_cpu_checkpoint_and_resume(train_corpus, tmp_path):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out / "final") is not None
+    # the learning-rate schedule is the same on 2 processes as on 1, step by step (a prepared scheduler was
+    # stepped once per process per optimizer step: with 2 processes it ran twice as fast)
+    one = tmp_path / "one"
+    single = [sys.executable, "training/sft.py", *base[base.index("--corpus"):]]
+    single[single.index("--output-dir") + 1] = str(one)
+    r = subprocess.run([*single, "--max-steps", "3"], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def rates(path: Path) -> dict[int, float]:
+        recs = [json.loads(x) for x in path.read_text().splitlines()]
+        return {r["step"]: r["learning_rate"] for r in recs if "learning_rate" in r}
+
+    got, want = rates(out / "metrics.jsonl"), rates(one / "metrics.jsonl")  # the first 2-process run had 3 steps
+    assert list(want) == [1, 2, 3] and len(set(want.values())) == 3  # warm-up then decay: all differ
+    assert {k: got[k] for k in want} == pytest.approx(want, rel=1e-9)
 
 
 def test_shipped_yaml_configs_parse():

@@ -145,9 +145,12 @@ def train(cfg: SFTConfig) -> TrainResult:
     # accelerate keeps one AcceleratorState per process; a second train() in the same process (a notebook,
     # the tests, the benchmark) with another precision needs it cleared. The process group is kept.
     AcceleratorState._reset_state()
+    # step_scheduler_with_optimizer=False: accelerate would otherwise step a prepared scheduler once per
+    # process per optimizer step (it assumes a schedule sized for one process's batches), so on N processes
+    # the rate would run N times too fast. Ours is sized in optimizer steps and stepped once per one.
     acc = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                       mixed_precision="bf16" if bf16 else "no", log_with=report, project_dir=str(out / "runs"),
-                      cpu=not cuda)
+                      cpu=not cuda, step_scheduler_with_optimizer=False)
     set_seed(cfg.seed)
 
     # ---- everything that can be wrong with the inputs fails here, before any training
@@ -235,7 +238,8 @@ def train(cfg: SFTConfig) -> TrainResult:
                 if acc.sync_gradients and cfg.max_grad_norm > 0:
                     acc.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if acc.sync_gradients:  # once per optimizer step, on every process alike
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             window["nll"] += float(nll_sum.detach())
             window["n"] += n
