@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             session = get_spark("c2s-build-corpus", cfg.master)
             return session
 
+        before = _latest_version(cfg.output)
         manifest = build(cfg, start_spark if cfg.spark else None)
     except (InputError, ConfigError, CorpusNotFound) as e:
         if debug:
@@ -106,10 +107,24 @@ def main(argv: list[str] | None = None) -> int:
         if session is not None and owned:
             session.stop()
     totals = manifest["counts"]["totals"]
-    print(json.dumps({"output": cfg.output, "version": manifest.get("version"), "written": totals["written"],
-                      "skipped": totals["skipped"], "samples": manifest.get("samples", {}).get("counts", {})
-                      .get("total", 0), "content_hash": manifest["content_hash"]}))
+    print(json.dumps({"output": cfg.output, "version": manifest.get("version"),
+                      "changed": manifest.get("version") != before,
+                      "sentences_version": manifest.get("sentences_version"), "planned": totals["planned"],
+                      "read": totals["read"], "written": totals["written"], "skipped": totals["skipped"],
+                      "samples": manifest.get("samples", {}).get("counts", {}).get("total", 0),
+                      "content_hash": manifest["content_hash"],
+                      "samples_hash": manifest.get("samples", {}).get("samples_hash")}))
     return 0
+
+
+def _latest_version(output: str) -> str | None:
+    """The version readers of `output` see before this build (None: none, or unreadable)."""
+    from etl.versions import Versions
+
+    try:
+        return (Versions(output).pointer() or {}).get("version")
+    except (OSError, ValueError):
+        return None
 
 
 def _last_line(e: BaseException) -> str:

@@ -137,6 +137,8 @@ class BuildConfig:
     def __post_init__(self) -> None:
         from etl.sources.base import InputError
 
+        if not self.stages:
+            raise InputError(f"--stages is empty; give one or more of {', '.join(STAGES)}")
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise InputError(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")

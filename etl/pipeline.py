@@ -122,6 +122,24 @@ def _inside(child: str, parent: str) -> bool:
 def preflight(cfg: BuildConfig) -> None:
     """Refuse outputs that would damage inputs or cannot hold a corpus, before any work."""
     out = cfg.output
+    if not out.strip():
+        raise InputError("--output is empty; give the corpus directory (a local path or s3://bucket/prefix)")
+    if "://" in out:
+        import pyarrow.fs as pafs
+
+        fs, path = Store(out).fs_root
+        bucket = path.split("/", 1)[0]
+        try:
+            found = fs.get_file_info(bucket).type != pafs.FileType.NotFound
+        except OSError as e:
+            raise InputError(f"--output {out}: cannot reach the object store ({str(e).splitlines()[0]}); check "
+                             "the credentials and AWS_ENDPOINT_URL") from None
+        if not found:
+            raise InputError(f"--output {out}: bucket {bucket!r} does not exist; create it first")
+    if "sentences" not in cfg.stages and (cfg.h5ad or cfg.census_uri or cfg.census_version or cfg.max_cells):
+        raise InputError("--stages samples builds from the sentences of the output's latest version: source options "
+                         "(--h5ad, --census-uri, --census-version, --max-cells) would be ignored; drop them, or add "
+                         "the sentences stage (--stages sentences,samples)")
     if "://" not in out:
         if os.path.isfile(out):
             raise InputError(f"--output {out!r} is a file; give a directory (it will hold versions/ and latest.json)")
@@ -154,12 +172,18 @@ def build(cfg: BuildConfig, spark=None) -> dict:
         raise InputError(str(e)) from None
     vid: str | None = None  # the version this run writes, once it has something to write
     base: CorpusVersion | None = latest
+    inputs = None
     if "sentences" in cfg.stages:
         plan = plan_source(cfg)
+        if "samples" in cfg.stages:  # before hours of encoding: what the samples stage would refuse
+            from etl.stages import samples_plan
+
+            inputs = samples_plan.preflight(cfg, {d for ds in plan.planned.values() for d in ds}, {},
+                                            samples_only=False)
         key = mf.run_key(plan.description, _filters(cfg, plan), cfg.shaping_options())
         if latest is not None and latest.manifest.get("run_key") == key and not cfg.force:
-            log.info("sentences are current in version %s (same inputs, options and formats); reused",
-                     latest.version)
+            log.info("sentences are current (version %s; same inputs, options and formats); reused",
+                     latest.manifest.get("sentences_version") or latest.version)
             manifest = latest.manifest
         else:
             if not plan.tasks:
@@ -175,15 +199,26 @@ def build(cfg: BuildConfig, spark=None) -> dict:
             raise InputError(f"{cfg.output} has no committed corpus to build samples from: run the sentences "
                              "stage first (--stages sentences,samples)")
         manifest = latest.manifest
+        if "samples" in cfg.stages:
+            from etl.stages import samples_plan
+
+            inputs = samples_plan.preflight(cfg, {d for o in manifest["counts"]["organisms"].values()
+                                                  for d in o["datasets"]}, manifest, samples_only=True)
     if "samples" in cfg.stages:
         from etl.stages import samples_plan
 
         sentences_root = base.sentences_root if base is not None else versions.store(vid).uri
-        job = samples_plan.prepare(cfg, manifest, sentences_root, samples_only="sentences" not in cfg.stages)
+        job = samples_plan.prepare(cfg, manifest, sentences_root, samples_only="sentences" not in cfg.stages,
+                                   inputs=inputs)
         if vid is None and manifest.get("samples", {}).get("run_key") == job.key and not cfg.force:
             log.info("samples are current in version %s (same sentences, inputs, options and formats); nothing "
                      "to do (--force rebuilds)", latest.version)
             return manifest
+        if vid is None and not cfg.force and (same := versions.find_samples(job.key, manifest["content_hash"])):
+            versions.use(same, validate)  # an older version already holds exactly these samples: point at it
+            log.info("version %s already holds these samples (same sentences, inputs, options and formats); "
+                     "latest now points to it", same)
+            return versions.store(same).read_json("manifest.json")
         if vid is None:
             vid = versions.create(job.key, sentences_key=None, stages=list(cfg.stages), extends=latest.version)
             manifest = {k: v for k, v in manifest.items() if k != "samples"}

@@ -24,7 +24,7 @@ from etl import rowhash
 from etl.storage import Store
 from schemas.layout import CorpusNotFound, CorpusVersion, resolve
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("etl.validate")
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "test_ood": 3}
 
 

@@ -18,11 +18,12 @@ import datetime as dt
 import logging
 import os
 import posixpath
+import re
 
 from etl.storage import TMP_MARK, Store
 from schemas.layout import MANIFEST, POINTER, VERSIONS, CorpusNotFound, CorpusVersion, resolve
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("etl.versions")
 
 WORK = "_work"
 TABLE_DIRS = ("sentences", "vocab", "stats", "samples", "knowledge")  # what a version folder holds
@@ -31,6 +32,10 @@ BUILD = f"{WORK}/build.json"
 
 class LegacyLayout(ValueError):
     """DIR holds a corpus written before versions existed."""
+
+
+# what this code names its version folders; nothing else under versions/ is ever treated as one (or deleted)
+VERSION_ID = re.compile(r"^\d{8}T\d{6,12}Z-(?:[0-9a-f]{8}|legacy)$")
 
 
 def _stamp() -> str:
@@ -48,14 +53,17 @@ class Versions:
         return self.out.child(f"{VERSIONS}/{vid}")
 
     def ids(self) -> list[str]:
-        return self.out.dirs(VERSIONS)
+        """Folders under versions/ named as this code names versions (anything else there is left alone)."""
+        return [d for d in self.out.dirs(VERSIONS) if VERSION_ID.match(d)]
 
     def committed(self) -> list[str]:
         """Version ids with a manifest, oldest first (ids begin with their UTC creation time)."""
         return [v for v in self.ids() if self.out.is_file(f"{VERSIONS}/{v}/{MANIFEST}")]
 
     def unfinished(self) -> list[str]:
-        return [v for v in self.ids() if not self.out.is_file(f"{VERSIONS}/{v}/{MANIFEST}")]
+        """Versions a build started (its _work/build.json) and did not finish."""
+        return [v for v in self.ids() if not self.out.is_file(f"{VERSIONS}/{v}/{MANIFEST}")
+                and self.out.is_file(f"{VERSIONS}/{v}/{BUILD}")]
 
     def pointer(self) -> dict | None:
         return self.out.read_json(POINTER) if self.out.is_file(POINTER) else None
@@ -65,6 +73,10 @@ class Versions:
         if self.out.is_file(POINTER):
             return resolve(self.out.uri)
         if self.out.is_file(MANIFEST):
+            if self.out.read_json(MANIFEST).get("version"):
+                parent = posixpath.dirname(posixpath.dirname(self.out.uri.rstrip("/")))
+                raise LegacyLayout(f"{self.out.uri} is one version of the corpus {parent}; give that directory "
+                                   f"(--output {parent}), never a version folder")
             raise LegacyLayout(
                 f"{self.out.uri} holds a corpus in the layout before versions (manifest.json and tables at the top); "
                 f"convert it once with `python -m etl.versions migrate {self.out.uri}` (it becomes the first "
@@ -82,6 +94,14 @@ class Versions:
         for vid in reversed(self.unfinished()):
             st = self.store(vid)
             if st.is_file(BUILD) and st.read_json(BUILD).get("sentences_key") == sentences_key:
+                return vid
+        return None
+
+    def find_samples(self, samples_key: str, content_hash: str) -> str | None:
+        """The newest committed version with these samples over these sentences (a rebuild can point at it)."""
+        for vid in reversed(self.committed()):
+            m = self.store(vid).read_json(MANIFEST)
+            if m.get("samples", {}).get("run_key") == samples_key and m.get("content_hash") == content_hash:
                 return vid
         return None
 
@@ -130,7 +150,8 @@ class Versions:
         for v in gone:
             self.out.remove(f"{VERSIONS}/{v}")
         if gone:
-            log.info("pruned %d old version(s) (--keep-versions %d): %s", len(gone), keep, ", ".join(gone))
+            log.info("pruned %d old version(s), keeping the newest %d and what they reuse: %s", len(gone), keep,
+                     ", ".join(gone))
         return gone
 
     def use(self, vid: str, validate) -> None:
@@ -154,6 +175,9 @@ class Versions:
         if not self.out.is_file(MANIFEST):
             raise CorpusNotFound(f"{self.out.uri}: no manifest.json to migrate")
         manifest = self.out.read_json(MANIFEST)
+        if manifest.get("version"):
+            raise LegacyLayout(f"{self.out.uri} is a version folder of a versioned corpus, not a corpus to migrate; "
+                               "give the corpus directory that holds versions/ and latest.json")
         vid = f"{(manifest.get('created_at') or '').replace('-', '').replace(':', '')}-legacy" \
             if manifest.get("created_at") else f"{_stamp()}-legacy"
         rels = [r for top in TABLE_DIRS for r in self.out.list(top) if TMP_MARK not in r]
@@ -224,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
 
     v = Versions(args.dir)
     try:
+        if not v.out.exists(""):
+            raise CorpusNotFound(f"corpus {args.dir}: not found")
         if args.cmd == "list":
             current = (v.pointer() or {}).get("version")
             for vid in v.committed():

@@ -164,9 +164,13 @@ def test_a_legacy_corpus_is_read_and_migrated_on_request(tmp_path, capsys):
     # lay it out as builds before versions did: tables and manifest.json at the top of DIR
     legacy = tmp_path / "legacy"
     os.rename(corpus_path(out), legacy)
-    manifest = (legacy / "manifest.json").read_text().replace(f'"{m["version"]}"', '"gone"')
-    (legacy / "manifest.json").write_text(manifest)
-    assert resolve(str(legacy)).version == "gone"  # still readable
+    import json
+
+    manifest = json.loads((legacy / "manifest.json").read_text())
+    for k in ("version", "sentences_version"):  # what manifests before versions lacked
+        manifest.pop(k)
+    (legacy / "manifest.json").write_text(json.dumps(manifest))
+    assert resolve(str(legacy)).version is None and validate(str(legacy))  # still readable, as it was
     with pytest.raises(InputError, match=r"layout before versions.*python -m etl\.versions migrate"):
         build(BuildConfig(output=str(legacy), h5ad=[path], cell_type_column="celltype", max_genes=30))
     assert versions.main(["migrate", str(legacy)]) == 0
@@ -322,3 +326,44 @@ def test_deep_validation_finds_changed_rows_foreign_cells_and_split_leaks(tmp_pa
     assert v.main([out, "--deep"]) == 1  # the CLI: non-zero, naming the first mismatch
     assert "invalid: samples/task=cell_lm/split=val" in caplog.text
     assert v.main([str(tmp_path / "nothing")]) == 2
+
+
+def test_gene_sets_only_name_corpus_genes_and_no_two_samples_are_alike(tmp_path):
+    path, _ = write_h5ad(tmp_path / "a.h5ad", n_cells=60, n_genes=30, seed=4)  # symbols GENE0..GENE29
+    gmt = tmp_path / "sets.gmt"
+    gmt.write_text("MIXED\td\tGENE1\tGENE2\tNOT_A_GENE\nNONE\td\tFOO1\tBAR2\n")
+    m = build(BuildConfig(output=str(tmp_path / "c"), h5ad=[path], cell_type_column="celltype", max_genes=30,
+                          gene_sets=[str(gmt)], tasks=["gene_set_naming", "gene_set_enumeration"],
+                          mixture=["gene_set_naming=6", "gene_set_enumeration=6"]))
+    k = m["samples"]["knowledge"]["gene_sets"]
+    assert (k["sets"], k["sets_used"], k["sets_without_corpus_genes"], k["genes_not_in_vocabulary"]) == (2, 1, 1, 3)
+    rows = pads.dataset(corpus_path(str(tmp_path / "c"), "samples"), format="parquet").to_table().to_pylist()
+    assert rows and all("FOO1" not in r["response"] + r["prompt"] for r in rows)
+    assert all("NOT_A_GENE" not in r["response"] + r["prompt"] for r in rows)
+    pairs = [(r["prompt"], r["response"]) for r in rows]
+    assert len(set(pairs)) == len(pairs) == 12  # 6 draws per task, each with its own template
+
+
+def test_rebuilds_say_whether_anything_changed_and_reuse_an_identical_version(tmp_path, capsys):
+    import json
+
+    from etl import versions
+
+    path, _ = write_h5ad(tmp_path / "a.h5ad", n_cells=60, n_genes=30, seed=5)
+    out = str(tmp_path / "c")
+    argv = ["--h5ad", path, "--cell-type-column", "celltype", "--output", out, "--spark", "false",
+            "--tasks", "cell_lm"]
+
+    def result(*extra) -> dict:
+        assert main([*argv, *extra]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    first = result()
+    assert first["changed"] and first["planned"] == first["read"] == 60 and first["samples"] > 0
+    assert not result()["changed"]  # current: nothing to do
+    other = result("--max-tokens", "512")
+    assert other["changed"] and other["sentences_version"] == first["version"]
+    back = result()  # back to the first options: the first version already holds them
+    assert back["version"] == first["version"] and back["changed"]
+    assert len(Store(out).dirs("versions")) == 2
+    assert versions.main(["list", str(tmp_path / "nowhere")]) == 2

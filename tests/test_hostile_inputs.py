@@ -235,7 +235,67 @@ def on_invalid_error(d, good):
     return ["--h5ad", _h5ad(d / "nan.h5ad", x), "--on-invalid", "error"]
 
 
+def output_is_a_version_folder(d, good, out=None):
+    return ["--h5ad", good, "--output", str(next((Path(out) / "versions").iterdir()))]
+
+
+def census_uri_is_h5ad(d, good):
+    return ["--census-uri", good]
+
+
+def h5ad_is_a_directory(d, good):
+    return ["--h5ad", str(d)]
+
+
+def layer_missing(d, good):
+    return ["--h5ad", good, "--h5ad-layer", "counts"]
+
+
+def default_cell_type_missing(d, good):
+    return ["--h5ad", good, "--cell-type-column", "cell_type"]
+
+
+def ood_dataset_typo(d, good):
+    return ["--h5ad", good, "--ood-datasets", "goood"]
+
+
+def samples_only_with_a_source(d, good):
+    return ["--h5ad", good, "--stages", "samples"]
+
+
+def gene_sets_file_missing(d, good):
+    return ["--h5ad", good, "--gene-sets", str(d / "missing.gmt"), "--tasks", "gene_set_naming"]
+
+
+def biogrid_file_missing(d, good):
+    return ["--h5ad", good, "--biogrid", str(d / "missing.tab3.txt")]
+
+
+def task_without_its_input(d, good):
+    return ["--h5ad", good, "--tasks", "cell_lm,gene_set_naming"]
+
+
+def output_empty(d, good):
+    return ["--h5ad", good, "--output", ""]
+
+
+def stages_empty(d, good):
+    return ["--h5ad", good, "--stages", ""]
+
+
 REFUSED: list[tuple[Callable, str]] = [
+    (output_is_a_version_folder, r"is one version of the corpus .*give that directory"),
+    (census_uri_is_h5ad, r"good\.h5ad' is an h5ad file; give it with --h5ad"),
+    (h5ad_is_a_directory, r"a directory; give the \.h5ad files"),
+    (layer_missing, r"no matrix 'layers/counts' .*the file has: X"),
+    (default_cell_type_missing, r"no column 'cell_type' \(asked for as cell_type, --cell-type-column\)"),
+    (ood_dataset_typo, r"--ood-datasets \['goood'\] are not datasets of this corpus; its datasets: good"),
+    (samples_only_with_a_source, r"--stages samples builds from the sentences"),
+    (gene_sets_file_missing, r"missing\.gmt"),
+    (biogrid_file_missing, r"--biogrid .*missing\.tab3\.txt.*file not found"),
+    (task_without_its_input, r"gene_set_naming needs --gene-sets"),
+    (output_empty, r"--output is empty"),
+    (stages_empty, r"--stages is empty"),
     (truncated, r"trunc\.h5ad"),
     (not_hdf5, r"cannot read h5ad .*text\.h5ad"),
     (scaled, r"scaled\.h5ad.*negative values.*z-scored"),
@@ -273,7 +333,8 @@ REFUSED: list[tuple[Callable, str]] = [
 
 @pytest.mark.parametrize(("make", "says"), REFUSED, ids=[f.__name__ for f, _ in REFUSED])
 def test_refused_with_one_line_and_the_committed_version_intact(make, says, corpus, good, tmp_path, capsys):
-    extra = make(tmp_path, good, corpus["out"]) if make is input_inside_output_versions else make(tmp_path, good)
+    takes_out = make in (input_inside_output_versions, output_is_a_version_folder)
+    extra = make(tmp_path, good, corpus["out"]) if takes_out else make(tmp_path, good)
     argv = [*BASE, "--output", corpus["out"], *extra]
     rc, errors, err = run(argv, capsys)
     assert rc == 2, err[-2000:]
@@ -381,3 +442,48 @@ def test_cellphonedb_unknown_partners_are_counted(good, tmp_path, capsys):
     rc, _, err = run(["--h5ad", good, "--output", out, *BASE, "--cellphonedb", str(cp)], capsys)
     assert rc == 0, err[-2000:]
     assert resolve(out).manifest["samples"]["knowledge"]["cellphonedb"]["unresolved_partner"] >= 1
+
+
+def test_samples_inputs_are_checked_before_the_sentences_stage(good, tmp_path, capsys):
+    """A typo in a samples option fails in seconds, before any cell is encoded (no version is started)."""
+    out = tmp_path / "o"
+    for extra in (["--mixture", "cell_typo=1"], ["--tasks", "cell_lm,nope"], ["--tokenizer", str(tmp_path / "t")],
+                  ["--gene-sets", str(tmp_path / "nothing.gmt")]):
+        rc, errors, err = run(["--h5ad", good, "--output", str(out), *BASE, *extra], capsys)
+        assert rc == 2 and len(errors) == 1, err[-2000:]
+        assert not (out / "versions").exists(), extra
+
+
+def test_obs_filter_on_an_unknown_column_is_one_line_with_the_columns(demo_census, tmp_path, capsys):
+    rc, errors, err = run(["--census-uri", demo_census, "--output", str(tmp_path / "o"), "--spark", "false",
+                           "--obs-filter", "tisue == 'lung'"], capsys)
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in err
+    assert re.search(r"--obs-filter \"tisue == 'lung'\" failed on homo_sapiens: .*obs columns: .*tissue", errors[0])
+    assert len([ln for ln in err.splitlines() if ln.strip()]) <= 3  # not the library's multi-line dump
+
+
+def test_folders_under_versions_that_are_not_versions_are_left_alone(good, tmp_path, capsys):
+    out = tmp_path / "proj"
+    for rel in ("versions/v1/notes.txt", "versions/20240101T000000000000Z-deadbeef/data.csv"):
+        (out / rel).parent.mkdir(parents=True)
+        (out / rel).write_text("mine")
+    rc, _, err = run(["--h5ad", good, "--output", str(out), *BASE], capsys)
+    assert rc == 0, err[-2000:]
+    assert (out / "versions/v1/notes.txt").exists() and (out / "versions/20240101T000000000000Z-deadbeef/data.csv").exists()
+
+
+def test_a_collection_rewritten_in_place_is_not_taken_as_current(tmp_path, capsys):
+    from etl.demo import build_demo_census
+
+    census = str(tmp_path / "census")
+    build_demo_census(census, n_cells=200, n_genes=400, mean_nnz=30, seed=1, organisms=("homo_sapiens",))
+    argv = ["--census-uri", census, "--output", str(tmp_path / "o"), "--spark", "false", "--stages", "sentences",
+            "--organisms", "homo_sapiens"]
+    assert main(argv) == 0
+    first = resolve(str(tmp_path / "o")).manifest
+    shutil.rmtree(census)
+    build_demo_census(census, n_cells=200, n_genes=400, mean_nnz=45, seed=1, organisms=("homo_sapiens",))
+    assert main(argv) == 0
+    second = resolve(str(tmp_path / "o")).manifest
+    assert second["version"] != first["version"] and second["content_hash"] != first["content_hash"]
+    capsys.readouterr()

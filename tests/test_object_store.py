@@ -80,12 +80,17 @@ def test_build_rebuild_failed_build_prune_and_rollback_on_s3(s3, demo_census, tm
     assert resolve(out).version == second["version"]
     assert validate(out, deep=True)["content_hash"] == first["content_hash"]
 
-    # a third build fails halfway, after its sentences are written to the bucket: a broken GMT file
-    bad = tmp_path / "broken.gmt"
-    bad.write_text("ONLY_A_NAME\n")
-    with pytest.raises(InputError, match=r"broken\.gmt, line 1"):
-        build(_cfg(demo_census, out, max_genes=80, gene_sets=[str(bad)],
-                   tasks=["cell_type_prediction", "gene_set_naming"]), None)
+    # a third build fails halfway, after its sentences are written to the bucket: a BioGRID file (read whole
+    # only by the samples stage) with a short row
+    from pathlib import Path
+
+    head, row = (Path(__file__).resolve().parents[1] / "etl/knowledge/data/demo/BIOGRID-DEMO.tab3.txt").read_text() \
+        .splitlines()[:2]
+    bad = tmp_path / "broken.tab3.txt"
+    bad.write_text(f"{head}\n{row}\n" + "\t".join(row.split("\t")[:4]) + "\n")
+    with pytest.raises(InputError, match=r"broken\.tab3\.txt, line 3"):
+        build(_cfg(demo_census, out, max_genes=80, biogrid=str(bad),
+                   tasks=["cell_type_prediction", "gene_interaction_prediction"]), None)
     v = Versions(out)
     assert resolve(out).version == second["version"]  # latest unchanged
     assert validate(out, deep=True)["samples"]["samples_hash"] == second["samples"]["samples_hash"]

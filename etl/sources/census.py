@@ -51,24 +51,48 @@ def tiledb_config(cores: int = 1, buffer_mib: int = 128, region: str | None = No
 _OPEN: dict[tuple, Any] = {}
 
 
-def open_census(uri: str, config: dict[str, Any] | None = None):
-    """The collection at `uri`, opened once per process and config (a worker's cache)."""
+def open_census(uri: str, config: dict[str, Any] | None = None, tag: str | None = None):
+    """The collection at `uri`, opened once per process, config and `tag` (a worker's cache; the tag, a local
+    collection's fingerprint, makes a collection rewritten in place open afresh)."""
     import cellxgene_census
 
     # the pid guards against a handle inherited through a fork (TileDB state must not cross one)
-    key = (uri, os.getpid(), tuple(sorted((config or {}).items())))
+    key = (uri, os.getpid(), tuple(sorted((config or {}).items())), tag)
     if key not in _OPEN:
         try:
             _OPEN[key] = cellxgene_census.open_soma(uri=uri, tiledb_config=config or {})
         except Exception as e:  # tiledbsoma raises several types for a missing or unreadable URI
-            raise InputError(f"cannot open the Census-shaped SOMA collection at {uri!r}: {e}") from e
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"cannot open the Census-shaped SOMA collection at {uri!r}: {first} (give the folder "
+                             "that holds census_info and census_data, or --census-version)") from e
     return _OPEN[key]
+
+
+def local_fingerprint(path: str) -> str | None:
+    """A digest of every file's relative path, size and modification time under a local collection: a
+    collection rewritten in place (new TileDB fragments) gets another, so a rebuild is not taken as current.
+    None for an object-store URI (a Census release is immutable; its version names it)."""
+    import hashlib
+
+    if "://" in path or not os.path.isdir(path):
+        return None
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            st = os.stat(full)
+            h.update(f"{os.path.relpath(full, path)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def resolve(census_version: str | None, census_uri: str | None) -> dict[str, Any]:
     """Resolve the source once on the driver: a version becomes its URI and region (network call)."""
     if census_uri:
-        return {"kind": "census", "uri": census_uri, "census_version": None, "s3_region": None}
+        if census_uri.endswith(".h5ad"):
+            raise InputError(f"--census-uri {census_uri!r} is an h5ad file; give it with --h5ad (and --organism)")
+        return {"kind": "census", "uri": census_uri, "census_version": None, "s3_region": None,
+                "fingerprint": local_fingerprint(census_uri)}
     import cellxgene_census
 
     try:
@@ -105,7 +129,7 @@ def plan(
 ) -> SourcePlan:
     """Plan tasks from obs joinids only (never X)."""
     config = tiledb_config(cores=os.cpu_count() or 1, buffer_mib=256, region=source.get("s3_region"))
-    census = open_census(source["uri"], config)
+    census = open_census(source["uri"], config, source.get("fingerprint"))
     if "census_data" not in census:
         raise InputError(f"{source['uri']!r} is not a Census: no census_data collection")
     desc = dict(source)
@@ -134,7 +158,9 @@ def plan(
         try:
             obs = exp.obs.read(column_names=["soma_joinid", "dataset_id"], value_filter=obs_filter).concat()
         except Exception as e:
-            raise InputError(f"obs filter {obs_filter!r} failed on {organism}: {e}") from e
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"--obs-filter {obs_filter!r} failed on {organism}: {first}; obs columns: "
+                             f"{', '.join(exp.obs.schema.names)}") from e
         joinids = obs["soma_joinid"].to_numpy()
         datasets = obs["dataset_id"].combine_chunks()
         if pa.types.is_dictionary(datasets.type):
@@ -162,7 +188,8 @@ def plan(
                     task_id=f"{organism}/{dataset_id}/{i:05d}", kind="census", uri=source["uri"],
                     organism=organism, dataset_id=dataset_id, index=i, lo=lo, hi=hi, n_cells=len(chunk),
                     var_key=organism, joinids=explicit,
-                    options={"obs_filter": obs_filter, "s3_region": source.get("s3_region")},
+                    options={"obs_filter": obs_filter, "s3_region": source.get("s3_region"),
+                             "fingerprint": source.get("fingerprint")},
                 ))  # fmt: skip
         log.info("%s: %d cells in %d datasets planned", organism, sum(planned[organism].values()),
                  len(planned[organism]))
@@ -190,7 +217,8 @@ def read_task(task: Task, *, block_size: int, cores: int = 1, buffer_mib: int = 
     objects: without a collection after each block a task's memory grew by ~450 MiB per 4,096-cell block.
     The collection is cheap because the heap alive before the first task is frozen (`gc.freeze`).
     """
-    census = open_census(task.uri, tiledb_config(cores, buffer_mib, task.options.get("s3_region")))
+    census = open_census(task.uri, tiledb_config(cores, buffer_mib, task.options.get("s3_region")),
+                         task.options.get("fingerprint"))
     exp = census["census_data"][task.organism]
     step = block_size * max(1, blocks_per_query)
     if task.joinids:

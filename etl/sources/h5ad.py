@@ -36,10 +36,15 @@ log = logging.getLogger(__name__)
 def open_h5ad(path: str):
     import h5py
 
+    if os.path.isdir(path):
+        raise InputError(f"cannot read h5ad {path!r}: a directory; give the .h5ad files (--h5ad a.h5ad --h5ad b.h5ad)")
     try:
         return h5py.File(path, "r")
     except (OSError, FileNotFoundError) as e:
-        raise InputError(f"cannot read h5ad {path!r}: {e}") from e
+        text = str(e).splitlines()[0]
+        why = "not an HDF5 file (an .h5ad is HDF5; is this a .loom, .zarr, .csv or a truncated download?)" \
+            if "signature" in text else text
+        raise InputError(f"cannot read h5ad {path!r}: {why}") from e
 
 
 def matrix_paths(layer: str | None) -> tuple[str, str]:
@@ -138,7 +143,9 @@ def label_mapping(path: str, obs_columns: set[str], cell_type_column: str,
         col = wanted.get(field)
         if col is not None and col not in obs_columns:
             raise InputError(
-                f"{path}: obs has no column {col!r} (asked for as {field}); obs columns: {sorted(obs_columns)}"
+                f"{path}: obs has no column {col!r} (asked for as {field}"
+                + (", --cell-type-column" if field == "cell_type" else ", --label-column FIELD=COLUMN")
+                + f"); obs columns: {sorted(obs_columns)}"
             )
         mapping[field] = col if col is not None else (field if field in obs_columns else None)
     return mapping
@@ -208,7 +215,10 @@ def plan(
         mpath, vpath = matrix_paths(layer)
         with open_h5ad(path) as f:
             if mpath not in f:
-                raise InputError(f"{path}: no matrix {mpath!r} (--h5ad-layer {layer!r})")
+                have = (["X"] if "X" in f else []) + (["raw"] if "raw" in f and "X" in f["raw"] else []) + \
+                    sorted(f.get("layers", {}).keys())
+                raise InputError(f"{path}: no matrix {mpath!r} (--h5ad-layer {layer!r}); the file has: "
+                                 f"{', '.join(have) or 'none'}")
             if "obs" not in f or vpath not in f:
                 raise InputError(f"{path}: not an AnnData file (no obs/var groups)")
             obs_cols = set(column_names(f["obs"]))

@@ -99,7 +99,7 @@ def _datasets_table(source: dict) -> pa.Table | None:
         return None
     from etl.sources.census import open_census
 
-    return open_census(source["uri"])["census_info"]["datasets"].read().concat()
+    return open_census(source["uri"], tag=source.get("fingerprint"))["census_info"]["datasets"].read().concat()
 
 
 def _pairs(t: pa.Table) -> set[tuple[str, str]]:
@@ -133,8 +133,8 @@ def _spatial_extents(cfg: BuildConfig, src: Store, spark, manifest: dict) -> lis
 MULTI_CELL_FIXED_TOKENS = 160  # template text, labels and answer of a multi-cell sample, beside the cells
 
 
-def _symbols(src: Store, organisms: list[str], n: int = 2000) -> list[str]:
-    """Up to n gene symbols of the corpus vocabularies (a small read): what an exact tokenizer is probed on."""
+def _symbols(src: Store, organisms: list[str], n: int | None = 2000) -> list[str]:
+    """Up to n (None: all) gene symbols of the corpus vocabularies: what an exact tokenizer is probed on."""
     syms: list[str] = []
     for org in organisms:
         rel = f"vocab/{org}.parquet"
@@ -185,13 +185,69 @@ class SamplesJob:
     sentences: Store
 
 
-def prepare(cfg: BuildConfig, manifest: dict, sentences_root: str, samples_only: bool) -> SamplesJob:
+_NEEDS_FLAG = {"biogrid": "--biogrid", "cellphonedb": "--cellphonedb", "abstracts": "--abstracts (or "
+               "--fetch-abstracts)", "gene_sets": "--gene-sets", "perturbation": "--perturbation-h5ad"}
+
+
+def preflight(cfg: BuildConfig, datasets: set[str], manifest: dict, samples_only: bool) -> dict:
+    """What the samples stage would refuse, checked before the sentences stage spends its hours: tasks, mixture,
+    tokenizer, held-out datasets, tasks asked for without their inputs, and every input file (it exists; the
+    small ones are parsed whole; perturbation files' obs are read). Returns the inputs (knowledge_inputs)."""
+    unknown = [t for t in cfg.tasks if t not in TASKS]
+    if unknown:
+        raise InputError(f"unknown task(s) {unknown}; tasks: {', '.join(TASKS)}")
+    _mixture(cfg)
+    if cfg.tokenizer:
+        load_tokenizer_json(cfg.tokenizer)
+    if missing := sorted(set(cfg.ood_datasets) - set(datasets)):
+        known = sorted(datasets)
+        raise InputError(f"--ood-datasets {missing} are not datasets of this corpus; its datasets: "
+                         f"{', '.join(known[:12])}{' ...' if len(known) > 12 else ''}")
+    inputs = knowledge_inputs(cfg, manifest, samples_only)
+    for key in ("biogrid",):
+        if inputs[key] and not os.path.isfile(inputs[key]):
+            raise InputError(f"{_NEEDS_FLAG[key]} {inputs[key]!r}: file not found")
+    if inputs["cellphonedb"]:
+        from etl.knowledge.cellphonedb import read_cellphonedb
+
+        read_cellphonedb(inputs["cellphonedb"])  # three small csv files: parsed whole, errors now
+    for p in inputs["gene_sets"]:
+        from etl.knowledge.genesets import read_gmt
+
+        read_gmt(p)
+    if inputs["abstracts"]:
+        from etl.knowledge.pubmed import read_abstracts
+
+        read_abstracts(inputs["abstracts"])
+    if inputs["perturbation"]:
+        opts = pert_stage.options_from_config(cfg)
+        for p in inputs["perturbation"]:
+            pert_source.read_obs(p, opts)  # obs only: columns, control labels
+    mix = _mixture(cfg)
+    asked = [t for t in cfg.tasks if mix.get(t, 0) > 0]
+    lacking = {t: [n for n in TASKS[t].needs if n in _NEEDS_FLAG and not (inputs.get(n) or
+                                                                           (n == "abstracts" and cfg.fetch_abstracts))]
+               for t in asked}
+    if lacking := {t: n for t, n in lacking.items() if n}:
+        raise InputError("task(s) asked for without their inputs: " + "; ".join(
+            f"{t} needs {', '.join(_NEEDS_FLAG[n] for n in needs)}" for t, needs in lacking.items()))
+    return inputs
+
+
+def prepare(cfg: BuildConfig, manifest: dict, sentences_root: str, samples_only: bool,
+            inputs: dict | None = None) -> SamplesJob:
     """Check the options, pick the inputs (see knowledge_inputs) and compute the samples run key."""
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise InputError(f"unknown task(s) {unknown}; tasks: {', '.join(TASKS)}")
-    inputs = knowledge_inputs(cfg, manifest, samples_only)
+    inputs = inputs if inputs is not None else knowledge_inputs(cfg, manifest, samples_only)
     tok_json = load_tokenizer_json(cfg.tokenizer) if cfg.tokenizer else None
+    before = manifest.get("samples", {}).get("options")
+    if samples_only and before:  # options come from the flags (defaults included), not from the corpus: say so
+        now = cfg.samples_options()
+        changed = [f"{k} {before.get(k)!r} -> {now[k]!r}" for k in sorted(now) if before.get(k) != now[k]]
+        if changed:
+            log.info("samples options differ from version %s's: %s", manifest.get("version", "?"), "; ".join(changed))
     key = mf.samples_key({
         "sentences": manifest["content_hash"], "options": cfg.samples_options(),
         "inputs": {k: ([_file_digest(p) for p in v] if isinstance(v, list) else (_file_digest(v) if v else None))
@@ -259,9 +315,23 @@ def run(cfg: BuildConfig, job: SamplesJob, out: Store, spark, manifest: dict) ->
 
         gs = pa.concat_tables([read_gmt(p, uppercase=manifest["options"].get("uppercase", True))
                                for p in inputs["gene_sets"]])
-        tables["gene_sets"] = gs
-        gene_sets = list(zip(gs["name"].to_pylist(), gs["genes"].to_pylist(), strict=True))
-        knowledge_counts["gene_sets"] = {"sets": gs.num_rows}
+        vocab = set(_symbols(src, organisms, n=None))
+        gone_genes, gone_sets = 0, []
+        for name, genes in zip(gs["name"].to_pylist(), gs["genes"].to_pylist(), strict=True):
+            known = [g for g in genes if g in vocab]  # a sample only names genes the model sees in sentences
+            gone_genes += len(genes) - len(known)
+            if known:
+                gene_sets.append((name, known))
+            else:
+                gone_sets.append(name)
+        if gone_sets:
+            log.warning("gene sets with no gene in the corpus vocabulary (not used): %s%s", ", ".join(gone_sets[:5]),
+                        " ..." if len(gone_sets) > 5 else "")
+        keep = pa.array([name for name, _ in gene_sets], pa.string())
+        tables["gene_sets"] = gs.filter(pa.compute.is_in(gs["name"], keep))
+        knowledge_counts["gene_sets"] = {"sets": gs.num_rows, "sets_used": len(gene_sets),
+                                         "sets_without_corpus_genes": len(gone_sets),
+                                         "genes_not_in_vocabulary": gone_genes}
 
     session = spark() if spark is not None and spark.enabled else None
     spatial_rows = _spatial_extents(cfg, src, session, manifest)
@@ -281,6 +351,8 @@ def run(cfg: BuildConfig, job: SamplesJob, out: Store, spark, manifest: dict) ->
         elif missing := [n for n in spec.needs if not present[n]]:
             status[name] = {"status": "skipped", "reason": f"input absent: {', '.join(missing)}"
                             + (" (no dataset matched an abstract)" if "abstracts" in missing and inputs["abstracts"] else "")
+                            + (" (no gene set has a gene in the corpus vocabulary)"
+                               if "gene_sets" in missing and inputs["gene_sets"] else "")
                             + (" (--perturbation-h5ad not given)" if "perturbation" in missing else "")
                             + (f" (no cell has coordinates; h5ad obsm[{cfg.spatial_key!r}])"
                                if "spatial" in missing else "")}

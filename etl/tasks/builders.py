@@ -191,17 +191,19 @@ def build_samples(cells: Iterable[dict], ctx: SampleContext, counts: Counts) -> 
 
 def knowledge_samples(gene_sets: list[tuple[str, list[str]]], ctx: SampleContext, counts: Counts,
                       ) -> Iterator[dict]:
-    """Gene-set tasks: per set, `rate` samples each; a set's samples share a split (hash of its name)."""
+    """Gene-set tasks: per set, `rate` samples each, each draw of a set with another template (no two samples
+    alike while there are templates left); a set's samples share a split (hash of its name)."""
     for task in ("gene_set_enumeration", "gene_set_naming"):
         if task not in ctx.mixture:
             continue
         for name, genes in gene_sets:
             split = ctx.splits.by_fraction("split", ctx.seed, "gene_set", name)
+            first = h64("template", task, name, ctx.seed)
             for d in range(draws(ctx.mixture[task], ctx.seed, task, name)):
                 sid = xxhash.xxh3_128_hexdigest(f"{task}|{name}|{d}|{ctx.seed}".encode())
                 n = len(genes)
                 values = {"gene_set": name, "genes": " ".join(genes)}
-                out = render(task, sid, values, None, ctx, counts)
+                out = render(task, sid, values, None, ctx, counts, template=first + d)
                 if out is None:
                     continue
                 prompt, response, _, est, t = out

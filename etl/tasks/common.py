@@ -180,10 +180,11 @@ def row(task, split, cells, prompt, response, n_genes, est, t_index, sample_id) 
 
 
 def render(task: str, sample_id: str, values: dict, sentences: list[list[str]] | None, ctx: SampleContext,
-            counts: Counts) -> tuple[str, str, int, int, int] | None:
-    """Fill a template, fitting the sentences (if any) to the token budget. None: over budget."""
+            counts: Counts, template: int | None = None) -> tuple[str, str, int, int, int] | None:
+    """Fill a template (by hash of the sample id, or `template`), fitting the sentences (if any) to the token
+    budget. None: over budget."""
     spec = tpl.load(task)
-    t = h64("template", sample_id) % len(spec["prompts"])
+    t = (h64("template", sample_id) if template is None else template) % len(spec["prompts"])
     prompt_t, response_t = spec["prompts"][t], spec["response"]
     if sentences is not None:
         # fixed part: the template with empty sentences and a placeholder count
