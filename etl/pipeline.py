@@ -136,10 +136,6 @@ def preflight(cfg: BuildConfig) -> None:
                              "the credentials and AWS_ENDPOINT_URL") from None
         if not found:
             raise InputError(f"--output {out}: bucket {bucket!r} does not exist; create it first")
-    if "sentences" not in cfg.stages and (cfg.h5ad or cfg.census_uri or cfg.census_version or cfg.max_cells):
-        raise InputError("--stages samples builds from the sentences of the output's latest version: source options "
-                         "(--h5ad, --census-uri, --census-version, --max-cells) would be ignored; drop them, or add "
-                         "the sentences stage (--stages sentences,samples)")
     if "://" not in out:
         if os.path.isfile(out):
             raise InputError(f"--output {out!r} is a file; give a directory (it will hold versions/ and latest.json)")
@@ -199,6 +195,7 @@ def build(cfg: BuildConfig, spark=None) -> dict:
             raise InputError(f"{cfg.output} has no committed corpus to build samples from: run the sentences "
                              "stage first (--stages sentences,samples)")
         manifest = latest.manifest
+        _same_source(cfg, manifest)
         if "samples" in cfg.stages:
             from etl.stages import samples_plan
 
@@ -237,6 +234,24 @@ def build(cfg: BuildConfig, spark=None) -> dict:
     versions.remove_unfinished(keep=None)
     versions.prune(cfg.keep_versions)
     return manifest
+
+
+def _same_source(cfg: BuildConfig, manifest: dict) -> None:
+    """A samples-only build reads the corpus's sentences: source options naming another source (or sample)
+    would be silently ignored, so they are refused; the same ones as the corpus's are fine."""
+    src, given = manifest.get("source", {}), []
+    if cfg.h5ad and sorted(os.path.realpath(p) for p in cfg.h5ad) != sorted(f["path"] for f in src.get("files", [])):
+        given.append("--h5ad")
+    if cfg.census_uri and cfg.census_uri != src.get("uri"):
+        given.append("--census-uri")
+    if cfg.census_version and cfg.census_version != src.get("census_version"):
+        given.append("--census-version")
+    if cfg.max_cells and cfg.max_cells != manifest.get("filters", {}).get("max_cells"):
+        given.append("--max-cells")
+    if given:
+        raise InputError(f"--stages samples builds from the sentences of the output's latest version "
+                         f"({manifest.get('version')}), not from {', '.join(given)} as given: drop "
+                         f"{'them' if len(given) > 1 else 'it'}, or add the sentences stage (--stages sentences,samples)")
 
 
 def _filters(cfg: BuildConfig, plan: SourcePlan) -> dict:

@@ -259,8 +259,10 @@ def ood_dataset_typo(d, good):
     return ["--h5ad", good, "--ood-datasets", "goood"]
 
 
-def samples_only_with_a_source(d, good):
-    return ["--h5ad", good, "--stages", "samples"]
+def samples_only_with_another_source(d, good):
+    other = Path(d / "other.h5ad")
+    shutil.copy(good, other)
+    return ["--h5ad", str(other), "--stages", "samples"]
 
 
 def gene_sets_file_missing(d, good):
@@ -290,7 +292,7 @@ REFUSED: list[tuple[Callable, str]] = [
     (layer_missing, r"no matrix 'layers/counts' .*the file has: X"),
     (default_cell_type_missing, r"no column 'cell_type' \(asked for as cell_type, --cell-type-column\)"),
     (ood_dataset_typo, r"--ood-datasets \['goood'\] are not datasets of this corpus; its datasets: good"),
-    (samples_only_with_a_source, r"--stages samples builds from the sentences"),
+    (samples_only_with_another_source, r"--stages samples builds from the sentences .*not from --h5ad"),
     (gene_sets_file_missing, r"missing\.gmt"),
     (biogrid_file_missing, r"--biogrid .*missing\.tab3\.txt.*file not found"),
     (task_without_its_input, r"gene_set_naming needs --gene-sets"),
