@@ -88,9 +88,15 @@ def test_corpus_files_are_the_parts_per_task_and_split(train_corpus):
 
 
 def _corpus_copy(train_corpus: str, dest: Path, tasks=("cell_lm",)) -> Path:
+    """A corpus of some of the tasks: their parts, and the manifest listing only those."""
+    dest.mkdir(parents=True, exist_ok=True)
     for t in tasks:
         shutil.copytree(Path(train_corpus, "samples", f"task={t}"), dest / "samples" / f"task={t}")
-    shutil.copy(Path(train_corpus, "manifest.json"), dest / "manifest.json")
+    manifest = json.loads(Path(train_corpus, "manifest.json").read_text())
+    s = manifest["samples"]
+    s["files"] = {rel: v for rel, v in s["files"].items() if any(f"task={t}/" in rel for t in tasks)}
+    s["counts"]["per_task_split"] = {t: v for t, v in s["counts"]["per_task_split"].items() if t in tasks}
+    (dest / "manifest.json").write_text(json.dumps(manifest))
     return dest
 
 
@@ -117,14 +123,22 @@ def test_corpus_files_errors_name_the_input(train_corpus, tmp_path):
 
     partial = _corpus_copy(train_corpus, tmp_path / "partial", ("cell_lm", "tissue_prediction"))
     shutil.rmtree(partial / "samples" / "task=tissue_prediction" / "split=val")
+    m = json.loads((partial / "manifest.json").read_text())  # a corpus built without that split, not damaged
+    m["samples"]["files"] = {k: v for k, v in m["samples"]["files"].items()
+                             if not ("task=tissue_prediction/" in k and "split=val/" in k)}
+    (partial / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(td.CorpusError, match=r"tissue_prediction have no files in split 'val'"):
         td.corpus_files(str(partial), "val", ["cell_lm", "tissue_prediction"])
 
-    empty = tmp_path / "empty"
-    (empty / "samples").mkdir(parents=True)
-    shutil.copy(Path(train_corpus, "manifest.json"), empty / "manifest.json")
+    empty = _corpus_copy(train_corpus, tmp_path / "empty", ())  # a manifest that lists no sample file
+    (empty / "samples").mkdir()
     with pytest.raises(td.CorpusError, match=r"empty.*no sample files for split 'train'"):
         td.corpus_files(str(empty), "train")
+    damaged = tmp_path / "damaged"  # one that lists them all, none on disk
+    (damaged / "samples").mkdir(parents=True)
+    shutil.copy(Path(train_corpus, "manifest.json"), damaged / "manifest.json")
+    with pytest.raises(td.CorpusError, match=r"damaged: split 'train' lacks sample files its manifest lists"):
+        td.corpus_files(str(damaged), "train")
 
     bad = _corpus_copy(train_corpus, tmp_path / "bad")
     part = bad / "samples" / "task=cell_lm" / "split=train" / "part-00099.parquet"
@@ -392,3 +406,51 @@ def test_batches_keep_a_last_partial_group_of_a_finite_stream(tok, train_files):
     assert [len(g) for g in groups] == [16, 16, 8]  # 40 samples
     with td.Packer(_stream(files, tok, loop=False), 512, pack=False) as packer:
         assert [len(g) for g in td.batches(packer, 16, drop_last=True)] == [16, 16]
+
+
+def _bos_tokenizer(tok):
+    """A copy of the corpus's word-level tokenizer that puts a BOS before every text, as Gemma's and Llama's do."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    inner = tok.backend_tokenizer.__class__.from_str(tok.backend_tokenizer.to_str())
+    inner.add_special_tokens(["<bos>"])
+    bos = inner.token_to_id("<bos>")
+    inner.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    out = PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<bos>", eos_token=tok.eos_token,
+                                  pad_token=tok.pad_token, unk_token=tok.unk_token)
+    assert out("CD3E")["input_ids"][0] == bos  # the tokenizer adds BOS by default
+    return out
+
+
+def test_training_evaluation_and_generation_encode_prompts_alike(tok, train_files):
+    """One prompt encoding: with a tokenizer that adds BOS, the prompt of a training sample, of an evaluation
+    sample and of a generation batch are the same ids, BOS first (training used to drop it)."""
+    from training.models import prompt_batch
+
+    btok = _bos_tokenizer(tok)
+    rows = list(_rows({"cell_type_prediction": train_files["cell_type_prediction"]}).values())[:5]
+    prompts = [r["prompt"] for r in rows]
+    batch = prompt_batch(btok, prompts)
+    for i, r in enumerate(rows):
+        ids, labels = td.tokenize_sample(btok, r["prompt"], r["response"], 10**6)
+        n_prompt = sum(label == td.IGNORE_INDEX for label in labels)
+        want = [btok.bos_token_id, *btok(r["prompt"], add_special_tokens=False)["input_ids"]]  # truth, built here
+        assert ids[:n_prompt] == want
+        got = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()  # left padding dropped
+        assert got == want
+    # a tokenizer without BOS gets none (GPT-NeoX style): nothing changes for it
+    ids, _ = td.tokenize_sample(tok, rows[0]["prompt"], rows[0]["response"], 10**6)
+    assert ids[: len(tok(rows[0]["prompt"], add_special_tokens=False)["input_ids"])] == \
+        tok(rows[0]["prompt"], add_special_tokens=False)["input_ids"]
+
+
+def test_a_task_missing_from_a_split_is_an_error_naming_it(train_corpus, tmp_path):
+    """Parts the manifest lists but the disk lacks: training would silently run without that task."""
+    whole = _corpus_copy(train_corpus, tmp_path / "whole", tuple(_glob(train_corpus, "train")))
+    assert td.corpus_files(str(whole), "train")  # complete: fine
+    shutil.rmtree(whole / "samples" / "task=cell_lm" / "split=train")
+    for tasks in (None, ["cell_lm", "cell_type_prediction"]):  # the default mixture, and one that names it
+        with pytest.raises(td.CorpusError, match=r"split 'train' lacks sample files .*cell_lm: 1 of its 1 part"):
+            td.corpus_files(str(whole), "train", tasks)
+    assert td.corpus_files(str(whole), "train", ["cell_type_prediction"])  # tasks not asked for do not matter

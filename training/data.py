@@ -80,11 +80,12 @@ def corpus_files(corpus: str, split: str, tasks: Sequence[str] | None = None) ->
     """task -> sorted parquet files under DIR/samples/task=<t>/split=<split>/, checked before any training.
 
     Raises CorpusError for a missing corpus or manifest, a manifest without a samples section, an unknown task,
-    a requested task without files in the split, an empty split, or a part whose schema is not schemas.SAMPLES.
+    a requested task without files in the split, an empty split, a part whose schema is not schemas.SAMPLES,
+    or a part the manifest lists that is not on disk (a task would silently drop out of the mixture).
     tasks=None: every task that has files in the split.
     """
     root = Path(corpus)
-    _read_manifest(root)
+    manifest = _read_manifest(root)
     known = _known_tasks()
     if tasks is not None:
         tasks = list(tasks)
@@ -98,6 +99,20 @@ def corpus_files(corpus: str, split: str, tasks: Sequence[str] | None = None) ->
         parts = sorted(str(p) for p in (d / f"split={split}").glob("*.parquet"))
         if parts:
             found[d.name[len("task="):]] = parts
+    listed: dict[str, list[str]] = {}  # task -> the parts of this split the manifest lists
+    for rel in manifest["samples"].get("files", {}):
+        parts = dict(p.split("=", 1) for p in rel.split("/") if "=" in p)
+        if parts.get("split") == split and "task" in parts:
+            listed.setdefault(parts["task"], []).append(rel)
+    damaged = {}
+    for t in (listed if tasks is None else [t for t in tasks if t in listed]):
+        absent = [rel for rel in listed[t] if not (samples.parent / rel).is_file()]
+        if absent:
+            damaged[t] = (len(absent), len(listed[t]))
+    if damaged:
+        what = "; ".join(f"{t}: {a} of its {n} part(s) missing" for t, (a, n) in sorted(damaged.items()))
+        raise CorpusError(f"corpus {corpus}: split '{split}' lacks sample files its manifest lists ({what}); the "
+                          f"corpus is damaged: rebuild it, or check it with `python -m etl.validate {corpus}`")
     if tasks is None:
         if not found:
             raise CorpusError(f"corpus {corpus}: no sample files for split '{split}' under {samples} "
@@ -194,6 +209,22 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
+def prompt_prefix(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text (Gemma's and Llama's BOS; [] for GPT-NeoX): what
+    every prompt starts with. Any special token it appends (an eos) is left out: a prompt continues."""
+    with_specials = tokenizer("", add_special_tokens=True)["input_ids"]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [bos] if bos is not None and with_specials[:1] == [bos] else []
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """THE prompt encoding, for training, evaluation and generation alike: the tokenizer's leading special
+    tokens (BOS, when it adds one), then the prompt's tokens. A model never sees a prompt at generation time
+    encoded otherwise than in training."""
+    prefix = prompt_prefix(tokenizer)
+    return [prefix + ids for ids in _encode(tokenizer, list(prompts))]
+
+
 def _join(p_ids: list[int], r_ids: list[int], eos: int, max_length: int) -> tuple[list[int], list[int]] | None:
     n = len(p_ids) + len(r_ids) + 1
     if n > max_length:
@@ -209,14 +240,16 @@ def tokenize_batch(tokenizer, prompts: list[str], responses: list[str], max_leng
     if not prompts:
         return []
     return [_join(p, r, eos, max_length)
-            for p, r in zip(_encode(tokenizer, list(prompts)), _encode(tokenizer, list(responses)), strict=True)]
+            for p, r in zip(encode_prompts(tokenizer, list(prompts)), _encode(tokenizer, list(responses)),
+                            strict=True)]
 
 
 def tokenize_sample(tokenizer, prompt: str, response: str, max_length: int
                     ) -> tuple[list[int], list[int]] | None:
-    """input_ids = ids(prompt) + ids(response) + [eos]; labels = -100 on the prompt tokens, the ids on the
-    response and the eos (loss only on what the model should write). Prompt and response are tokenised
-    separately without special tokens. None when longer than max_length (the caller counts it)."""
+    """input_ids = encode_prompts(prompt) + ids(response) + [eos]; labels = -100 on the prompt tokens, the ids
+    on the response and the eos (loss only on what the model should write). Prompt and response are tokenised
+    separately; the prompt starts with the tokenizer's BOS when it adds one (as at generation), the response
+    has no special tokens. None when longer than max_length (the caller counts it)."""
     return tokenize_batch(tokenizer, [prompt], [response], max_length)[0]
 
 
@@ -658,4 +691,4 @@ def collate(sequences: list[dict], *, pad_id: int, attention: str = "4d", dtype=
 
 
 __all__ = ["ATTENTION_MODES", "COLUMNS", "IGNORE_INDEX", "CorpusError", "Packer", "SampleStream", "batches",
-           "collate", "corpus_files", "parse_mixture", "tokenize_batch", "tokenize_sample"]
+           "collate", "corpus_files", "encode_prompts", "parse_mixture", "tokenize_batch", "tokenize_sample"]

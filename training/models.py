@@ -516,28 +516,40 @@ def save_final(model, tokenizer, out_dir: str, *, merge_lora: bool = True, card:
     return saved
 
 
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 16, batch_size: int = 16,
-             add_special_tokens: bool = True) -> list[str]:
-    """Greedy generation in batches (left padding); returns the decoded continuations only, in order."""
+def prompt_batch(tokenizer, prompts: list[str], device=None) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask of prompts encoded as in training (training.data.encode_prompts),
+    left-padded with the tokenizer's pad token (generation continues at the right edge)."""
+    from training.data import encode_prompts
+
+    ids = encode_prompts(tokenizer, list(prompts))
+    width = max((len(x) for x in ids), default=0)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], dtype=torch.long)
+    if device is not None:
+        input_ids, mask = input_ids.to(device), mask.to(device)
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 16, batch_size: int = 16) -> list[str]:
+    """Greedy generation in batches (left padding; prompts encoded exactly as in training); returns the decoded
+    continuations only, in order."""
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise ModelError("generate: prompts must be a list of strings")
     if tokenizer.pad_token_id is None:
         raise ModelError(f"generate: tokenizer {_tokenizer_name(tokenizer)} has no pad token")
     device = next(model.parameters()).device
-    side, was_training = tokenizer.padding_side, model.training
-    tokenizer.padding_side = "left"
+    was_training = model.training
     model.eval()
     outs: list[str] = []
     try:
         for lo in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[lo:lo + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=add_special_tokens).to(device)
+            enc = prompt_batch(tokenizer, prompts[lo:lo + batch_size], device)
             with torch.no_grad():
                 ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             new = ids[:, enc["input_ids"].shape[1]:]
             outs += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally:
-        tokenizer.padding_side = side
         model.train(was_training)
     return outs
