@@ -153,6 +153,41 @@ def test_resume_reproduces_the_uninterrupted_run(full_run, train_corpus, tmp_pat
     assert [r["step"] for r in logged if "loss" in r] == list(range(1, 41))
 
 
+@pytest.mark.parametrize("lost", ["optimizer.bin", "random_states_0.pkl", "data_state_0.json", "model.safetensors"])
+def test_a_damaged_checkpoint_is_named_and_latest_falls_back(full_run, train_corpus, tmp_path, caplog, lost):
+    """A checkpoint missing a file: resuming from it is one error naming it and the file; `latest` skips it to
+    the complete one before, and says so (a missing RNG state used to be ignored, the others a traceback)."""
+    out = tmp_path / "damaged"
+    out.mkdir()
+    for name in ("checkpoint-20", "checkpoint-40"):
+        shutil.copytree(Path(full_run.output_dir) / name, out / name)
+    (out / "checkpoint-40" / lost).unlink()
+    common = dict(max_steps=41, save_steps=0, eval_steps=0, eval_cells=0, learning_rate=3e-3,
+                  tasks=["cell_type_prediction=3", "cell_lm=1", "tissue_prediction=1"])
+    with pytest.raises(td.CorpusError, match=rf"checkpoint-40: an incomplete checkpoint, missing .*{lost.split('.')[0]}"
+                                             r".*resume from a complete one \(checkpoint-20\)"):
+        train(_cfg(train_corpus, out, resume_from_checkpoint=str(out / "checkpoint-40"), **common))
+    with caplog.at_level("WARNING"):
+        res = train(_cfg(train_corpus, out, resume_from_checkpoint="latest", **{**common, "max_steps": 22}))
+    assert "checkpoint-40 is incomplete" in caplog.text
+    assert sorted(_losses(res.metrics)) == [21, 22]  # resumed from checkpoint-20
+
+
+def test_resuming_on_another_process_count_is_refused(full_run, train_corpus, tmp_path):
+    out = tmp_path / "n"
+    shutil.copytree(Path(full_run.output_dir) / "checkpoint-20", out / "checkpoint-20")
+    state = json.loads((out / "checkpoint-20" / "trainer_state.json").read_text())
+    (out / "checkpoint-20" / "trainer_state.json").write_text(json.dumps({**state, "num_processes": 2}))
+    (out / "checkpoint-20" / "data_state_0.json").rename(out / "checkpoint-20" / "data_state_1.json")
+    shutil.copy(Path(full_run.output_dir) / "checkpoint-20" / "data_state_0.json", out / "checkpoint-20")
+    shutil.copy(Path(full_run.output_dir) / "checkpoint-20" / "random_states_0.pkl",
+                out / "checkpoint-20" / "random_states_1.pkl")
+    with pytest.raises(td.CorpusError, match=r"written by 2 process\(es\), resumed on 1"):
+        train(_cfg(train_corpus, out, max_steps=22, save_steps=0, eval_steps=0, eval_cells=0,
+                   resume_from_checkpoint="latest", tasks=["cell_type_prediction=3", "cell_lm=1",
+                                                           "tissue_prediction=1"]))
+
+
 def test_tiny_gemma2_trains(train_corpus, tmp_path):
     res = train(_cfg(train_corpus, tmp_path / "gemma", model="tiny-gemma2", max_steps=12, save_steps=0,
                      eval_steps=0, eval_cells=0, learning_rate=3e-3, tasks=["cell_type_prediction"]))

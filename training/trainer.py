@@ -72,26 +72,59 @@ def _has_flash_attn() -> bool:
     return True
 
 
-def checkpoints(output_dir: str) -> list[Path]:
-    """checkpoint-<step> folders, oldest first."""
+def checkpoints(output_dir: str, complete: bool = True) -> list[Path]:
+    """checkpoint-<step> folders, oldest first (complete=False: also those missing files)."""
     root = Path(output_dir)
     found = [p for p in root.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()
-             and (p / STATE_FILE).exists()]
+             and (not complete or (p / STATE_FILE).exists())]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def _resume_path(cfg: SFTConfig) -> Path | None:
+def checkpoint_problems(path: Path, num_processes: int) -> list[str]:
+    """What a checkpoint lacks for an exact resume on `num_processes` processes ([] when complete): the step,
+    the model weights, the optimizer and scheduler states, and each process's RNG state and stream position."""
+    missing = []
+    if not (path / STATE_FILE).is_file():
+        missing.append(STATE_FILE)
+    if not (any(path.glob("model*.safetensors")) or any(path.glob("pytorch_model*")) or any(path.glob("model*.bin"))):
+        missing.append("the model weights (model.safetensors)")
+    for what in ("optimizer", "scheduler"):
+        if not any(path.glob(f"{what}*")):
+            missing.append(f"{what}.bin")
+    for r in range(num_processes):
+        for name in (f"random_states_{r}.pkl", f"data_state_{r}.json"):
+            if not (path / name).is_file():
+                missing.append(name)
+    return missing
+
+
+def _resume_path(cfg: SFTConfig, num_processes: int) -> Path | None:
+    """The checkpoint to resume from: the given one (refused, naming what it lacks, when incomplete), or with
+    `latest` the newest complete one (incomplete ones are skipped, and said so)."""
     if not cfg.resume_from_checkpoint:
         return None
     if cfg.resume_from_checkpoint == "latest":
-        found = checkpoints(cfg.output_dir)
+        found = checkpoints(cfg.output_dir, complete=False)
         if not found:
             log.info("no checkpoint in %s: starting from scratch", cfg.output_dir)
             return None
-        return found[-1]
+        for p in reversed(found):
+            problems = checkpoint_problems(p, num_processes)
+            if not problems:
+                return p
+            log.warning("%s is incomplete (missing %s): trying the checkpoint before it", p.name, ", ".join(problems))
+        raise td.CorpusError(f"--resume-from-checkpoint latest: no complete checkpoint in {cfg.output_dir} "
+                             f"({', '.join(p.name for p in found)} all lack files); start afresh in another "
+                             "--output-dir, or without --resume-from-checkpoint")
     p = Path(cfg.resume_from_checkpoint)
-    if not (p / STATE_FILE).exists():
-        raise td.CorpusError(f"--resume-from-checkpoint {p}: not a checkpoint (no {STATE_FILE})")
+    if not p.is_dir():
+        raise td.CorpusError(f"--resume-from-checkpoint {p}: no such checkpoint folder")
+    problems = checkpoint_problems(p, num_processes)
+    if problems:
+        others = [c.name for c in checkpoints(str(p.parent), complete=False) if c != p
+                  and not checkpoint_problems(c, num_processes)]
+        raise td.CorpusError(f"--resume-from-checkpoint {p}: an incomplete checkpoint, missing {', '.join(problems)}; "
+                             f"resume from a complete one ({', '.join(others) or 'none here'}) or use latest")
     return p
 
 
@@ -196,12 +229,20 @@ def train(cfg: SFTConfig) -> TrainResult:
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
 
     start, tokens_seen = 0, 0
-    resume = _resume_path(cfg)
+    resume = _resume_path(cfg, acc.num_processes)
     if resume is not None:
-        acc.load_state(str(resume))
         state = json.loads((resume / STATE_FILE).read_text())
+        saved_n = state.get("num_processes", len(list(resume.glob("data_state_*.json"))))
+        if saved_n != acc.num_processes:
+            raise td.CorpusError(f"--resume-from-checkpoint {resume}: written by {saved_n} process(es), resumed on "
+                                 f"{acc.num_processes}; each process's stream position is in the checkpoint, so "
+                                 f"resume with {saved_n}")
+        acc.load_state(str(resume))
         start, tokens_seen = state["step"], state["tokens_seen"]
-        packer.load_state_dict(json.loads((resume / f"data_state_{acc.process_index}.json").read_text()))
+        try:
+            packer.load_state_dict(json.loads((resume / f"data_state_{acc.process_index}.json").read_text()))
+        except ValueError as e:  # the stream state names what differs (files, weights, seed, max_length, ...)
+            raise td.CorpusError(f"--resume-from-checkpoint {resume}: {e}") from None
         log.info("resumed from %s at step %d", resume, start)
     if report:
         acc.init_trackers(cfg.run_name or out.name, config={k: (v if isinstance(v, int | float | str | bool) else
@@ -327,7 +368,8 @@ def save_checkpoint(acc, packer: td.Packer, out: Path, step: int, tokens_seen: i
     (tmp / f"data_state_{acc.process_index}.json").write_text(json.dumps(packer.state_dict()))
     acc.wait_for_everyone()
     if acc.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "tokens_seen": tokens_seen}))
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "tokens_seen": tokens_seen,
+                                                  "num_processes": acc.num_processes}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
