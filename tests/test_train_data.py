@@ -342,16 +342,21 @@ def test_4d_mask_isolates_packed_samples(tok, train_files, impl):
     single.update(seq_lens=packed["seq_lens"][:1], tasks=packed["tasks"][:1])
     batch = td.collate([packed, single], pad_id=tok.pad_token_id)
     model = _tiny_neox(len(tok), impl)
-    with torch.no_grad():
+    row = batch["input_ids"][:1]
+    with torch.no_grad():  # use_cache=False, as in training (with the cache on, transformers builds no packed mask)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"]).logits
-        no_mask = model(input_ids=batch["input_ids"][:1], position_ids=batch["position_ids"][:1]).logits[0]
+                       position_ids=batch["position_ids"], use_cache=False).logits
+        # transformers 5 builds a block-diagonal mask itself from position ids that restart per sample
+        positions_only = model(input_ids=row, position_ids=batch["position_ids"][:1], use_cache=False).logits[0]
+        # the negative control: no mask and positions that run on, nothing keeps the samples apart
+        running = model(input_ids=row, position_ids=torch.arange(row.shape[1])[None], use_cache=False).logits[0]
         off = 0
         for n in packed["seq_lens"]:
-            alone = model(input_ids=torch.tensor([packed["input_ids"][off:off + n]])).logits[0]
+            alone = model(input_ids=torch.tensor([packed["input_ids"][off:off + n]]), use_cache=False).logits[0]
             torch.testing.assert_close(logits[0, off:off + n], alone, atol=1e-5, rtol=1e-5)
-            if off:  # negative control: restarting position_ids alone let later samples see earlier ones
-                assert (no_mask[off:off + n] - alone).abs().max() > 1e-3
+            torch.testing.assert_close(positions_only[off:off + n], alone, atol=1e-5, rtol=1e-5)
+            if off:
+                assert (running[off:off + n] - alone).abs().max() > 1e-3
             off += n
         first = packed["seq_lens"][0]
         torch.testing.assert_close(logits[1, :first], logits[0, :first], atol=1e-5, rtol=1e-5)
