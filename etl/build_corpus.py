@@ -1,6 +1,7 @@
-"""spark-submit etl/build_corpus.py [options]: build the cell-sentence corpus.
+"""c2s-build-corpus / spark-submit etl/build_corpus.py [options]: build the cell-sentence corpus.
 
-No logic of its own: parses the options into one BuildConfig and runs the stages (etl/pipeline.py).
+No logic of its own: parses the options into one BuildConfig and runs the stages (etl/pipeline.py). Needs the
+project installed (`pip install ".[etl]"`, or `make setup`); nothing here edits sys.path.
 """
 
 from __future__ import annotations
@@ -10,13 +11,8 @@ import logging
 import os
 import sys
 
-# spark-submit puts etl/ first on sys.path; the project root must come first so `etl` is the package.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path[0] = _ROOT
-
-from etl.cli import parse  # noqa: E402
-from etl.config import BuildConfig  # noqa: E402
+from etl.config import BuildConfig
+from schemas.cli import parse
 
 DESCRIPTION = """Build the cell-sentence corpus: cells from the CELLxGENE Census (or .h5ad files), rank-encoded
 into sharded parquet with a vocabulary, inverse-transform statistics and a manifest.
@@ -67,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = _log_level(argv).lower() == "debug"
     setup_logging(_log_level(argv))
     log = logging.getLogger("etl")
-    from etl.cli import ConfigError
-    from etl.sources.base import InputError
+    from schemas.errors import InputError  # ConfigError among them
     from schemas.layout import CorpusNotFound
 
     session, owned = None, False
@@ -89,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
         before = _latest_version(cfg.output)
         manifest = build(cfg, start_spark if cfg.spark else None)
-    except (InputError, ConfigError, CorpusNotFound) as e:
+    except (InputError, CorpusNotFound) as e:
         if debug:
             log.exception("input error")
         log.error("%s", e)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
+from schemas.errors import InputError
+
 POINTER = "latest.json"
 VERSIONS = "versions"
 MANIFEST = "manifest.json"
@@ -27,7 +29,7 @@ MANIFEST = "manifest.json"
 SENTENCES_TABLES = ("sentences", "vocab", "stats")
 
 
-class CorpusNotFound(ValueError):
+class CorpusNotFound(InputError):
     """DIR is not a readable corpus; the message names DIR and says what to do."""
 
 

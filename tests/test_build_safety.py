@@ -15,13 +15,13 @@ import tiledbsoma as soma
 
 from etl import manifest as mf
 from etl.build_corpus import main
-from etl.cli import ConfigError, parse
 from etl.config import BuildConfig
 from etl.pipeline import build
 from etl.sources.base import InputError
 from etl.stages import sentences
 from etl.storage import Store
 from etl.validate import validate
+from schemas.cli import ConfigError, parse
 from schemas.layout import resolve
 from tests.conftest import corpus_path, write_h5ad
 

@@ -13,7 +13,6 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
-from etl.cli import parse
 from etl.config import BuildConfig
 from etl.pipeline import build
 from etl.sources.base import InputError
@@ -23,6 +22,7 @@ from etl.storage import Store
 from etl.tasks import perturbation as pt
 from etl.tasks.budget import TokenBudget
 from etl.tasks.common import SampleContext, SplitConfig
+from schemas.cli import parse
 from tests.conftest import corpus_path, version_store
 
 SINGLES = ["KLF1", "MAP2K6", "CEBPA", "SET", "CEBPB", "ETS2", "FOXA1", "JUN", "BAK1", "DUSP9"]

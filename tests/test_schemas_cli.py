@@ -8,9 +8,9 @@ import pyarrow as pa
 import pytest
 
 import schemas
-from etl.cli import parse
 from etl.config import BuildConfig
 from etl.sources.base import InputError
+from schemas.cli import parse
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -301,7 +301,7 @@ def test_two_processes_ddp_on_cpu_checkpoint_and_resume(train_corpus, tmp_path):
 
 
 def test_shipped_yaml_configs_parse():
-    from etl.cli import parse
+    from schemas.cli import parse
 
     root = Path(__file__).resolve().parents[1] / "training" / "configs"
     big = parse(SFTConfig, ["--config", str(root / "sft_pythia410m.yaml")], "")

@@ -361,7 +361,7 @@ def test_4d_mask_isolates_packed_samples(tok, train_files, impl):
         first = packed["seq_lens"][0]
         torch.testing.assert_close(logits[1, :first], logits[0, :first], atol=1e-5, rtol=1e-5)
     assert not torch.isnan(logits).any()  # the padding row positions see themselves: finite
-    from etl.tasks import TASKS
+    from schemas.tasks import TASKS
 
     order = list(TASKS)  # the default task index
     want = [order.index(t) for t, n in zip(packed["tasks"], packed["seq_lens"], strict=True) for _ in range(n)]

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from schemas.errors import InputError
+
 IGNORE_INDEX = -100
 COLUMNS = ["sample_id", "task", "prompt", "response"]
 ATTENTION_MODES = ("4d", "flash", "padded")
@@ -25,7 +27,7 @@ _READ_BATCH = 64  # rows pulled from the parquet stream at a time
 _TOKENIZE_BATCH = 32  # samples tokenised together (tokenizer(list) is much faster than one call per text)
 
 
-class CorpusError(ValueError):
+class CorpusError(InputError):
     """Bad corpus or data options; the message names the corpus directory, task, split or file."""
 
 
@@ -33,7 +35,7 @@ class CorpusError(ValueError):
 
 
 def _known_tasks() -> dict:
-    from etl.tasks import TASKS
+    from schemas.tasks import TASKS
 
     return TASKS
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from schemas.errors import InputError
+
 log = logging.getLogger(__name__)
 
 TINY_MODELS = ("tiny-pythia", "tiny-gemma2")
@@ -31,7 +33,7 @@ TINY_MAX_POSITIONS = 8192  # C2S-Scale's longest context
 TINY_SHAPE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256}
 
 
-class ModelError(ValueError):
+class ModelError(InputError):
     """A model, tokenizer or option that cannot be used; the message names it and says what is wrong."""
 
 

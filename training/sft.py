@@ -1,21 +1,17 @@
-"""accelerate launch training/sft.py [options]: supervised fine-tuning on the samples corpus.
+"""c2s-sft / accelerate launch training/sft.py [options]: supervised fine-tuning on the samples corpus.
 
-No logic of its own: parses the options into one SFTConfig and runs training.trainer.train.
+No logic of its own: parses the options into one SFTConfig and runs training.trainer.train. Needs the project
+installed (`pip install ".[train]"`, or `make setup`); nothing here edits sys.path.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path[0] = _ROOT
-
-from etl.cli import parse  # noqa: E402
-from training.config import SFTConfig  # noqa: E402
+from schemas.cli import parse
+from training.config import SFTConfig
 
 DESCRIPTION = """Fine-tune a causal LM on the cell-sentence samples corpus (C2S-Scale SFT): samples streamed
 from DIR/samples with HF datasets, shuffled, tokenised, packed several per sequence (attention kept within
@@ -42,16 +38,14 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "accelerate.checkpointing"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from etl.cli import ConfigError
-    from training.data import CorpusError
-    from training.models import ModelError
+    from schemas.errors import InputError
 
     try:
         cfg = parse(SFTConfig, argv, DESCRIPTION, EPILOG)
         from training.trainer import train
 
         result = train(cfg)
-    except (CorpusError, ModelError, ConfigError) as e:
+    except InputError as e:  # CorpusError, ModelError, ConfigError: the user's input, one line
         logging.getLogger("training").error("%s", e)
         return 2
     from accelerate import PartialState

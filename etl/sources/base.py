@@ -28,8 +28,7 @@ _ALIASES = {"human": "homo_sapiens", "mouse": "mus_musculus", "rhesus": "macaca_
             "marmoset": "callithrix_jacchus", "chimpanzee": "pan_troglodytes"}
 
 
-class InputError(ValueError):
-    """Bad input, with a message that names the input (file, URI, column, organism)."""
+from schemas.errors import InputError  # noqa: E402  (re-exported: every reader raises it)
 
 
 def normalise_organism(name: str) -> str:

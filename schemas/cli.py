@@ -18,11 +18,10 @@ from typing import Any, TypeVar
 
 import yaml
 
+from schemas.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A bad option value or config file; the message names the option (flag or YAML key) and the value."""
+__all__ = ["ConfigError", "build_parser", "convert", "parse", "read_config_file"]
 
 
 def _base(tp: Any) -> tuple[Any, bool, bool]:
