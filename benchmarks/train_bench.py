@@ -1,5 +1,7 @@
-"""Trainer benchmark: useful tokens/s and padding share of our SFT trainer against a C2S-style baseline
-(HF Trainer, per-batch padding, no packing), same data, same model, same batch size, one run.
+"""Trainer benchmark: useful tokens/s of our SFT trainer against TRL's SFTTrainer at its best for this data
+(prompt/completion rows, completion-only loss, bfd packing, padding-free batches) and a C2S-style baseline
+(HF Trainer, per-batch padding, no packing): same rows, model, tokenizer, tokens per step, learning rate and
+steps; runs alternated, medians reported, and the loss curves of all three.
 
     python benchmarks/train_bench.py --cells 3000 --steps 40
 
@@ -55,33 +57,24 @@ def ours(corpus: str, a, out: str) -> dict:
         tokens += n
         secs += n / r["tokens_per_s"]
     pad = sum(r["padding_share"] for r in steps) / len(steps)
+    losses = [r["loss"] for r in res.metrics if "loss" in r]
     return {"useful_tokens_per_s": round(tokens / secs), "padding_share": round(pad, 4),
-            "timed_steps": len(steps), "loss_first": res.metrics[0]["loss"],
-            "loss_last": [r for r in res.metrics if "loss" in r][-1]["loss"]}
+            "timed_steps": len(steps), "loss_first": losses[0], "loss_last": losses[-1],
+            "loss_curve": [round(x, 4) for x in losses]}
 
 
 def baseline(corpus: str, a, out: str) -> dict:
     """cell2sentence's recipe: HF Trainer over a map-style dataset of tokenised samples (random order),
     per-batch padding (DataCollatorForSeq2Seq), no packing; loss on the response tokens as ours."""
     import datasets
-    import pyarrow.parquet as pq
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-    from training import data as td
     from training import models as tm
 
     model, tok = tm.load_model_and_tokenizer("tiny-pythia", corpus=corpus, attn_implementation="sdpa",
                                              seed=a.seed)
-    files = td.corpus_files(corpus, "train")
-    rows = []
-    for paths in files.values():
-        for p in paths:
-            t = pq.read_table(p, columns=["prompt", "response"])
-            for pr, rs in zip(t["prompt"].to_pylist(), t["response"].to_pylist(), strict=True):
-                x = td.tokenize_sample(tok, pr, rs, a.max_length)
-                if x is not None:
-                    rows.append({"input_ids": x[0], "labels": x[1], "attention_mask": [1] * len(x[0])})
-    ds = datasets.Dataset.from_list(rows)
+    ds = datasets.Dataset.from_list([{"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
+                                     for _, _, ids, labels in _rows(corpus, tok, a.max_length)])
     pad = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100)
     counts: list[tuple[int, int]] = []
 
@@ -109,6 +102,75 @@ def baseline(corpus: str, a, out: str) -> dict:
     total = sum(n for _, n in timed)
     return {"useful_tokens_per_s": round(real / secs), "padding_share": round(1 - real / total, 4),
             "timed_steps": len(timed)}
+
+
+def _rows(corpus: str, tok, max_length: int) -> list[tuple[str, str, list[int], list[int]]]:
+    """The training rows both peers train on: (prompt, response, input_ids, labels), samples that fit."""
+    import pyarrow.parquet as pq
+
+    from training import data as td
+
+    rows = []
+    for paths in td.corpus_files(corpus, "train").values():
+        for p in paths:
+            t = pq.read_table(p, columns=["prompt", "response"])
+            for pr, rs in zip(t["prompt"].to_pylist(), t["response"].to_pylist(), strict=True):
+                x = td.tokenize_sample(tok, pr, rs, max_length)
+                if x is not None:
+                    rows.append((pr, rs, x[0], x[1]))
+    return rows
+
+
+def trl_peer(corpus: str, a, out: str, packing: bool = True) -> dict:
+    """TRL's SFTTrainer for this data: prompt/completion rows (loss on the completion only); with `packing`,
+    the bfd strategy and padding-free batches (transformers' own packed-position attention on CPU, use_cache
+    off; same tokens per step as ours: batch x max_length), without it padded batches of `batch` samples.
+    Same model, tokenizer, learning rate, schedule and steps. TRL tokenises (and packs) the whole dataset
+    before its first step (not timed)."""
+    import datasets
+    from transformers import TrainerCallback
+    from trl import SFTConfig as TRLConfig
+    from trl import SFTTrainer
+
+    from training import models as tm
+
+    model, tok = tm.load_model_and_tokenizer("tiny-pythia", corpus=corpus, attn_implementation="sdpa",
+                                             seed=a.seed)
+    model.config.use_cache = False
+    ds = datasets.Dataset.from_list([{"prompt": p, "completion": r} for p, r, _, _ in _rows(corpus, tok,
+                                                                                            a.max_length)])
+    args = TRLConfig(output_dir=out, max_steps=a.steps, per_device_train_batch_size=a.batch, max_length=a.max_length,
+                     packing=packing, packing_strategy="bfd", padding_free=packing, completion_only_loss=True,
+                     learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=5, logging_steps=1, report_to=[],
+                     save_strategy="no", use_cpu=True, bf16=False, gradient_checkpointing=False, seed=a.seed,
+                     dataloader_num_workers=0, eos_token=tok.eos_token, pad_token=tok.pad_token)
+    marks: dict[int, float] = {}
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            marks[state.global_step] = time.perf_counter()
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
+    inner = trainer.data_collator
+    counts: list[int] = []
+
+    pads: list[int] = []
+
+    def counting(features):
+        counts.append(sum(len(f["input_ids"]) for f in features))  # real tokens (packed sequences: no padding)
+        batch = inner(features)
+        pads.append(batch["input_ids"].numel())
+        return batch
+
+    trainer.data_collator = counting
+    trainer.train()
+    secs = marks[a.steps] - marks[a.warmup]
+    tokens = sum(counts[a.warmup : a.steps])
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    return {"useful_tokens_per_s": round(tokens / secs),
+            "padding_share": round(1 - tokens / max(sum(pads[a.warmup : a.steps]), 1), 4),
+            "timed_steps": a.steps - a.warmup, "packing": packing,
+            "loss_first": losses[0], "loss_last": losses[-1], "loss_curve": [round(x, 4) for x in losses]}
 
 
 def gpu_shape(corpus: str, a) -> dict:
@@ -151,6 +213,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3, help="runs of each, alternated; the medians are reported")
     p.add_argument("--gpu-shape", choices=["pythia410m"], default=None)
+    p.add_argument("--skip-trl", action="store_true", help="leave out the TRL SFTTrainer peer")
     p.add_argument("--corpus", default=None, help="a built corpus to use instead of building the demo one "
                    "(e.g. .bench/train_corpus_2000 carried to a GPU machine that lacks the ETL's dependencies)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100/H200)")
@@ -165,15 +228,25 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    runs_o, runs_b = [], []
-    for _ in range(a.repeats):  # alternated, so drift in the machine's speed hits both alike
+    runs_o, runs_t, runs_b = [], [], []
+    for _ in range(a.repeats):  # alternated, so drift in the machine's speed hits all alike
         runs_o.append(ours(corpus, a, os.path.join(ROOT, ".bench", "train_ours")))
+        if not a.skip_trl:  # TRL's two ways to batch this data on CPU; its better one is its figure
+            both = [trl_peer(corpus, a, os.path.join(ROOT, ".bench", "train_trl"), packing=k) for k in (True, False)]
+            runs_t.append(max(both, key=lambda r: r["useful_tokens_per_s"]))
+            runs_t[-1]["other"] = {k: v for k, v in min(both, key=lambda r: r["useful_tokens_per_s"]).items()
+                                   if k != "loss_curve"}
         runs_b.append(baseline(corpus, a, os.path.join(ROOT, ".bench", "train_baseline")))
     med = lambda runs: sorted(runs, key=lambda r: r["useful_tokens_per_s"])[len(runs) // 2]  # noqa: E731
     o, b = med(runs_o), med(runs_b)
-    print(json.dumps({"ours": o, "baseline_hf_trainer_padded": b,
+    t = med(runs_t) if runs_t else None
+    # per-round ratios: each round's runs ran back to back
+    vs_trl = sorted(x["useful_tokens_per_s"] / y["useful_tokens_per_s"] for x, y in zip(runs_o, runs_t, strict=False))
+    print(json.dumps({"ours": o, "trl_sft_trainer_best": t, "baseline_hf_trainer_padded": b,
+                      "useful_tokens_speedup_vs_trl": round(vs_trl[len(vs_trl) // 2], 2) if vs_trl else None,
                       "useful_tokens_speedup": round(o["useful_tokens_per_s"] / b["useful_tokens_per_s"], 2),
                       "all_runs": {"ours": [r["useful_tokens_per_s"] for r in runs_o],
+                                   "trl": [r["useful_tokens_per_s"] for r in runs_t],
                                    "baseline": [r["useful_tokens_per_s"] for r in runs_b]},
                       "steps": a.steps, "batch": a.batch, "max_length": a.max_length, "cells": a.cells,
                       "torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count()}))

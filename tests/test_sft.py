@@ -336,3 +336,40 @@ def test_gradient_accumulation_weighs_every_response_token_alike(train_corpus, t
         # 5e-5 against updates of ~1e-2: Adam divides near-zero embedding gradients by their own size, which
         # magnifies summation-order differences there (per-micro-batch means would differ by ~1e-3)
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=5e-5), k
+
+
+def test_our_loss_equals_trl_sft_trainers_on_the_same_packed_batch(train_corpus, tmp_path):
+    """The benchmark's peer computes the same objective: TRL's SFTTrainer (prompt/completion rows, completion-
+    only loss, bfd packing, padding-free) and our response_loss give the same loss on the same batch and model."""
+    import datasets
+    from trl import SFTConfig as TRLConfig
+    from trl import SFTTrainer
+
+    from training.attention import register
+
+    model, tok = tm.load_model_and_tokenizer("tiny-pythia", corpus=train_corpus, attn_implementation="sdpa")
+    model.config.use_cache = False
+    rows = []
+    for paths in td.corpus_files(train_corpus, "train", ["cell_type_prediction", "tissue_prediction"]).values():
+        rows += pq.read_table(paths[0], columns=["prompt", "response"]).slice(0, 3).to_pylist()
+    ds = datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["response"]} for r in rows])
+    args = TRLConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(rows), max_length=4096,
+                     packing=True, packing_strategy="bfd", completion_only_loss=True, report_to=[], use_cpu=True,
+                     bf16=False, gradient_checkpointing=False, eos_token=tok.eos_token, pad_token=tok.pad_token)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    batch = next(iter(trainer.get_train_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        trl_loss = float(trainer.compute_loss(model, dict(batch)))
+    # ours: the same rows, tokenised and packed our way, through our padding-free attention and loss
+    samples = [td.tokenize_sample(tok, r["prompt"], r["response"], 10**6) for r in rows]
+    packed = {"input_ids": [i for s in samples for i in s[0]], "labels": [i for s in samples for i in s[1]],
+              "seq_lens": [len(s[0]) for s in samples], "tasks": ["a"] * len(samples)}
+    assert sorted(packed["input_ids"]) == sorted(batch["input_ids"][0].tolist())  # the same tokens, other order
+    model.config._attn_implementation = register()
+    inputs, labels = model_inputs(td.collate([packed], pad_id=tok.pad_token_id, attention="flash",
+                                             task_index={"a": 0}), "varlen", "cpu")
+    with torch.no_grad():
+        nll, n = response_loss(model, inputs, labels, "varlen")
+    assert n == int((batch["labels"] != -100).sum())
+    assert float(nll) / n == pytest.approx(trl_loss, rel=1e-5)
