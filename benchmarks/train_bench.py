@@ -113,8 +113,8 @@ def _rows(corpus: str, tok, max_length: int) -> list[tuple[str, str, list[int], 
     rows = []
     for paths in td.corpus_files(corpus, "train").values():
         for p in paths:
-            t = pq.read_table(p, columns=["prompt", "response"])
-            for pr, rs in zip(t["prompt"].to_pylist(), t["response"].to_pylist(), strict=True):
+            t = pq.read_table(p, columns=["prompt", "completion"])
+            for pr, rs in zip(t["prompt"].to_pylist(), t["completion"].to_pylist(), strict=True):
                 x = td.tokenize_sample(tok, pr, rs, max_length)
                 if x is not None:
                     rows.append((pr, rs, x[0], x[1]))

@@ -27,8 +27,8 @@ EPILOG = """examples:
   spark-submit etl/build_corpus.py --h5ad pbmc.h5ad --organism human \\
       --cell-type-column celltype --label-column donor_id=patient --output corpus_pbmc
 
-outputs: DIR/versions/<id>/ holds one build: sentences/organism=<o>/dataset_id=<d>/part-*.parquet,
-vocab/<organism>.parquet, stats/inverse_transform.parquet, samples/task=<t>/split=<s>/*.parquet,
+outputs: DIR/versions/<id>/ holds one build: sentences/<organism>/<dataset_id>/part-*.parquet,
+vocab/<organism>.parquet, stats/inverse_transform.parquet, samples/<task>/<split>/*.parquet,
 knowledge/*.parquet and manifest.json; DIR/latest.json (written last, the commit) names the version readers
 see. `python -m etl.validate DIR --deep` re-reads it; `python -m etl.versions list DIR` lists versions.
 See docs/SCHEMAS.md.

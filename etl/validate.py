@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import schemas
 from etl import rowhash
 from etl.storage import Store
-from schemas.layout import CorpusNotFound, CorpusVersion, resolve
+from schemas.layout import CorpusNotFound, CorpusVersion, parse_sample_rel, parse_sentence_rel, resolve
 
 log = logging.getLogger("etl.validate")
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "test_ood": 3}
@@ -115,8 +115,7 @@ def validate(uri: str, deep: bool = False) -> dict:
 
 
 def _dataset_of(rel: str) -> tuple[str, str]:
-    parts = dict(p.split("=", 1) for p in rel.split("/") if "=" in p)
-    return parts.get("organism", ""), parts.get("dataset_id", "")
+    return parse_sentence_rel(rel)
 
 
 def _validate_samples(v: CorpusVersion, deep: bool) -> None:
@@ -135,15 +134,14 @@ def _validate_samples(v: CorpusVersion, deep: bool) -> None:
             raise CorpusInvalid(f"{rel}: {n} rows, the manifest says {info['rows']}")
         if deep:
             got = 0
-            cols = ["sample_id", "task", "split", "prompt", "response", "cell_ids"]
+            cols = ["sample_id", "task", "split", "prompt", "completion", "cell_ids"]
             for batch in f.iter_batches(batch_size=2048, columns=cols):
                 d = batch.to_pydict()
                 for r in zip(*(d[c] for c in cols), strict=True):
                     got = (got + rowhash.sample_hash(*r)) % 2**64
             if f"{got:016x}" != info["hash"]:
                 raise CorpusInvalid(f"{rel}: its rows hash to {got:016x}, the manifest says {info['hash']}")
-        task = rel.split("task=")[1].split("/")[0]
-        split = rel.split("split=")[1].split("/")[0]
+        task, split = parse_sample_rel(rel)
         rows[(task, split)] = rows.get((task, split), 0) + n
         total = (total + int(info["hash"], 16)) % 2**64
     want = {(t, s): n for t, d in section["counts"]["per_task_split"].items() for s, n in d.items()}

@@ -116,3 +116,32 @@ def resolve(uri: str) -> CorpusVersion:
         raise CorpusNotFound(f"corpus {uri}: no committed version yet (no {POINTER}: a build is running or did "
                              "not finish); rerun the build, or pin a version: DIR/versions/<id>")
     raise CorpusNotFound(f"corpus {uri}: no {POINTER} or {MANIFEST} (not a built corpus)")
+
+
+# Table folders are plain names, not hive `key=value` folders: the files carry every column themselves, so
+# pandas, pyarrow, Spark and `datasets` read any folder or file alike (hive names made pyarrow add a
+# partition column that clashed with the one in the files).
+SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test", "test_ood": "test_ood"}  # ours -> HF's
+
+
+def sample_rel(task: str, split: str, name: str) -> str:
+    """samples/<task>/<split>/<name>: where the samples of one task and split live in a version folder."""
+    return f"samples/{task}/{split}/{name}"
+
+
+def sentence_rel(organism: str, dataset_id: str, name: str) -> str:
+    return f"sentences/{organism}/{dataset_id}/{name}"
+
+
+def parse_sample_rel(rel: str) -> tuple[str, str]:
+    """(task, split) of a samples part's relative path."""
+    parts = rel.split("/")
+    i = parts.index("samples")
+    return parts[i + 1], parts[i + 2]
+
+
+def parse_sentence_rel(rel: str) -> tuple[str, str]:
+    """(organism, dataset_id) of a sentences part's relative path."""
+    parts = rel.split("/")
+    i = parts.index("sentences")
+    return parts[i + 1], parts[i + 2]

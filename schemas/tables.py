@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.3.0"  # 1.3.0: versioned layout (versions/<id>/ + latest.json), row-based content hash
+SCHEMA_VERSION = "2.0.0"  # 2.0.0: samples carry prompt/completion/label/label_id; plain (not hive) table folders
 
 
 def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
@@ -41,8 +41,8 @@ SENTENCES = pa.schema(
     [
         _f("cell_id", pa.string(), "Source cell id: Census observation_joinid, or the h5ad obs index."),
         _f("soma_joinid", pa.int64(), "Census obs soma_joinid, or the row number in the h5ad file."),
-        _f("organism", pa.string(), "Census organism key, e.g. homo_sapiens (also the partition directory)."),
-        _f("dataset_id", pa.string(), "Census dataset_id, or the h5ad's dataset id (also the partition directory)."),
+        _f("organism", pa.string(), "Census organism key, e.g. homo_sapiens (also the folder name)."),
+        _f("dataset_id", pa.string(), "Census dataset_id, or the h5ad's dataset id (also the folder name)."),
         *[_f(c, pa.string(), f"obs `{c}` label ('unknown' where the source has none).") for c in LABEL_COLUMNS],
         _f("is_primary_data", pa.bool_(), "Census is_primary_data (True for h5ad input)."),
         _f("raw_sum", pa.float64(), "Sum of the cell's raw counts over all genes."),
@@ -97,10 +97,16 @@ _STRS = pa.list_(pa.field("item", pa.string(), nullable=False))
 SAMPLES = pa.schema(
     [
         _f("sample_id", pa.string(), "Stable id: hash of (task, cells or knowledge item, draw, seed)."),
-        _f("task", pa.string(), "Task name (also the partition directory), e.g. cell_type_prediction."),
-        _f("split", pa.string(), "train | val | test | test_ood (also the partition directory)."),
+        _f("task", pa.string(), "Task name (also the folder name), e.g. cell_type_prediction."),
+        _f("split", pa.string(), "train | val | test | test_ood (also the folder name)."),
         _f("prompt", pa.string(), "Completion-style prompt; the model continues after it (no trailing space)."),
-        _f("response", pa.string(), "What the model should write, starting with a space (C2S style)."),
+        _f("completion", pa.string(), "What the model should write, starting with a space (C2S style): TRL's "
+           "prompt-completion format."),
+        _f("label", pa.string(), "The bare answer of a prediction task (a cell type, a tissue, yes/no, a gene set "
+           "name, ...): what evaluation compares to, never parsed back out of the completion; null for "
+           "generation tasks.", nullable=True),
+        _f("label_id", pa.string(), "The ontology id of `label` where one exists (CL for cell types, UBERON for "
+           "tissues); null otherwise.", nullable=True),
         _f("organism", pa.string(), "Organism key ('' for knowledge samples that have none)."),
         _f("dataset_id", pa.string(), "Dataset of the cells ('' for knowledge-only samples)."),
         _f("cell_ids", _STRS, "The cells the sample is built from, in prompt order (empty for knowledge-only)."),
@@ -273,10 +279,10 @@ def markdown() -> str:
             "pointer to the version readers see (written last: the commit). `V` below is a version folder; the "
             "sentence tables may live in the version named by its manifest's `sentences_version`.", ""]
     where = {
-        "sentences": "`V/sentences/organism=<o>/dataset_id=<d>/part-*.parquet`",
+        "sentences": "`V/sentences/<organism>/<dataset_id>/part-*.parquet`",
         "vocab": "`V/vocab/<organism>.parquet`",
         "inverse_transform": "`V/stats/inverse_transform.parquet`",
-        "samples": "`V/samples/task=<t>/split=<s>/part-*.parquet`",
+        "samples": "`V/samples/<task>/<split>/part-*.parquet` (split: train, val, test, test_ood)",
         "knowledge/biogrid": "`V/knowledge/biogrid.parquet` (the organism's BioGRID rows, as joined)",
         "knowledge/ligand_receptor": "`V/knowledge/ligand_receptor.parquet` (CellPhoneDB, resolved to symbols)",
         "knowledge/abstracts": "`V/knowledge/abstracts.parquet` (PubMed records matched to datasets)",

@@ -125,8 +125,8 @@ def test_leftovers_of_a_killed_write_never_reach_a_committed_version(demo_census
             build(BuildConfig(output=out, **kw))
     store = Store(out)
     (vid,) = store.dirs("versions")
-    part_dir = sorted(store.dirs(f"versions/{vid}/sentences/organism=mus_musculus"))[0]
-    stray = f"versions/{vid}/sentences/organism=mus_musculus/{part_dir}/.part-00007.parquet.tmp-dead"
+    part_dir = sorted(store.dirs(f"versions/{vid}/sentences/mus_musculus"))[0]
+    stray = f"versions/{vid}/sentences/mus_musculus/{part_dir}/.part-00007.parquet.tmp-dead"
     store.write_bytes(stray, b"PAR1")  # what a SIGKILL during a part write leaves (no cleanup runs)
     m = build(BuildConfig(output=out, **kw))
     assert m["version"] == vid and m["tasks"]["resumed"] > 0
@@ -296,9 +296,9 @@ def test_deep_validation_finds_changed_rows_foreign_cells_and_split_leaks(tmp_pa
     m["files"][part]["bytes"] = len(original)
     st.write_json("manifest.json", m)
 
-    samples = st.list("samples/task=cell_lm", ".parquet")
-    train = next(p for p in samples if "split=train" in p)
-    val = next(p for p in st.list("samples", ".parquet") if "split=val" in p)
+    samples = st.list("samples/cell_lm", ".parquet")
+    train = next(p for p in samples if "/train/" in p)
+    val = next(p for p in st.list("samples", ".parquet") if "/val/" in p)
     kept = {p: st.read_bytes(p) for p in (train, val)}
     m = st.read_json("manifest.json")
 
@@ -324,7 +324,7 @@ def test_deep_validation_finds_changed_rows_foreign_cells_and_split_leaks(tmp_pa
     with pytest.raises(v.CorpusInvalid, match="a cell appears in two splits"):
         v._deep_cells(resolve(out))
     assert v.main([out, "--deep"]) == 1  # the CLI: non-zero, naming the first mismatch
-    assert "invalid: samples/task=cell_lm/split=val" in caplog.text
+    assert "invalid: samples/cell_lm/val" in caplog.text
     assert v.main([str(tmp_path / "nothing")]) == 2
 
 
@@ -338,9 +338,9 @@ def test_gene_sets_only_name_corpus_genes_and_no_two_samples_are_alike(tmp_path)
     k = m["samples"]["knowledge"]["gene_sets"]
     assert (k["sets"], k["sets_used"], k["sets_without_corpus_genes"], k["genes_not_in_vocabulary"]) == (2, 1, 1, 3)
     rows = pads.dataset(corpus_path(str(tmp_path / "c"), "samples"), format="parquet").to_table().to_pylist()
-    assert rows and all("FOO1" not in r["response"] + r["prompt"] for r in rows)
-    assert all("NOT_A_GENE" not in r["response"] + r["prompt"] for r in rows)
-    pairs = [(r["prompt"], r["response"]) for r in rows]
+    assert rows and all("FOO1" not in r["completion"] + r["prompt"] for r in rows)
+    assert all("NOT_A_GENE" not in r["completion"] + r["prompt"] for r in rows)
+    pairs = [(r["prompt"], r["completion"]) for r in rows]
     assert len(set(pairs)) == len(pairs) == 12  # 6 draws per task, each with its own template
 
 

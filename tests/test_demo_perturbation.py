@@ -138,7 +138,7 @@ def test_ensure_does_not_rewrite_and_guards_other_files(pert, tmp_path):
 
 def _rows(out: str) -> list[dict]:
     st = version_store(out)
-    return [r for f in st.list(f"samples/task={TASK}", ".parquet") for r in pq.read_table(st.path(f)).to_pylist()]
+    return [r for f in st.list(f"samples/{TASK}", ".parquet") for r in pq.read_table(st.path(f)).to_pylist()]
 
 
 def test_demo_build_makes_perturbation_samples(census, tmp_path):
@@ -164,7 +164,7 @@ def test_demo_build_makes_perturbation_samples(census, tmp_path):
         assert r["dataset_id"] == "demo_perturbation"
         genes = label[perturbed].split("+")
         assert "+".join(sorted(genes)) in r["prompt"]  # the perturbation named, genes in sorted order
-        response = set(r["response"].strip().rstrip(".").split())
+        response = set(r["completion"].strip().rstrip(".").split())
         shown += [g in response for g in genes]
     assert np.mean(shown) > 0.8  # the activated genes appear in the perturbed cells' sentences
 

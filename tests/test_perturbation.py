@@ -99,13 +99,13 @@ def test_sentences_pairs_and_budget_match_numpy_truth(built):
         ctrl, pert = (truth[c] for c in r["cell_ids"])
         n = r["n_genes"]
         assert 8 <= n < max(len(ctrl["genes"]), len(pert["genes"]))  # the budget cut both sentences
-        assert r["response"] == " " + " ".join(pert["genes"][:n]) + "."
+        assert r["completion"] == " " + " ".join(pert["genes"][:n]) + "."
         assert ": " + " ".join(ctrl["genes"][:n]) + "." in r["prompt"]
         assert _canon(pert["label"]) in r["prompt"] and "Homo sapiens" in r["prompt"]
         assert ctrl["label"] == "control" and ctrl["cell_type"] == pert["cell_type"]
         assert pert["cell_type"] in r["prompt"]
         assert r["est_tokens"] <= MAX_TOKENS
-        assert r["prompt"] == r["prompt"].rstrip(" ") and r["response"].startswith(" ")
+        assert r["prompt"] == r["prompt"].rstrip(" ") and r["completion"].startswith(" ")
         assert r["task"] == pt.TASK and r["dataset_id"] == "norman_demo" and r["organism"] == "homo_sapiens"
     assert len({r["template"] for r in rows}) >= 5
 
@@ -192,7 +192,7 @@ def test_end_to_end_build_records_task_counts_and_holdouts(demo_census, tmp_path
     assert len(k["held_out_perturbations"]) == 1 and k["held_out_combinations"]
     assert s["inputs"]["perturbation"] == [str(Path(path).resolve())]
     st = version_store(out)
-    rows = [r for f in st.list("samples/task=perturbation_prediction", ".parquet")
+    rows = [r for f in st.list("samples/perturbation_prediction", ".parquet")
             for r in pq.read_table(st.path(f)).to_pylist()]
     assert len(rows) == sum(per_split.values())
     assert s["counts"]["per_task_split"]["cell_type_prediction"]

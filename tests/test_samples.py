@@ -46,8 +46,7 @@ def _samples(out: str) -> list[dict]:
     rows = []
     st = version_store(out)
     for rel in st.list("samples", ".parquet"):
-        task = rel.split("task=")[1].split("/")[0]
-        split = rel.split("split=")[1].split("/")[0]
+        task, split = rel.split("/")[1:3]
         for r in pq.read_table(st.path(rel)).to_pylist():
             assert r["task"] == task and r["split"] == split
             rows.append(r)
@@ -69,7 +68,7 @@ def test_labels_abstracts_and_splits(samples_build):
     assert ood
     for r in rows:
         assert r["est_tokens"] <= cfg.max_tokens
-        assert r["prompt"] == r["prompt"].rstrip(" ") and r["response"].startswith(" ")
+        assert r["prompt"] == r["prompt"].rstrip(" ") and r["completion"].startswith(" ")
         for cid in r["cell_ids"]:
             c = cells[cid]
             assert split_of.setdefault(cid, r["split"]) == r["split"], f"cell {cid} in two splits"
@@ -79,24 +78,24 @@ def test_labels_abstracts_and_splits(samples_build):
             assert c["dataset_id"] == r["dataset_id"]
         cs = [cells[c] for c in r["cell_ids"]]
         if r["task"] == "cell_type_prediction":
-            assert r["response"] == f" {cs[0]['cell_type']}."
+            assert r["completion"] == f" {cs[0]['cell_type']}."
             assert " ".join(cs[0]["genes"][: r["n_genes"]]) in r["prompt"]
         elif r["task"] == "tissue_prediction":
-            assert r["response"] == f" {cs[0]['tissue']}."
+            assert r["completion"] == f" {cs[0]['tissue']}."
         elif r["task"] == "metadata_prediction":
             c = cs[0]
-            assert r["response"] == f" {c['disease']}; {c['sex']}; {c['development_stage']}; {c['assay']}."
+            assert r["completion"] == f" {c['disease']}; {c['sex']}; {c['development_stage']}; {c['assay']}."
         elif r["task"] == "cell_type_generation":
-            assert r["response"] == " " + " ".join(cs[0]["genes"][: r["n_genes"]]) + "."
+            assert r["completion"] == " " + " ".join(cs[0]["genes"][: r["n_genes"]]) + "."
             assert cs[0]["cell_type"] in r["prompt"]
         elif r["task"] == "multi_cell_cell_type_prediction":
-            assert r["response"] == " " + ", ".join(c["cell_type"] for c in cs) + "."
+            assert r["completion"] == " " + ", ".join(c["cell_type"] for c in cs) + "."
             assert 2 <= len(cs) <= m["samples"]["group_max"] < cfg.group_max  # 20 cells do not fit 1,024 tokens
             assert len({(c["donor_id"], c["tissue"]) for c in cs}) == 1
             # the group size keeps every cell at --multi-cell-genes genes (or all it has)
             assert r["n_genes"] >= min(cfg.multi_cell_genes, *(len(c["genes"]) for c in cs))
         elif r["task"] == "multi_cell_tissue_prediction":
-            assert r["response"] == f" {cs[0]['tissue']}."
+            assert r["completion"] == f" {cs[0]['tissue']}."
     assert set(split_of.values()) >= {"train", "val", "test", "test_ood"}
     # abstracts: the dataset's collection DOI -> the record with that DOI, read here with a regex
     text = (DEMO / "abstracts.medline").read_text()
@@ -112,7 +111,7 @@ def test_labels_abstracts_and_splits(samples_build):
     checked = 0
     for r in rows:
         if r["task"] == "dataset_interpretation" and doi_of[r["dataset_id"]] in abstracts:
-            assert r["response"] == " " + abstracts[doi_of[r["dataset_id"]]]
+            assert r["completion"] == " " + abstracts[doi_of[r["dataset_id"]]]
             checked += 1
     assert checked > 0
 
@@ -137,7 +136,7 @@ def test_ligand_receptor_and_biogrid_pairs_are_really_there(samples_build):
     n_lr = 0
     for r in (x for x in rows if x["task"] == "ligand_receptor_prediction"):
         shown = [cells[c]["genes"][: r["n_genes"]] for c in r["cell_ids"]]
-        for item in r["response"].strip(" .").split("; "):
+        for item in r["completion"].strip(" .").split("; "):
             lig, i, rec, j = re.fullmatch(r"(\S+) \(cell (\d+)\) -> (\S+) \(cell (\d+)\)", item).groups()
             assert (lig, rec) in lr and i != j
             assert all(g in shown[int(i) - 1] for g in genes_of[lig]), f"{lig} not expressed in cell {i}"
@@ -152,7 +151,7 @@ def test_ligand_receptor_and_biogrid_pairs_are_really_there(samples_build):
     n_bg = 0
     for r in (x for x in rows if x["task"] == "gene_interaction_prediction"):
         shown = set(cells[r["cell_ids"][0]]["genes"][: r["n_genes"]])
-        for item in r["response"].strip(" .").split("; "):
+        for item in r["completion"].strip(" .").split("; "):
             a, b = item.split("-", 1) if item.count("-") == 1 else _split_pair(item, shown)
             assert a in shown and b in shown and frozenset((a, b)) in pairs
             n_bg += 1
@@ -212,7 +211,7 @@ def test_budget_is_respected_with_a_real_tokenizer(demo_census, tmp_path):
     rows = _samples(out)
     assert rows and {r["task"] for r in rows} == {"cell_type_prediction", "multi_cell_lm"}
     for r in rows:
-        n = len(tok.encode(r["prompt"]).ids) + len(tok.encode(r["response"]).ids)
+        n = len(tok.encode(r["prompt"]).ids) + len(tok.encode(r["completion"]).ids)
         assert n == r["est_tokens"] <= 256
     assert set(m["samples"]["tasks"]) == {"cell_type_prediction", "multi_cell_lm"}
 

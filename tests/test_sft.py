@@ -60,17 +60,17 @@ def test_loss_falls_and_outputs_are_written(full_run, train_corpus):
 
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     tok = AutoTokenizer.from_pretrained(out / "final")
-    prompt = pq.read_table(next((Path(train_corpus) / "samples/task=cell_type_prediction/split=val").glob("*.parquet")))["prompt"][0].as_py()
+    prompt = pq.read_table(next((Path(train_corpus) / "samples/cell_type_prediction/val").glob("*.parquet")))["prompt"][0].as_py()
     gen = model.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=5, do_sample=False)
     assert gen.shape[1] > len(tok(prompt).input_ids)
     # the logged accuracy equals greedy generation one prompt at a time, parsed and compared here
-    val = pq.read_table(next((Path(train_corpus) / "samples/task=cell_type_prediction/split=val").glob("*.parquet")))
+    val = pq.read_table(next((Path(train_corpus) / "samples/cell_type_prediction/val").glob("*.parquet")))
     hits = 0
     for r in val.slice(0, 4).to_pylist():
         ids = tok(r["prompt"], return_tensors="pt")
         new = model.generate(**ids, max_new_tokens=16, do_sample=False)[0, ids.input_ids.shape[1]:]
         text = tok.decode(new, skip_special_tokens=True).replace(" .", ".")
-        hits += text.strip().split(".")[0].strip().lower() == r["response"].strip().rstrip(".").lower()
+        hits += text.strip().split(".")[0].strip().lower() == r["completion"].strip().rstrip(".").lower()
     assert evals[-1]["eval_cell_type_accuracy"] == hits / 4
     card = (out / "final" / "README.md").read_text()
     manifest = json.loads((Path(train_corpus) / "manifest.json").read_text())
@@ -102,8 +102,8 @@ def test_loss_is_response_only_and_packed_samples_stay_apart(train_corpus):
     files = td.corpus_files(train_corpus, "train", ["cell_type_prediction", "tissue_prediction"])
     rows = []
     for paths in files.values():
-        rows += pq.read_table(paths[0], columns=["prompt", "response"]).slice(0, 2).to_pylist()
-    samples = [td.tokenize_sample(tok, r["prompt"], r["response"], 10**6) for r in rows]
+        rows += pq.read_table(paths[0], columns=["prompt", "completion"]).slice(0, 2).to_pylist()
+    samples = [td.tokenize_sample(tok, r["prompt"], r["completion"], 10**6) for r in rows]
     packed = {"input_ids": [i for s in samples for i in s[0]], "labels": [i for s in samples for i in s[1]],
               "seq_lens": [len(s[0]) for s in samples], "tasks": ["a"] * len(samples)}
     batch = td.collate([packed], pad_id=tok.pad_token_id, attention="4d", task_index={"a": 0})
@@ -115,7 +115,7 @@ def test_loss_is_response_only_and_packed_samples_stay_apart(train_corpus):
         want, n_want = 0.0, 0
         for r in rows:
             p = tok(r["prompt"], add_special_tokens=False).input_ids
-            resp = [*tok(r["response"], add_special_tokens=False).input_ids, tok.eos_token_id]
+            resp = [*tok(r["completion"], add_special_tokens=False).input_ids, tok.eos_token_id]
             logits = model(torch.tensor([p + resp])).logits[0]
             # response token k is predicted at position len(p) - 1 + k
             pred = logits[len(p) - 1 : len(p) - 1 + len(resp)]
@@ -351,8 +351,8 @@ def test_our_loss_equals_trl_sft_trainers_on_the_same_packed_batch(train_corpus,
     model.config.use_cache = False
     rows = []
     for paths in td.corpus_files(train_corpus, "train", ["cell_type_prediction", "tissue_prediction"]).values():
-        rows += pq.read_table(paths[0], columns=["prompt", "response"]).slice(0, 3).to_pylist()
-    ds = datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["response"]} for r in rows])
+        rows += pq.read_table(paths[0], columns=["prompt", "completion"]).slice(0, 3).to_pylist()
+    ds = datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     args = TRLConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(rows), max_length=4096,
                      packing=True, packing_strategy="bfd", completion_only_loss=True, report_to=[], use_cpu=True,
                      bf16=False, gradient_checkpointing=False, eos_token=tok.eos_token, pad_token=tok.pad_token)
@@ -362,7 +362,7 @@ def test_our_loss_equals_trl_sft_trainers_on_the_same_packed_batch(train_corpus,
     with torch.no_grad():
         trl_loss = float(trainer.compute_loss(model, dict(batch)))
     # ours: the same rows, tokenised and packed our way, through our padding-free attention and loss
-    samples = [td.tokenize_sample(tok, r["prompt"], r["response"], 10**6) for r in rows]
+    samples = [td.tokenize_sample(tok, r["prompt"], r["completion"], 10**6) for r in rows]
     packed = {"input_ids": [i for s in samples for i in s[0]], "labels": [i for s in samples for i in s[1]],
               "seq_lens": [len(s[0]) for s in samples], "tasks": ["a"] * len(samples)}
     assert sorted(packed["input_ids"]) == sorted(batch["input_ids"][0].tolist())  # the same tokens, other order

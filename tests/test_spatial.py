@@ -58,7 +58,7 @@ def spatial_build(request, spatial_h5ad, tmp_path_factory):
 
 def _samples(out: str, task: str) -> list[dict]:
     st = version_store(out)
-    return [r for rel in st.list(f"samples/task={task}", ".parquet") for r in pq.read_table(st.path(rel)).to_pylist()]
+    return [r for rel in st.list(f"samples/{task}", ".parquet") for r in pq.read_table(st.path(rel)).to_pylist()]
 
 
 def _truth(xy: np.ndarray) -> dict:
@@ -110,7 +110,7 @@ def test_neighbours_are_the_true_nearest_of_the_whole_section(spatial_build):
         assert {nb} == _nearest(truth, centre, 1), f"{nb} is not the nearest cell of {centre}"
         n = r["n_genes"]
         assert n >= 8 and r["est_tokens"] <= cfg.max_tokens
-        assert r["response"] == " " + " ".join(genes[nb][:n]) + "."
+        assert r["completion"] == " " + " ".join(genes[nb][:n]) + "."
         assert " ".join(genes[centre][:n]) + "." in r["prompt"]
     skips = m["samples"]["counts"]["not_made"].get("neighbor_generation", {})
     if cfg.spatial_tile_cells < N // 2:  # several tiles per section: border skips happen and are counted
@@ -133,7 +133,7 @@ def test_niches_positives_exact_negatives_far_and_balanced(spatial_build):
         n = r["n_genes"]
         shown = "".join(f"Cell {i}:\n{' '.join(genes[c][:n])}.\n" for i, c in enumerate(ids, 1))
         assert shown in r["prompt"] and r["est_tokens"] <= cfg.max_tokens
-        answer = re.fullmatch(r" (yes|no)\.", r["response"]).group(1)
+        answer = re.fullmatch(r" (yes|no)\.", r["completion"]).group(1)
         labels.append(answer)
         if answer == "yes":
             centres = [c for c in ids if _nearest(truth, c, len(ids) - 1) == set(ids) - {c}]

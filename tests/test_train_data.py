@@ -23,10 +23,10 @@ SPLITS = ("train", "val", "test", "test_ood")
 
 def _glob(corpus: str, split: str) -> dict[str, list[str]]:
     out = {}
-    for d in sorted(Path(corpus, "samples").glob("task=*")):
-        parts = sorted(str(p) for p in d.glob(f"split={split}/*.parquet"))
+    for d in sorted(p for p in Path(corpus, "samples").iterdir() if p.is_dir()):
+        parts = sorted(str(p) for p in d.glob(f"{split}/*.parquet"))
         if parts:
-            out[d.name.split("=", 1)[1]] = parts
+            out[d.name] = parts
     return out
 
 
@@ -43,7 +43,7 @@ def _rows(files: dict[str, list[str]]) -> dict[str, dict]:
 
 def _truth(tok, row: dict) -> tuple[list[int], int]:
     """(input_ids, number of prompt tokens) for a row, straight from the tokenizer."""
-    p, r = tok(row["prompt"]).input_ids, tok(row["response"]).input_ids
+    p, r = tok(row["prompt"]).input_ids, tok(row["completion"]).input_ids
     return p + r + [tok.eos_token_id], len(p)
 
 
@@ -61,8 +61,8 @@ def tok(train_corpus):
 
     words = set()
     for f in Path(train_corpus, "samples").glob("*/*/*.parquet"):
-        t = pq.read_table(f, columns=["prompt", "response"])
-        for col in ("prompt", "response"):
+        t = pq.read_table(f, columns=["prompt", "completion"])
+        for col in ("prompt", "completion"):
             for text in t[col].to_pylist():
                 words.update(text.split())
     vocab = {w: i for i, w in enumerate(["[PAD]", "[EOS]", "[UNK]", *sorted(words)])}
@@ -91,10 +91,10 @@ def _corpus_copy(train_corpus: str, dest: Path, tasks=("cell_lm",)) -> Path:
     """A corpus of some of the tasks: their parts, and the manifest listing only those."""
     dest.mkdir(parents=True, exist_ok=True)
     for t in tasks:
-        shutil.copytree(Path(train_corpus, "samples", f"task={t}"), dest / "samples" / f"task={t}")
+        shutil.copytree(Path(train_corpus, "samples", t), dest / "samples" / t)
     manifest = json.loads(Path(train_corpus, "manifest.json").read_text())
     s = manifest["samples"]
-    s["files"] = {rel: v for rel, v in s["files"].items() if any(f"task={t}/" in rel for t in tasks)}
+    s["files"] = {rel: v for rel, v in s["files"].items() if any(f"samples/{t}/" in rel for t in tasks)}
     s["counts"]["per_task_split"] = {t: v for t, v in s["counts"]["per_task_split"].items() if t in tasks}
     (dest / "manifest.json").write_text(json.dumps(manifest))
     return dest
@@ -122,10 +122,10 @@ def test_corpus_files_errors_name_the_input(train_corpus, tmp_path):
         td.corpus_files(train_corpus, "train", ["cell_lm", "no_such_task"])
 
     partial = _corpus_copy(train_corpus, tmp_path / "partial", ("cell_lm", "tissue_prediction"))
-    shutil.rmtree(partial / "samples" / "task=tissue_prediction" / "split=val")
+    shutil.rmtree(partial / "samples" / "tissue_prediction" / "val")
     m = json.loads((partial / "manifest.json").read_text())  # a corpus built without that split, not damaged
     m["samples"]["files"] = {k: v for k, v in m["samples"]["files"].items()
-                             if not ("task=tissue_prediction/" in k and "split=val/" in k)}
+                             if not k.startswith("samples/tissue_prediction/val/")}
     (partial / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(td.CorpusError, match=r"tissue_prediction have no files in split 'val'"):
         td.corpus_files(str(partial), "val", ["cell_lm", "tissue_prediction"])
@@ -141,10 +141,10 @@ def test_corpus_files_errors_name_the_input(train_corpus, tmp_path):
         td.corpus_files(str(damaged), "train")
 
     bad = _corpus_copy(train_corpus, tmp_path / "bad")
-    part = bad / "samples" / "task=cell_lm" / "split=train" / "part-00099.parquet"
+    part = bad / "samples" / "cell_lm" / "train" / "part-00099.parquet"
     table = pq.read_table(sorted(part.parent.glob("*.parquet"))[0])
-    pq.write_table(table.drop_columns(["response"]).append_column("response", pa.array([1] * len(table))), part)
-    with pytest.raises(td.CorpusError, match=r"part-00099.parquet.*response"):
+    pq.write_table(table.drop_columns(["completion"]).append_column("completion", pa.array([1] * len(table))), part)
+    with pytest.raises(td.CorpusError, match=r"part-00099.parquet.*completion"):
         td.corpus_files(str(bad), "train")
 
 
@@ -171,15 +171,15 @@ def test_parse_mixture(train_files):
 def test_tokenize_sample_masks_exactly_the_prompt(tok, train_files):
     rows = list(_rows({t: train_files[t] for t in ("cell_type_prediction", "gene_set_naming")}).values())[:40]
     for row in rows:
-        ids, labels = td.tokenize_sample(tok, row["prompt"], row["response"], 10_000)
+        ids, labels = td.tokenize_sample(tok, row["prompt"], row["completion"], 10_000)
         n_prompt = len(tok(row["prompt"]).input_ids)
-        assert ids == tok(row["prompt"]).input_ids + tok(row["response"]).input_ids + [tok.eos_token_id]
+        assert ids == tok(row["prompt"]).input_ids + tok(row["completion"]).input_ids + [tok.eos_token_id]
         assert labels[:n_prompt] == [-100] * n_prompt
         assert labels[n_prompt:] == ids[n_prompt:] and -100 not in labels[n_prompt:]
-        assert td.tokenize_sample(tok, row["prompt"], row["response"], len(ids)) is not None
-        assert td.tokenize_sample(tok, row["prompt"], row["response"], len(ids) - 1) is None
-    assert td.tokenize_batch(tok, [r["prompt"] for r in rows], [r["response"] for r in rows], 10_000) == [
-        td.tokenize_sample(tok, r["prompt"], r["response"], 10_000) for r in rows]
+        assert td.tokenize_sample(tok, row["prompt"], row["completion"], len(ids)) is not None
+        assert td.tokenize_sample(tok, row["prompt"], row["completion"], len(ids) - 1) is None
+    assert td.tokenize_batch(tok, [r["prompt"] for r in rows], [r["completion"] for r in rows], 10_000) == [
+        td.tokenize_sample(tok, r["prompt"], r["completion"], 10_000) for r in rows]
 
 
 # ------------------------------------------------------------------ the stream: once, shards, mixture
@@ -211,7 +211,7 @@ def _two_part_copy(files: dict[str, list[str]], dest: Path) -> dict[str, list[st
     out = {}
     for t, (f,) in files.items():
         table = pq.read_table(f)
-        d = dest / f"task={t}" / "split=train"
+        d = dest / t / "train"
         d.mkdir(parents=True)
         half = table.num_rows // 2
         for i, piece in enumerate((table.slice(0, half), table.slice(half))):
@@ -438,14 +438,14 @@ def test_training_evaluation_and_generation_encode_prompts_alike(tok, train_file
     prompts = [r["prompt"] for r in rows]
     batch = prompt_batch(btok, prompts)
     for i, r in enumerate(rows):
-        ids, labels = td.tokenize_sample(btok, r["prompt"], r["response"], 10**6)
+        ids, labels = td.tokenize_sample(btok, r["prompt"], r["completion"], 10**6)
         n_prompt = sum(label == td.IGNORE_INDEX for label in labels)
         want = [btok.bos_token_id, *btok(r["prompt"], add_special_tokens=False)["input_ids"]]  # truth, built here
         assert ids[:n_prompt] == want
         got = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()  # left padding dropped
         assert got == want
     # a tokenizer without BOS gets none (GPT-NeoX style): nothing changes for it
-    ids, _ = td.tokenize_sample(tok, rows[0]["prompt"], rows[0]["response"], 10**6)
+    ids, _ = td.tokenize_sample(tok, rows[0]["prompt"], rows[0]["completion"], 10**6)
     assert ids[: len(tok(rows[0]["prompt"], add_special_tokens=False)["input_ids"])] == \
         tok(rows[0]["prompt"], add_special_tokens=False)["input_ids"]
 
@@ -454,7 +454,7 @@ def test_a_task_missing_from_a_split_is_an_error_naming_it(train_corpus, tmp_pat
     """Parts the manifest lists but the disk lacks: training would silently run without that task."""
     whole = _corpus_copy(train_corpus, tmp_path / "whole", tuple(_glob(train_corpus, "train")))
     assert td.corpus_files(str(whole), "train")  # complete: fine
-    shutil.rmtree(whole / "samples" / "task=cell_lm" / "split=train")
+    shutil.rmtree(whole / "samples" / "cell_lm" / "train")
     for tasks in (None, ["cell_lm", "cell_type_prediction"]):  # the default mixture, and one that names it
         with pytest.raises(td.CorpusError, match=r"split 'train' lacks sample files .*cell_lm: 1 of its 1 part"):
             td.corpus_files(str(whole), "train", tasks)

@@ -22,15 +22,15 @@ CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 
 def _samples(corpus: str) -> list[dict]:
     return ds.dataset(Path(corpus) / "samples", format="parquet", partitioning="hive").to_table(
-        columns=["task", "prompt", "response"]).to_pylist()
+        columns=["task", "prompt", "completion"]).to_pylist()
 
 
 def _mini_corpus(root: Path, texts: list[str], symbols: list[str]) -> str:
     """A corpus directory with one sample part (prompt/response) and a vocabulary, laid out as the stages
     write them."""
-    part = root / "samples" / "task=t" / "split=train" / "part-00000.parquet"
+    part = root / "samples" / "t" / "train" / "part-00000.parquet"
     part.parent.mkdir(parents=True)
-    pq.write_table(pa.table({"prompt": texts, "response": [""] * len(texts)}), part)
+    pq.write_table(pa.table({"prompt": texts, "completion": [""] * len(texts)}), part)
     (root / "vocab").mkdir()
     pq.write_table(pa.table({"token_id": list(range(len(symbols))), "gene_symbol": symbols}),
                    root / "vocab" / "homo_sapiens.parquet")
@@ -105,7 +105,7 @@ def test_symbols_stay_whole_and_trailing_punctuation_splits_off(tmp_path):
 
 
 def test_decode_gives_every_corpus_text_back(tok, samples):
-    texts = [s["prompt"] + s["response"] for s in samples]
+    texts = [s["prompt"] + s["completion"] for s in samples]
     assert any("Cell 1:\n" in t for t in texts)  # multi-cell prompts carry newlines
     for t in texts:
         assert tok.decode(tok(t, add_special_tokens=False)["input_ids"]) == t
@@ -118,7 +118,7 @@ def test_training_is_deterministic(train_corpus, tok_dir, tmp_path):
 
 
 def test_row_budget_reaches_every_task(train_corpus, samples):
-    task_of = {s["prompt"] + s["response"]: s["task"] for s in samples}
+    task_of = {s["prompt"] + s["completion"]: s["task"] for s in samples}
     n_tasks = len({s["task"] for s in samples})
     got = list(tm.corpus_texts(train_corpus, max_rows=2 * n_tasks))
     assert len(got) == 2 * n_tasks
@@ -126,7 +126,7 @@ def test_row_budget_reaches_every_task(train_corpus, samples):
 
 
 def test_check_tokenizer_stats_and_unknown_words(tok, samples, tmp_path):
-    texts = [s["prompt"] + s["response"] for s in samples[:300]]
+    texts = [s["prompt"] + s["completion"] for s in samples[:300]]
     stats = tm.check_tokenizer(tok, texts)
     n_words = sum(len(t.split()) for t in texts)
     assert stats["unk_fraction"] == 0.0 and stats["n_words"] == n_words
@@ -168,7 +168,7 @@ def test_tiny_models_build_and_give_a_finite_loss(name, tok_dir, samples):
     assert shape == (64, 2, 4, 8192)
     assert (c.pad_token_id, c.eos_token_id) == (tok.pad_token_id, tok.eos_token_id)
     assert c._attn_implementation == ("eager" if name == "tiny-gemma2" else "sdpa")
-    enc, labels = _batch(tok, [s["prompt"] + s["response"] for s in samples[:2]])
+    enc, labels = _batch(tok, [s["prompt"] + s["completion"] for s in samples[:2]])
     loss = model(**enc, labels=labels).loss.item()
     assert math.isfinite(loss) and abs(loss - math.log(len(tok))) < 0.5  # random init: about uniform
     same, _ = tm.load_model_and_tokenizer(name, tokenizer=tok_dir, seed=0)

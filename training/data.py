@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from schemas.errors import InputError
+from schemas.layout import parse_sample_rel
 
 IGNORE_INDEX = -100
-COLUMNS = ["sample_id", "task", "prompt", "response"]
+COLUMNS = ["sample_id", "task", "prompt", "completion"]
 ATTENTION_MODES = ("4d", "flash", "padded")
 STATE_VERSION = 1
 _READ_BATCH = 64  # rows pulled from the parquet stream at a time
@@ -51,7 +52,7 @@ def open_corpus(corpus: str | Path):
 
 
 def samples_root(corpus: str | Path) -> Path:
-    """The folder holding samples/task=<t>/split=<s>/ of the version `corpus` resolves to."""
+    """The folder holding samples/<task>/<split>/ of the version `corpus` resolves to."""
     return Path(open_corpus(corpus).path("samples"))
 
 
@@ -79,7 +80,7 @@ def _check_part(path: str) -> None:
 
 
 def corpus_files(corpus: str, split: str, tasks: Sequence[str] | None = None) -> dict[str, list[str]]:
-    """task -> sorted parquet files under DIR/samples/task=<t>/split=<split>/, checked before any training.
+    """task -> sorted parquet files under DIR/samples/<task>/<split>/, checked before any training.
 
     Raises CorpusError for a missing corpus or manifest, a manifest without a samples section, an unknown task,
     a requested task without files in the split, an empty split, a part whose schema is not schemas.SAMPLES,
@@ -97,15 +98,15 @@ def corpus_files(corpus: str, split: str, tasks: Sequence[str] | None = None) ->
                               f"{', '.join(known)}")
     samples = samples_root(root)
     found = {}
-    for d in sorted(samples.glob("task=*")) if samples.is_dir() else []:
-        parts = sorted(str(p) for p in (d / f"split={split}").glob("*.parquet"))
+    for d in sorted(p for p in samples.iterdir() if p.is_dir()) if samples.is_dir() else []:
+        parts = sorted(str(p) for p in (d / split).glob("*.parquet"))
         if parts:
-            found[d.name[len("task="):]] = parts
+            found[d.name] = parts
     listed: dict[str, list[str]] = {}  # task -> the parts of this split the manifest lists
     for rel in manifest["samples"].get("files", {}):
-        parts = dict(p.split("=", 1) for p in rel.split("/") if "=" in p)
-        if parts.get("split") == split and "task" in parts:
-            listed.setdefault(parts["task"], []).append(rel)
+        task, rel_split = parse_sample_rel(rel)
+        if rel_split == split:
+            listed.setdefault(task, []).append(rel)
     damaged = {}
     for t in (listed if tasks is None else [t for t in tasks if t in listed]):
         absent = [rel for rel in listed[t] if not (samples.parent / rel).is_file()]
@@ -280,7 +281,7 @@ def _derived_seed(*parts: int) -> int:
 
 
 def _file_key(path: str) -> str:
-    """The part's name inside the corpus (task=/split=/part): the same corpus moved elsewhere still resumes."""
+    """The part's name inside the corpus (task/split/part): the same corpus moved elsewhere still resumes."""
     return "/".join(Path(path).parts[-3:])
 
 

@@ -53,30 +53,25 @@ class EvalSet:
         out = cls()
         missing = []
         for task in tasks:
-            paths = sorted(str(p) for p in (root / f"task={task}" / f"split={split}").glob("*.parquet"))
+            paths = sorted(str(p) for p in (root / task / split).glob("*.parquet"))
             if not paths:
                 missing.append(task)
                 continue
             rows = _head(paths, max(per_task, cells if task == CELL_TYPE_TASK else 0),
-                         ["sample_id", "prompt", "response"])
+                         ["sample_id", "prompt", "completion", "label"])
             seqs = []
             for r in rows[:per_task]:
-                out.texts.append(r["prompt"] + r["response"])
-                tok = td.tokenize_sample(tokenizer, r["prompt"], r["response"], max_length)
+                out.texts.append(r["prompt"] + r["completion"])
+                tok = td.tokenize_sample(tokenizer, r["prompt"], r["completion"], max_length)
                 if tok is not None:
                     seqs.append({"input_ids": tok[0], "labels": tok[1], "seq_lens": [len(tok[0])], "tasks": [task]})
             if seqs:
                 out.sequences[task] = seqs
             if task == CELL_TYPE_TASK and cells:
-                out.cells = [(r["prompt"], label_of(r["response"])) for r in rows[:cells]]
+                out.cells = [(r["prompt"], r["label"]) for r in rows[:cells]]  # the corpus's bare answer
         if missing:
             log.warning("the %s split has no samples of %s: not evaluated", split, ", ".join(missing))
         return out
-
-
-def label_of(response: str) -> str:
-    """' B cell.' -> 'B cell'."""
-    return response.strip().removesuffix(".").strip()
 
 
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,;:])")
@@ -89,11 +84,22 @@ def predicted_label(generated: str) -> str:
     return (text[: cut.start()] if cut else text).strip()
 
 
-def cell_type_accuracy(model, tokenizer, cells: list[tuple[str, str]], max_new_tokens: int = 16) -> float:
-    """Share of cells whose greedy continuation names their cell type (case-insensitive, exact label)."""
+def answer_budget(tokenizer, labels: list[str], slack: int = 2) -> int:
+    """New tokens enough to write the longest label as a completion (" <label>."), plus `slack`: a fixed budget
+    cuts long Census labels ("naive thymus-derived CD4-positive, alpha-beta T cell") and miscounts them."""
+    return max((len(tokenizer(f" {label}.", add_special_tokens=False)["input_ids"]) for label in labels),
+               default=0) + slack
+
+
+def cell_type_accuracy(model, tokenizer, cells: list[tuple[str, str]], max_new_tokens: int | None = None) -> float:
+    """Share of cells whose greedy continuation names their cell type (case-insensitive, exact label); the
+    generation budget fits the longest label unless given."""
     from training.models import generate
 
-    outs = generate(model, tokenizer, [p for p, _ in cells], max_new_tokens=max_new_tokens)
+    if not cells:
+        return 0.0
+    budget = max_new_tokens or answer_budget(tokenizer, [label for _, label in cells])
+    outs = generate(model, tokenizer, [p for p, _ in cells], max_new_tokens=budget)
     hits = sum(predicted_label(o).lower() == label.lower() for o, (_, label) in zip(outs, cells, strict=True))
     return hits / max(len(cells), 1)
 

@@ -73,14 +73,14 @@ def _sample_files(corpus: str, splits: Sequence[str] | None) -> dict[str, list[P
         root = Path(resolve(corpus).path("samples"))
     except CorpusNotFound:
         root = Path(corpus) / "samples"  # a folder of sample parts without a manifest
-    files = sorted(root.glob("task=*/split=*/*.parquet"))
+    files = sorted(root.glob("*/*/*.parquet"))
     if not files:
         raise ModelError(f"corpus {corpus!r}: no sample parts under {root} (expected "
-                         "samples/task=<t>/split=<s>/part-*.parquet; run the samples stage first)")
+                         "samples/<task>/<split>/part-*.parquet; run the samples stage first)")
     rank = {s: i for i, s in enumerate(SPLIT_ORDER)}
     by_task: dict[str, list[tuple[int, str, Path]]] = {}
     for f in files:
-        task, split = f.parent.parent.name.split("=", 1)[1], f.parent.name.split("=", 1)[1]
+        task, split = f.parent.parent.name, f.parent.name
         if splits is None or split in splits:
             by_task.setdefault(task, []).append((rank.get(split, len(rank)), str(f), f))
     if not by_task:
@@ -102,10 +102,10 @@ def corpus_texts(corpus: str, *, max_rows: int = 200_000, splits: Sequence[str] 
             if quota <= 0:
                 break
             pf = pq.ParquetFile(path)
-            missing = {"prompt", "response"} - set(pf.schema_arrow.names)
+            missing = {"prompt", "completion"} - set(pf.schema_arrow.names)
             if missing:
                 raise ModelError(f"sample part {path}: missing column(s) {sorted(missing)}")
-            for batch in pf.iter_batches(batch_size=min(batch_size, quota), columns=["prompt", "response"]):
+            for batch in pf.iter_batches(batch_size=min(batch_size, quota), columns=["prompt", "completion"]):
                 rows = batch.slice(0, quota)
                 for p, r in zip(rows.column(0).to_pylist(), rows.column(1).to_pylist(), strict=True):
                     yield (p or "") + (r or "")

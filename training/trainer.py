@@ -386,8 +386,8 @@ def _probe_texts(files: dict[str, list[str]], n: int = 64) -> list[str]:
     texts = []
     for paths in files.values():
         f = pq.ParquetFile(paths[0])
-        t = f.read_row_group(0, columns=["prompt", "response"]).slice(0, n)
-        texts += [p + r for p, r in zip(t["prompt"].to_pylist(), t["response"].to_pylist(), strict=True)]
+        t = f.read_row_group(0, columns=["prompt", "completion"]).slice(0, n)
+        texts += [p + r for p, r in zip(t["prompt"].to_pylist(), t["completion"].to_pylist(), strict=True)]
     return texts
 
 
@@ -397,9 +397,9 @@ def _check_max_length(files: dict[str, list[str]], tok, max_length: int, n: int 
 
     too_long: dict[str, float] = {}
     for task, paths in files.items():
-        t = pq.ParquetFile(paths[0]).read_row_group(0, columns=["prompt", "response"]).slice(0, n)
+        t = pq.ParquetFile(paths[0]).read_row_group(0, columns=["prompt", "completion"]).slice(0, n)
         lens = [td.tokenize_sample(tok, p, r, 10**9) for p, r in
-                zip(t["prompt"].to_pylist(), t["response"].to_pylist(), strict=True)]
+                zip(t["prompt"].to_pylist(), t["completion"].to_pylist(), strict=True)]
         over = sum(len(x[0]) > max_length for x in lens if x is not None)
         if over > len(lens) / 2:
             too_long[task] = over / len(lens)

@@ -29,6 +29,7 @@ _ALIASES = {"human": "homo_sapiens", "mouse": "mus_musculus", "rhesus": "macaca_
 
 
 from schemas.errors import InputError  # noqa: E402  (re-exported: every reader raises it)
+from schemas.layout import sentence_rel  # noqa: E402
 
 
 def normalise_organism(name: str) -> str:
@@ -74,7 +75,7 @@ class Task:
 
     @property
     def rel_path(self) -> str:
-        return f"sentences/organism={self.organism}/dataset_id={self.dataset_id}/{self.part_name}"
+        return sentence_rel(self.organism, self.dataset_id, self.part_name)
 
 
 @dataclass

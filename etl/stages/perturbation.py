@@ -1,6 +1,6 @@
 """perturbation_prediction on the driver, one file at a time: pass 1 reads obs only and decides hold-outs,
 splits and pairs; pass 2 encodes only the chosen controls; pass 3 streams the perturbed rows and writes
-`samples/task=perturbation_prediction/split=<s>/perturbation-<k>.parquet` through the samples stage's
+`samples/perturbation_prediction/<split>/perturbation-<k>.parquet` through the samples stage's
 writer. Memory: the obs columns plus the controls' cut sentences, never X.
 """
 

@@ -4,7 +4,7 @@ Driver: ingest the knowledge files (small), decide which tasks run and why other
 held-out datasets, and ship one SampleContext. Spark: read the sentence parts (gene lists cut to the most a
 prompt can hold), add each cell's split and group key, shuffle ONCE by group key, sort within partitions,
 and stream each partition through the pure builders (etl/tasks/builders.py), which write their parts
-atomically (`samples/task=<t>/split=<s>/part-<partition>.parquet`) and return counts. Nothing but counts
+atomically (`samples/<task>/<split>/part-<partition>.parquet`) and return counts. Nothing but counts
 comes back to the driver.
 """
 
@@ -25,6 +25,7 @@ from etl.tasks.builders import build_samples, knowledge_samples
 from etl.tasks.common import CELL_FIELDS, Counts, SampleContext, cell_order
 from etl.tasks.spatial import SECTION_FIELDS, SPATIAL_COLUMNS, extents, run_key
 from schemas import SAMPLES
+from schemas.layout import sample_rel
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class PartWriter:
         self.counts.add(row)
         key = (row["task"], row["split"])
         self.digests[key] = (self.digests.get(key, 0) + sample_hash(
-            row["sample_id"], row["task"], row["split"], row["prompt"], row["response"], row["cell_ids"])) % 2**64
+            row["sample_id"], row["task"], row["split"], row["prompt"], row["completion"], row["cell_ids"])) % 2**64
         buf = self.buffers.setdefault(key, [])
         buf.append(row)
         if len(buf) >= FLUSH_ROWS:
@@ -57,7 +58,7 @@ class PartWriter:
         if not rows:
             return
         if key not in self.writers:
-            rel = f"samples/task={key[0]}/split={key[1]}/{self.part}.parquet"
+            rel = sample_rel(key[0], key[1], f"{self.part}.parquet")
             self.writers[key] = self.staging.parquet_writer(rel, SAMPLES, compression=self.compression)
         self.writers[key].write_table(pa.Table.from_pylist(rows, schema=SAMPLES))
         self.buffers[key] = []

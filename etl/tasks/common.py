@@ -19,7 +19,7 @@ from etl.tasks.budget import TokenBudget
 SPLITS = ("train", "val", "test", "test_ood")
 GROUP_UNIT = 8  # multi-cell mixture rates are samples per this many grouped cells
 CELL_FIELDS = ("cell_id", "organism", "dataset_id", "donor_id", "tissue", "cell_type", "disease", "sex",
-               "development_stage", "assay")
+               "development_stage", "assay", "cell_type_ontology_term_id", "tissue_ontology_term_id")
 
 
 def h64(*parts) -> int:
@@ -172,9 +172,28 @@ def _cells_block(sentences: list[list[str]]) -> str:
     return "".join(f"Cell {i}:\n{_sentence(s)}.\n" for i, s in enumerate(sentences, 1))
 
 
-def row(task, split, cells, prompt, response, n_genes, est, t_index, sample_id) -> dict:
+# Prediction tasks: the label is the completion's bare answer; where it is one cell field with an ontology id,
+# the id comes from the cell (never parsed from text).
+LABEL_TASKS = frozenset({"cell_type_prediction", "tissue_prediction", "metadata_prediction",
+                         "multi_cell_tissue_prediction", "multi_cell_cell_type_prediction",
+                         "gene_interaction_prediction", "ligand_receptor_prediction", "niche_prediction",
+                         "gene_set_naming"})
+LABEL_ID_FIELD = {"cell_type_prediction": "cell_type_ontology_term_id", "tissue_prediction": "tissue_ontology_term_id",
+                  "multi_cell_tissue_prediction": "tissue_ontology_term_id"}
+
+
+def bare(completion: str) -> str:
+    """The answer of a completion: without the leading space and the closing full stop."""
+    text = completion.strip()
+    return text[:-1] if text.endswith(".") else text
+
+
+def row(task, split, cells, prompt, completion, n_genes, est, t_index, sample_id) -> dict:
     first = cells[0] if cells else {}
-    return {"sample_id": sample_id, "task": task, "split": split, "prompt": prompt, "response": response,
+    label_id = first.get(LABEL_ID_FIELD[task]) if task in LABEL_ID_FIELD else None
+    return {"sample_id": sample_id, "task": task, "split": split, "prompt": prompt, "completion": completion,
+            "label": bare(completion) if task in LABEL_TASKS else None,
+            "label_id": label_id if label_id and label_id != "unknown" else None,
             "organism": first.get("organism", ""), "dataset_id": first.get("dataset_id", ""),
             "cell_ids": [c["cell_id"] for c in cells], "n_genes": n_genes, "est_tokens": est, "template": t_index}
 
