@@ -20,12 +20,15 @@ import os
 import posixpath
 import re
 
+from etl.card import dataset_card
 from etl.storage import TMP_MARK, Store
 from schemas.layout import MANIFEST, POINTER, VERSIONS, CorpusNotFound, CorpusVersion, resolve
 
 log = logging.getLogger("etl.versions")
 
 WORK = "_work"
+CARD = "README.md"
+CARD_MARK = "Built by c2s-corpus"
 TABLE_DIRS = ("sentences", "vocab", "stats", "samples", "knowledge")  # what a version folder holds
 BUILD = f"{WORK}/build.json"
 
@@ -115,6 +118,8 @@ class Versions:
         pointer to it (the commit). `validate(uri)` raises on any mismatch; the pointer is then unchanged."""
         st = self.store(vid)
         st.remove(WORK)
+        sid = manifest.get("sentences_version") or vid
+        st.write_bytes(CARD, dataset_card(manifest, sentences_prefix="" if sid == vid else f"../{sid}/").encode())
         st.write_json(MANIFEST, manifest)
         try:
             validate(st.uri)
@@ -126,6 +131,17 @@ class Versions:
                                       "content_hash": manifest.get("content_hash"),
                                       "samples_hash": manifest.get("samples", {}).get("samples_hash")})
         log.info("committed version %s: %s now points to %s", vid, posixpath.join(self.out.uri, POINTER), rel)
+        self.write_root_card(vid, manifest)
+
+    def write_root_card(self, vid: str, manifest: dict) -> None:
+        """DIR/README.md: the latest version's card with paths into versions/, so `load_dataset(DIR, task)`
+        reads what latest.json names. A README.md of the user's own is left alone."""
+        if self.out.is_file(CARD) and CARD_MARK not in self.out.read_bytes(CARD).decode("utf-8", "replace"):
+            log.info("%s/%s is not a corpus card: left as it is", self.out.uri, CARD)
+            return
+        sid = manifest.get("sentences_version") or vid
+        self.out.write_bytes(CARD, dataset_card(manifest, prefix=f"{VERSIONS}/{vid}/",
+                                                sentences_prefix=f"{VERSIONS}/{sid}/").encode())
 
     def remove_unfinished(self, keep: str | None = None) -> list[str]:
         """Delete the unfinished versions (of failed or killed builds) but `keep`: called after a commit.
@@ -164,6 +180,7 @@ class Versions:
         self.out.write_json(POINTER, {"version": vid, "path": f"{VERSIONS}/{vid}", "created_at": m.get("created_at"),
                                       "content_hash": m.get("content_hash"),
                                       "samples_hash": m.get("samples", {}).get("samples_hash")})
+        self.write_root_card(vid, m)
 
     def migrate(self) -> str:
         """Turn a pre-versions corpus (manifest.json and tables at the top of DIR) into the first version.

@@ -106,18 +106,28 @@ def _pairs(t: pa.Table) -> set[tuple[str, str]]:
     return set(zip(t["dataset_id"].to_pylist(), t["donor_id"].to_pylist(), strict=True))
 
 
+MIN_SPLIT_KEYS = 3  # train, val and test each need a donor (or dataset) of their own
+
+
 def _assign_splits(splits: SplitConfig, ood: frozenset, cfg: BuildConfig, src: Store, manifest: dict,
-                   spark) -> SplitConfig:
+                   spark) -> tuple[SplitConfig, str | None]:
     """Donor (or dataset) keys read from the sentences (two small columns, distinct per file), ranked by
-    hash into train/val/test; cell-level splits stay per-cell hashes."""
+    hash into train/val/test; cell-level splits stay per-cell hashes. With fewer than three keys outside
+    test_ood (a one-donor file) there would be no val or test: the split falls back to cells, and the
+    returned note says so (the manifest and the dataset card carry it)."""
     splits = SplitConfig(splits.key, splits.fractions, ood, splits.seed)
     if cfg.split_key == "cell":
-        return splits
+        return splits, None
     pairs: set[tuple[str, str]] = set()
     for p in samples.map_files(spark, src.uri, sorted(manifest["files"]), _pairs, ["dataset_id", "donor_id"]):
         pairs |= p
     keys = {splits.key_of(d, o) for d, o in pairs if d not in ood}
-    return splits.assign(keys)
+    if len(keys) < MIN_SPLIT_KEYS and any(f > 0 for f in splits.fractions[1:]):
+        note = (f"split by cell: only {len(keys)} {cfg.split_key}(s) outside test_ood, too few for "
+                f"train/val/test by {cfg.split_key}; cells of one {cfg.split_key} may be in different splits")
+        log.warning("%s (set --split-key cell to silence this)", note)
+        return SplitConfig("cell", splits.fractions, ood, splits.seed), note
+    return splits.assign(keys), None
 
 
 def _spatial_extents(cfg: BuildConfig, src: Store, spark, manifest: dict) -> list[dict]:
@@ -372,10 +382,11 @@ def run(cfg: BuildConfig, job: SamplesJob, out: Store, spark, manifest: dict) ->
                  cfg.multi_cell_genes, cfg.max_tokens, cfg.group_max)
     splits = SplitConfig(key=cfg.split_key, fractions=tuple(cfg.split_fractions), seed=cfg.seed)
     ood = (frozenset(cfg.ood_datasets) if cfg.ood_datasets else choose_ood(datasets, cfg.ood_fraction, cfg.seed))
+    split_cfg, split_note = _assign_splits(splits, ood, cfg, src, manifest, session)
     ctx = SampleContext(
         mixture=active,
         budget=budget,
-        splits=_assign_splits(splits, ood, cfg, src, manifest, session),
+        splits=split_cfg,
         seed=cfg.seed, abstracts=abstracts, lr_pairs=lr_pairs, biogrid=biogrid, group_max=group_max,
         max_genes=genes_cap(budget),
         spatial=(spatial.sections(spatial_rows, cfg.spatial_tile_cells)
@@ -416,6 +427,8 @@ def run(cfg: BuildConfig, job: SamplesJob, out: Store, spark, manifest: dict) ->
         "mixture": active,
         "group_max": group_max,
         "ood_datasets": sorted(ood),
+        "split_key_used": split_cfg.key,
+        "split_note": split_note,
         "counts": {"per_task_split": counts.samples, "total": total, "cells": counts.cells, "groups": counts.groups,
                    "ungrouped_cells": counts.ungrouped_cells, "not_made": counts.skipped},
         "est_tokens": {"per_task": counts.tokens, "total": tokens},
