@@ -1,4 +1,4 @@
-# Quick start: `make demo` (build the demo corpus) and `make test` (run the suite). Both create .venv when missing.
+# Quick start: `make demo` (build the demo corpus into demo/) and `make test` (run the suite). Both create .venv when missing.
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -26,11 +26,11 @@ $(STAMP):
 
 setup: $(STAMP)  ## create .venv and install the project (editable) with all extras
 
-demo: setup  ## build the demo corpus into ./corpus with spark-submit (generates the demo Census at first run)
-	$(BIN)/spark-submit etl/build_corpus.py
+demo: setup  ## build the demo corpus into demo/corpus (its generated inputs in demo/data)
+	$(BIN)/c2s build --demo
 
-train: setup  ## a short SFT run of the tiny model on ./corpus (after `make demo`) into outputs/sft
-	$(BIN)/python training/sft.py
+train: setup  ## a short SFT run of the tiny model on demo/corpus (after `make demo`) into demo/sft
+	$(BIN)/c2s train --model tiny-pythia --corpus demo/corpus --output-dir demo/sft
 
 test: setup  ## lint, then run the test suite
 	$(BIN)/ruff check etl training schemas tests benchmarks jobs
@@ -55,5 +55,5 @@ gpu-wheels: setup  ## wheels the GPU machine lacks (Python 3.12) into .whl/, for
 	    "datasets==5.2.0" "pyarrow==26.0.1" dill multiprocess xxhash fsspec
 	du -sh .whl
 
-clean:  ## remove generated data (not .venv)
-	rm -rf corpus data outputs .bench .whl .pytest_cache
+clean:  ## remove what the project generated here (demo/, benchmark data, caches); never your corpora or data
+	rm -rf demo .bench .whl .pytest_cache .ruff_cache build inspect-*

@@ -44,7 +44,7 @@ def ours(corpus: str, a, out: str) -> dict:
     from training.config import SFTConfig
     from training.trainer import train
 
-    cfg = SFTConfig(corpus=corpus, output_dir=out, max_steps=a.steps, per_device_batch_size=a.batch,
+    cfg = SFTConfig(model="tiny-pythia", corpus=corpus, output_dir=out, max_steps=a.steps, per_device_batch_size=a.batch,
                     max_length=a.max_length, logging_steps=1, eval_steps=0, save_steps=0, eval_cells=0,
                     eval_samples_per_task=1, report_to="none", attention=a.attention, seed=a.seed,
                     shuffle_buffer=1000)
@@ -185,7 +185,8 @@ def gpu_shape(corpus: str, a) -> dict:
     shape = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
              "vocab_size": 50304}
     torch.cuda.reset_peak_memory_stats()
-    cfg = SFTConfig(corpus=corpus, output_dir=os.path.join(ROOT, ".bench", "train_gpu"), max_steps=a.steps,
+    cfg = SFTConfig(model="tiny-pythia", corpus=corpus, output_dir=os.path.join(ROOT, ".bench", "train_gpu"),
+                    max_steps=a.steps,
                     per_device_batch_size=a.batch, max_length=a.max_length, logging_steps=1, eval_steps=0,
                     save_steps=0, eval_cells=0, eval_samples_per_task=1, report_to="none", bf16=True,
                     gradient_checkpointing=False, learning_rate=3e-4,

@@ -1,4 +1,4 @@
-"""c2s-build-corpus / spark-submit etl/build_corpus.py [options]: build the cell-sentence corpus.
+"""c2s build / c2s-build-corpus / spark-submit etl/build_corpus.py [options]: build the cell-sentence corpus.
 
 No logic of its own: parses the options into one BuildConfig and runs the stages (etl/pipeline.py). Needs the
 project installed (`pip install ".[etl]"`, or `make setup`); nothing here edits sys.path.
@@ -15,22 +15,26 @@ from etl.config import BuildConfig
 from schemas.cli import parse
 
 DESCRIPTION = """Build the cell-sentence corpus: cells from the CELLxGENE Census (or .h5ad files), rank-encoded
-into sharded parquet with a vocabulary, inverse-transform statistics and a manifest.
+into sharded parquet with a vocabulary, inverse-transform statistics and a manifest, then the multi-task
+prompt/completion samples (with knowledge from BioGRID, CellPhoneDB, PubMed abstracts, gene sets and
+Perturb-seq files) in train/validation/test/test_ood splits that share no donor (or no cell, for one-donor inputs).
 
-With no arguments it builds the demo: a small Census-shaped collection generated at first run
-(data/demo_census), written to ./corpus."""
+Give a source (--h5ad, --census-version or --census-uri), or --demo for the small generated demo."""
 
 EPILOG = """examples:
-  spark-submit etl/build_corpus.py                                  # the demo
+  c2s build --demo                                                  # the demo, into demo/corpus
   spark-submit etl/build_corpus.py --census-version 2025-11-08 --organisms homo_sapiens \\
-      --max-cells 100000 --output s3a://bucket/c2s/corpus           # a Census sample
-  spark-submit etl/build_corpus.py --h5ad pbmc.h5ad --organism human \\
-      --cell-type-column celltype --label-column donor_id=patient --output corpus_pbmc
+      --max-cells 100000 --output-dir s3://bucket/c2s/corpus        # a Census sample, on a cluster
+  c2s build --h5ad pbmc.h5ad --organism human --cell-type-column celltype \\
+      --label-column donor_id=patient --output-dir corpus_pbmc       # your own cells
+  c2s build --output-dir corpus --stages samples --tasks cell_type_prediction   # new samples, same cells
+  c2s build --list-tasks                                            # what each task asks, with an example
 
 outputs: DIR/versions/<id>/ holds one build: sentences/<organism>/<dataset_id>/part-*.parquet,
 vocab/<organism>.parquet, stats/inverse_transform.parquet, samples/<task>/<split>/*.parquet,
 knowledge/*.parquet and manifest.json; DIR/latest.json (written last, the commit) names the version readers
-see. `python -m etl.validate DIR --deep` re-reads it; `python -m etl.versions list DIR` lists versions.
+see; DIR/README.md is its dataset card, so datasets.load_dataset(DIR, TASK) gives the splits. `c2s validate
+DIR --deep` re-reads it, `c2s inspect DIR` summarises it, `c2s versions list DIR` lists versions.
 See docs/SCHEMAS.md.
 
 exit status: 0 done (or nothing to do); 2 bad input (one line naming it); 1 other failure."""
@@ -56,7 +60,7 @@ def setup_logging(level: str) -> None:
     os.environ.setdefault("SPARK_LOG_LEVEL", "INFO" if level == "DEBUG" else "ERROR")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Exit 0 on success; 2 with one line naming the input for a user error (bad option, file, source);
     1 with one line for anything else (the traceback with --log-level debug)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -68,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
     session, owned = None, False
     try:
-        cfg = parse(BuildConfig, argv, DESCRIPTION, EPILOG)
+        cfg = parse(BuildConfig, argv, DESCRIPTION, EPILOG, prog=prog, extra={"list-tasks": (
+            "list the tasks with a description and a rendered example of each; then exit", _list_tasks)})
         setup_logging(cfg.log_level)
         from etl.pipeline import build
 
@@ -110,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
                       "content_hash": manifest["content_hash"],
                       "samples_hash": manifest.get("samples", {}).get("samples_hash")}))
     return 0
+
+
+def _list_tasks() -> str:
+    from etl.tasks.catalog import describe_tasks
+
+    return describe_tasks()
 
 
 def _latest_version(output: str) -> str | None:

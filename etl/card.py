@@ -13,7 +13,7 @@ import pyarrow as pa
 import yaml
 
 import schemas
-from schemas.layout import SPLIT_NAMES
+from schemas.layout import SPLIT_NAMES, parse_sample_rel
 
 _DTYPES = {pa.string(): "string", pa.large_string(): "string", pa.int64(): "int64", pa.int32(): "int32",
            pa.int16(): "int16", pa.float64(): "float64", pa.float32(): "float32", pa.bool_(): "bool"}
@@ -43,18 +43,25 @@ def dataset_card(manifest: dict, *, prefix: str = "", sentences_prefix: str | No
     sentences_prefix = prefix if sentences_prefix is None else sentences_prefix
     samples = manifest.get("samples", {})
     per = samples.get("counts", {}).get("per_task_split", {})
+    nbytes: dict[tuple[str, str], int] = {}
+    for rel, meta in samples.get("files", {}).items():
+        key = parse_sample_rel(rel)
+        nbytes[key] = nbytes.get(key, 0) + int(meta.get("bytes", 0))
     configs, infos = [], []
     for task in sorted(per):
         splits = [s for s in SPLIT_ORDER if per[task].get(s)]
         configs.append({"config_name": task, "data_files": [
             {"split": SPLIT_NAMES[s], "path": f"{prefix}samples/{task}/{s}/*.parquet"} for s in splits]})
         infos.append({"config_name": task, "features": features(schemas.SAMPLES),
-                      "splits": [{"name": SPLIT_NAMES[s], "num_examples": int(per[task][s])} for s in splits]})
+                      "splits": [{"name": SPLIT_NAMES[s], "num_bytes": nbytes.get((task, s), 0),
+                                  "num_examples": int(per[task][s])} for s in splits]})
     cells = manifest["counts"]["totals"]["written"]
     configs.append({"config_name": "sentences", "data_files": [
         {"split": "train", "path": f"{sentences_prefix}sentences/*/*/*.parquet"}]})
     infos.append({"config_name": "sentences", "features": features(schemas.SENTENCES),
-                  "splits": [{"name": "train", "num_examples": int(cells)}]})
+                  "splits": [{"name": "train", "num_bytes": sum(int(f.get("bytes", 0)) for f in
+                                                                manifest.get("files", {}).values()),
+                              "num_examples": int(cells)}]})
     if configs and samples:
         default = "cell_type_prediction" if "cell_type_prediction" in per else sorted(per)[0] if per else "sentences"
         for c in configs:

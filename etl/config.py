@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 STAGES = ("sentences", "samples")  # stages that exist, in order
 
@@ -16,9 +17,11 @@ def _f(default, help: str, **kw):
 @dataclass
 class BuildConfig:
     # where
-    output: str = _f("corpus", "Output directory: a local path or s3://bucket/prefix (s3a:// too; endpoint from "
-                     "AWS_ENDPOINT_URL). Each build writes DIR/versions/<id>/ and commits it by rewriting "
-                     "DIR/latest.json last; readers given DIR see the latest committed version.", metavar="DIR")
+    output: str | None = _f(None, "Output directory: a local path or s3://bucket/prefix (s3a:// too; endpoint "
+                            "from AWS_ENDPOINT_URL). Each build writes DIR/versions/<id>/ and commits it by "
+                            "rewriting DIR/latest.json last; readers given DIR see the latest committed version "
+                            "(default: corpus, or demo/corpus with --demo).", metavar="DIR", flag="output-dir",
+                            aliases=["output"])
     stages: list[str] = _f(list(STAGES), f"Stages to run, comma-separated, from {','.join(STAGES)}; 'samples' alone "
                            "rebuilds the samples of DIR's latest version (its sentences are reused, not copied).")
     keep_versions: int = _f(0, "After a commit, keep the newest N committed versions and delete older ones "
@@ -127,16 +130,26 @@ class BuildConfig:
     samples_partitions: int = _f(0, "Spark partitions of the samples stage (0: about one per 20k cells).",
                                  metavar="N")
     # demo
-    demo_uri: str = _f("data/demo_census", "Where the generated demo Census lives (built at first use).",
+    demo: bool = _f(False, "Build the demo: a small Census-shaped collection and a synthetic Perturb-seq file "
+                    "generated at first use (in demo/data), with the demo knowledge files, into demo/corpus.")
+    demo_uri: str = _f("demo/data/census", "Where the generated demo Census lives (built at first use).",
                        metavar="PATH")
     demo_cells: int = _f(3000, "Cells in the generated demo Census.", metavar="N")
-    demo_perturbation_uri: str = _f("data/demo_perturbation.h5ad", "Where the generated demo perturbation file "
+    demo_perturbation_uri: str = _f("demo/data/perturbation.h5ad", "Where the generated demo perturbation file "
                                     "lives (synthetic CRISPRa Perturb-seq; used by the demo when no "
                                     "--perturbation-h5ad is given).", metavar="PATH")
+
+    GROUPS: ClassVar[dict[str, str]] = {
+        "output": "output", "census_version": "Census source", "h5ad": "h5ad source",
+        "max_genes": "encoding", "cells_per_task": "Spark, files and logging", "biogrid": "samples: knowledge",
+        "perturbation_h5ad": "samples: perturbation", "tasks": "samples: tasks, token budget, splits",
+        "demo": "demo"}
 
     def __post_init__(self) -> None:
         from etl.sources.base import InputError
 
+        if self.output is None:
+            self.output = "demo/corpus" if self.demo else "corpus"
         if not self.stages:
             raise InputError(f"--stages is empty; give one or more of {', '.join(STAGES)}")
         unknown = [s for s in self.stages if s not in STAGES]
@@ -188,12 +201,19 @@ class BuildConfig:
         for item in self.label_column:
             if "=" not in item:
                 raise InputError(f"--label-column takes FIELD=COLUMN, got {item!r}")
+        if self.demo and (self.h5ad or self.census_version or self.census_uri):
+            raise InputError("--demo builds the generated demo; drop it to build from --h5ad or the Census")
+        if "sentences" in self.stages and not (self.demo or self.h5ad or self.census_version or self.census_uri):
+            raise InputError("no cells to read: give --h5ad FILE, --census-version V (e.g. stable) or --census-uri "
+                             "URI; or --demo to build the small generated demo into demo/corpus")
 
     @property
     def source_kind(self) -> str:
         if self.h5ad:
             return "h5ad"
-        return "census" if (self.census_version or self.census_uri) else "demo"
+        if self.demo:
+            return "demo"
+        return "census" if (self.census_version or self.census_uri) else "none"  # none: a samples-only build
 
     @property
     def label_columns(self) -> dict[str, str]:

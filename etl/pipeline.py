@@ -43,7 +43,7 @@ def plan_source(cfg: BuildConfig) -> SourcePlan:
     if cfg.source_kind == "demo":
         from etl.demo import ensure_demo_census
 
-        log.info("no source given: using the demo Census at %s (generated at first use)", cfg.demo_uri)
+        log.info("demo: the generated demo Census at %s (made at first use)", cfg.demo_uri)
         source = census.resolve(None, ensure_demo_census(cfg.demo_uri, n_cells=cfg.demo_cells))
         source["kind"] = "demo"
     else:

@@ -204,8 +204,8 @@ def _deep_cells(v: CorpusVersion) -> None:
         raise CorpusInvalid(f"{v.root}: a cell appears in two splits")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m etl.validate", description=__doc__,
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = argparse.ArgumentParser(prog=prog or "python -m etl.validate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("corpus", metavar="DIR_OR_VERSION", help="a corpus directory (its latest version) or "
                    "DIR/versions/<id>; local path or s3://bucket/prefix")

@@ -241,11 +241,11 @@ def _describe(v: Versions, vid: str, current: str | None) -> str:
             f"  content {str(m.get('content_hash', ''))[:12]}{note}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """python -m etl.versions {list,use,prune,migrate} DIR: look after a corpus's versions."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m etl.versions", description=(
+    p = argparse.ArgumentParser(prog=prog or "python -m etl.versions", description=(
         "The versions of a corpus directory: list them (* marks the one latest.json names), point latest at "
         "another (roll back or forward), prune old ones, or convert a corpus written before versions existed."))
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,7 +23,7 @@ import yaml
 from schemas.errors import ConfigError
 
 T = TypeVar("T")
-__all__ = ["ConfigError", "build_parser", "convert", "parse", "read_config_file"]
+__all__ = ["ConfigError", "build_parser", "convert", "flag_names", "parse", "read_config_file"]
 
 
 def _base(tp: Any) -> tuple[Any, bool, bool]:
@@ -113,20 +115,57 @@ def convert(f: dataclasses.Field, hint: Any, value: Any, where: str) -> Any:
     return values if is_list else values[0]
 
 
-def build_parser(cls: type, description: str, epilog: str = "") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, epilog=epilog,
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+
+
+def flag_names(f: dataclasses.Field) -> list[str]:
+    """The flags of field `f`: its own (metadata `flag`, else the field name with dashes), then old aliases."""
+    own = f.metadata.get("flag") or f.name.replace("_", "-")
+    return ["--" + own] + ["--" + a for a in f.metadata.get("aliases", ())]
+
+
+class _Exit(argparse.Action):
+    """A flag that prints something (e.g. --list-tasks) and exits 0, wherever it stands on the line."""
+
+    def __init__(self, option_strings, dest, run: Callable[[], str], **kw):
+        super().__init__(option_strings, dest, nargs=0, **kw)
+        self.run = run
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(self.run().rstrip("\n"))
+        parser.exit(0)
+
+
+def build_parser(cls: type, description: str, epilog: str = "", *, prog: str | None = None,
+                 extra: dict[str, tuple[str, Callable[[], str]]] | None = None) -> argparse.ArgumentParser:
+    """An argparse parser for config dataclass `cls`. Options are grouped as the class's `GROUPS` says
+    ({first field of a group: title}); booleans take --x [BOOL] and --no-x; `extra` adds flags that print
+    and exit ({"list-tasks": (help, function returning the text)})."""
+    p = argparse.ArgumentParser(prog=prog, usage="%(prog)s [options]", description=description, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", metavar="FILE.yaml", help="read option values from a YAML file; flags override")
+    p.add_argument("--config", metavar="FILE.yaml", help="read option values from a YAML file (keys as the "
+                   "options, - or _); flags override it")
+    for name, (help_, run) in (extra or {}).items():
+        p.add_argument("--" + name, action=_Exit, run=run, help=help_, default=argparse.SUPPRESS)
     hints = typing.get_type_hints(cls)
+    groups: dict[str, str] = getattr(cls, "GROUPS", {})
+    group: Any = p
     for f in dataclasses.fields(cls):
+        if f.name in groups:
+            group = p.add_argument_group(groups[f.name])
         inner, is_list, _ = _base(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        default = _default(f)
         help_ = f.metadata.get("help", "")
         choices = f.metadata.get("choices")
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        help_ += f" (default: {shown})" if shown not in (None, "", []) else ""
+        if inner is bool:
+            help_ += f" (default: {'on' if default else 'off' if default is False else 'automatic'}; " \
+                     f"--no-{flag_names(f)[0][2:]} turns it off)"
+        elif shown not in (None, "", []):
+            help_ += f" (default: {shown})"
         # raw strings only: `convert` types and checks flags and YAML values alike
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_, "type": str}
         metavar = "{" + ",".join(map(str, choices)) + "}" if choices else f.metadata.get("metavar",
@@ -137,8 +176,25 @@ def build_parser(cls: type, description: str, epilog: str = "") -> argparse.Argu
             kw.update(action="append", metavar=metavar)
         else:
             kw.update(metavar=metavar)
-        p.add_argument(flag, **kw)
+        group.add_argument(*flag_names(f), **kw)
+        if inner is bool:
+            group.add_argument("--no-" + flag_names(f)[0][2:], dest=f.name, action="store_const", const="false",
+                               default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
+
+
+def hf_spellings(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """--learning_rate (Hugging Face's spelling) as --learning-rate, for the flags the parser knows."""
+    known = set(parser._option_string_actions)
+    out = []
+    for a in argv:
+        if a.startswith("--") and "_" in a:
+            name, eq, value = a.partition("=")
+            dashed = "--" + name[2:].replace("_", "-")
+            if name not in known and dashed in known:
+                a = dashed + eq + value
+        out.append(a)
+    return out
 
 
 def read_config_file(path: str, cls: type) -> dict[str, Any]:
@@ -159,18 +215,25 @@ def read_config_file(path: str, cls: type) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option: value, got a {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"--config {path}: unknown option(s) {unknown} (see --help)")
+    names = {n.replace("-", "_"): f.name for f in dataclasses.fields(cls) for n in [f.name] + [
+        x[2:] for x in flag_names(f)]}  # a field's name, its flag and its old aliases
+    values: dict[str, Any] = {}
+    for k, v in data.items():
+        key = str(k).replace("-", "_")
+        if key not in names:
+            raise ConfigError(f"--config {path}: unknown option {k!r} (see --help)")
+        if names[key] in values:
+            raise ConfigError(f"--config {path}: {k!r} sets an option given twice under different names")
+        values[names[key]] = v
     return values
 
 
-def parse(cls: type[T], argv: list[str] | None, description: str, epilog: str = "") -> T:
+def parse(cls: type[T], argv: list[str] | None, description: str, epilog: str = "", *, prog: str | None = None,
+          extra: dict[str, tuple[str, Callable[[], str]]] | None = None) -> T:
     """Defaults < --config YAML < command-line flags, into one typed config."""
-    parser = build_parser(cls, description, epilog)
-    ns = vars(parser.parse_args(argv))
+    parser = build_parser(cls, description, epilog, prog=prog, extra=extra)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ns = vars(parser.parse_args(hf_spellings(argv, parser)))
     config = ns.pop("config", None)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -179,6 +242,5 @@ def parse(cls: type[T], argv: list[str] | None, description: str, epilog: str = 
         for k, v in read_config_file(config, cls).items():
             values[k] = convert(fields[k], hints[k], v, f"--config {config}: {k}")
     for k, v in ns.items():
-        flag = "--" + k.replace("_", "-")
-        values[k] = convert(fields[k], hints[k], v, flag)
+        values[k] = convert(fields[k], hints[k], v, flag_names(fields[k])[0])
     return cls(**values)

@@ -199,7 +199,7 @@ def test_config_file_values_pass_the_same_checks_as_flags(tmp_path):
         parse(BuildConfig, ["--on-invalid", "raise"], "d")  # the same words for a flag
     with pytest.raises(InputError, match="--max-cells must be at least 1"):
         cfg("max_cells: -4\n")
-    assert cfg("max-genes: 7\n", "--max-genes", "9").max_genes == 9  # flags override the file
+    assert cfg("max-genes: 7\n", "--max-genes", "9", "--demo").max_genes == 9  # flags override the file
 
 
 @pytest.mark.spark

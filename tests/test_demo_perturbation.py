@@ -143,7 +143,7 @@ def _rows(out: str) -> list[dict]:
 
 def test_demo_build_makes_perturbation_samples(census, tmp_path):
     demo_pert = tmp_path / "demo_perturbation.h5ad"
-    cfg = BuildConfig(output=str(tmp_path / "corpus"), demo_uri=census, demo_cells=DEMO_CELLS,
+    cfg = BuildConfig(output=str(tmp_path / "corpus"), demo=True, demo_uri=census, demo_cells=DEMO_CELLS,
                       demo_perturbation_uri=str(demo_pert), max_genes=200, cells_per_task=300)
     m = build(cfg, None)
     s = m["samples"]
@@ -179,7 +179,8 @@ def test_explicit_perturbation_file_wins_over_the_demo(census, tmp_path):
                         obs_extra={"perturbation": labels})
     demo_pert = tmp_path / "demo_perturbation.h5ad"
     out = str(tmp_path / "corpus")
-    m = build(BuildConfig(output=out, demo_uri=census, demo_cells=DEMO_CELLS, demo_perturbation_uri=str(demo_pert),
+    m = build(BuildConfig(output=out, demo=True, demo_uri=census, demo_cells=DEMO_CELLS,
+                          demo_perturbation_uri=str(demo_pert),
                           perturbation_h5ad=[own], max_genes=100, cells_per_task=300), None)
     s = m["samples"]
     assert s["tasks"][TASK]["status"] == "built"

@@ -7,18 +7,20 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("schemas", "etl", "training")
+PACKAGES = ("schemas", "etl", "training", "c2s")
 
 # lowest first; a module may import its own layer or lower ones only
 LAYERS: list[tuple[str, ...]] = [
     ("schemas",),
     ("etl.sources.base", "etl.jit", "etl.encode", "etl.inverse", "etl.storage", "etl.symbols", "etl.rowhash",
-     "etl.cli", "etl.spark"),
-    ("etl.sources", "etl.knowledge", "etl.demo", "etl.manifest", "etl.config", "etl.validate", "etl.versions"),
+     "etl.cli", "etl.spark", "etl.card"),
+    ("etl.sources", "etl.knowledge", "etl.demo", "etl.manifest", "etl.config", "etl.validate", "etl.versions",
+     "etl.inspect_corpus"),
     ("etl.tasks",),
     ("etl.stages",),
     ("etl.pipeline",),
     ("etl.build_corpus", "training"),
+    ("c2s",),  # the application layer: the Python API and the one command, over the ETL and the trainer
 ]
 
 

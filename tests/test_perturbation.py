@@ -168,8 +168,8 @@ def test_bad_input_names_file_and_column(tmp_path):
     assert not any(w in r["prompt"] for r in rows for w in ("T cell", "B cell", "unknown", "{"))
     assert not Store(str(tmp_path / "o2")).list("samples", ".parquet")  # nothing half-written
     with pytest.raises(InputError, match="perturbation-holdout"):
-        BuildConfig(perturbation_holdout=1.5)
-    cfg = parse(BuildConfig, ["--perturbation-h5ad", good, "--control-label", "control,ctrl",
+        BuildConfig(demo=True, perturbation_holdout=1.5)
+    cfg = parse(BuildConfig, ["--demo", "--perturbation-h5ad", good, "--control-label", "control,ctrl",
                               "--perturbation-context", "none"], "d")
     assert cfg.control_label == ["control", "ctrl"] and pst.options_from_config(cfg).context == ()
 

@@ -36,8 +36,9 @@ def test_check_and_conform_name_what_differs():
 
 
 def test_cli_defaults_yaml_and_overrides(tmp_path):
-    cfg = parse(BuildConfig, [], "d")
+    cfg = parse(BuildConfig, ["--demo"], "d")
     assert cfg.source_kind == "demo" and cfg.max_genes == 2048 and cfg.obs_filter == "is_primary_data == True"
+    assert cfg.output == "demo/corpus"  # the demo goes into a folder named for it, not ./corpus
     yml = tmp_path / "b.yaml"
     yml.write_text("census_uri: /data/census\nmax_genes: 100\norganisms: [mus_musculus]\n")
     cfg = parse(BuildConfig, ["--config", str(yml), "--max-genes", "50", "--organisms", "homo_sapiens,mus_musculus"], "d")
@@ -54,3 +55,43 @@ def test_help_teaches(capsys):
         parse(BuildConfig, ["--help"], "desc")
     out = capsys.readouterr().out
     assert "--census-version" in out and "--max-genes" in out and "(default: 2048)" in out
+
+
+def test_no_source_is_an_error_that_says_what_to_give():
+    """Forgetting --h5ad must not build the demo into the user's output."""
+    with pytest.raises(InputError, match="no cells to read: give --h5ad.*--demo"):
+        parse(BuildConfig, ["--output-dir", "mine"], "d")
+    # a samples-only rebuild reads the cells of the corpus it extends: no source needed
+    assert parse(BuildConfig, ["--stages", "samples", "--output-dir", "mine"], "d").source_kind == "none"
+    with pytest.raises(InputError, match="--demo builds the generated demo"):
+        parse(BuildConfig, ["--demo", "--h5ad", "x.h5ad"], "d")
+
+
+def test_one_spelling_path_for_flags_yaml_aliases_and_hf_underscores(tmp_path):
+    yml = tmp_path / "b.yaml"
+    yml.write_text("census_uri: /c\nstages: sentences\nmax_genes: 1e3\noutput: old_name\nuppercase: false\n")
+    cfg = parse(BuildConfig, ["--config", str(yml)], "d")
+    assert cfg.stages == ["sentences"] and cfg.max_genes == 1000 and cfg.output == "old_name"
+    assert cfg.uppercase is False
+    cfg = parse(BuildConfig, ["--census_uri=/c", "--output_dir", "new", "--max_genes", "7", "--no-spark"], "d")
+    assert (cfg.census_uri, cfg.output, cfg.max_genes, cfg.spark) == ("/c", "new", 7, False)
+    assert parse(BuildConfig, ["--census-uri", "/c", "--output", "legacy"], "d").output == "legacy"
+    yml.write_text("census_uri: /c\noutput: a\noutput_dir: b\n")
+    with pytest.raises(InputError, match="given twice"):
+        parse(BuildConfig, ["--config", str(yml)], "d")
+    yml.write_text("census_uri: /c\nmax_genes: lots\n")
+    with pytest.raises(InputError, match="max_genes: expected an integer, got 'lots'"):
+        parse(BuildConfig, ["--config", str(yml)], "d")
+
+
+def test_help_is_grouped_and_lists_tasks(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(BuildConfig, ["--help"], "desc", prog="c2s build")
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: c2s build [options]")
+    for title in ("output:", "Census source:", "h5ad source:", "encoding:", "Spark, files and logging:",
+                  "samples: knowledge:", "samples: perturbation:", "samples: tasks, token budget, splits:", "demo:"):
+        assert f"\n{title}\n" in out, title
+    assert out.index("--census-version") < out.index("h5ad source:") < out.index("--cell-type-column")
+    assert "--no-uppercase turns it off" in out and "--output-dir DIR, --output DIR" in out

@@ -23,7 +23,7 @@ from training.trainer import train
 
 QUICK = {"per_device_batch_size": 4, "max_length": 512, "shuffle_buffer": 64, "eval_samples_per_task": 4,
          "eval_cells": 4, "report_to": "none", "logging_steps": 1, "warmup_steps": 2,
-         "stream_close_wait_s": 0}
+         "stream_close_wait_s": 0, "model": "tiny-pythia"}
 
 
 def _cfg(corpus, out, **kw) -> SFTConfig:
@@ -224,7 +224,8 @@ def test_bad_input_fails_before_training(train_corpus, tmp_path, caplog):
             train(_cfg(train_corpus, out, report_to="wandb"))
     assert not (out / "checkpoint-1").exists()
     # the CLI turns these into exit code 2 with the message logged
-    assert main(["--corpus", train_corpus, "--output-dir", str(out), "--tasks", "nope", "--report-to", "none"]) == 2
+    assert main(["--model", "tiny-pythia", "--corpus", train_corpus, "--output-dir", str(out), "--tasks", "nope",
+                 "--report-to", "none"]) == 2
     assert "nope" in caplog.text
 
 
@@ -262,7 +263,7 @@ def test_two_processes_ddp_on_cpu_checkpoint_and_resume(train_corpus, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "training/sft.py",
-            "--corpus", train_corpus, "--output-dir", str(out), "--save-steps", "3", "--eval-steps", "0",
+            "--corpus", train_corpus, "--model", "tiny-pythia", "--output-dir", str(out), "--save-steps", "3", "--eval-steps", "0",
             "--eval-cells", "2", "--eval-samples-per-task", "2", "--report-to", "none", "--logging-steps", "1",
             "--max-length", "512", "--per-device-batch-size", "2", "--stream-close-wait-s", "0",
             "--warmup-steps", "2", "--lr-scheduler", "linear"]
@@ -308,6 +309,30 @@ def test_shipped_yaml_configs_parse():
     assert big.model == "EleutherAI/pythia-410m" and big.weights["cell_type_prediction"] == 2.0 and big.bf16
     tiny = parse(SFTConfig, ["--config", str(root / "sft_tiny_lora.yaml"), "--max-steps", "7"], "")
     assert tiny.peft == "lora" and tiny.lora_targets == ["query_key_value", "lm_head"] and tiny.max_steps == 7
+
+
+def test_yaml_values_are_converted_and_hub_models_get_hub_defaults(tmp_path):
+    """YAML reads `1e-5` as a string and `0.1` as a float; both go through the flags' conversion. A hub model
+    left at the defaults gets a pretrained model's learning rate, a warm-up ratio and save/eval intervals as
+    a fraction of the run; the tiny model keeps its own."""
+    from schemas.cli import parse
+    from schemas.errors import InputError
+
+    f = tmp_path / "c.yaml"
+    f.write_text("model: EleutherAI/pythia-410m\nlearning_rate: 1e-5\nmax_steps: 20000\ntasks: cell_lm\n")
+    hub = parse(SFTConfig, ["--config", str(f)], "")
+    assert hub.learning_rate == 1e-5 and isinstance(hub.learning_rate, float) and hub.tasks == ["cell_lm"]
+    assert (hub.warmup_steps, hub.save_steps, hub.eval_steps) == (600, 2000, 2000)
+    lora = parse(SFTConfig, ["--model", "EleutherAI/pythia-410m", "--peft", "lora", "--max_steps", "100",
+                             "--save-steps", "0.25", "--warmup_ratio", "0.1"], "")
+    assert (lora.learning_rate, lora.save_steps, lora.warmup_steps, lora.max_steps) == (2e-4, 25, 10, 100)
+    tiny = parse(SFTConfig, ["--model", "tiny-pythia"], "")
+    assert (tiny.learning_rate, tiny.warmup_steps, tiny.save_steps, tiny.eval_steps) == (1e-3, 5, 25, 25)
+    assert parse(SFTConfig, ["--model", "tiny-pythia", "--no-packing"], "").packing is False
+    with pytest.raises(InputError, match="no --model given.*tiny-pythia"):
+        parse(SFTConfig, [], "")
+    with pytest.raises(InputError, match="save-steps"):
+        parse(SFTConfig, ["--model", "tiny-pythia", "--save-steps", "2.5"], "")
 
 
 def test_bf16_and_gradient_checkpointing_paths_train(train_corpus, tmp_path):

@@ -4,10 +4,12 @@ metadata is the --help text; `--config file.yaml` supplies values, flags overrid
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 PEFT = ("none", "lora", "qlora")
 ATTENTION = ("auto", "varlen", "4d", "flash", "padded")
 REPORT_TO = ("tensorboard", "wandb", "none")
+TINY = ("tiny-pythia", "tiny-gemma2")  # small random models built here (training/models.py)
 
 
 def _f(default, help: str, **kw):
@@ -19,8 +21,8 @@ def _f(default, help: str, **kw):
 @dataclass
 class SFTConfig:
     # data
-    corpus: str = _f("corpus", "Corpus directory built by etl/build_corpus.py (DIR/manifest.json, DIR/samples).",
-                     metavar="DIR")
+    corpus: str = _f("corpus", "Corpus directory built by `c2s build` (DIR: its latest version; or a pinned "
+                     "DIR/versions/<id>).", metavar="DIR")
     tasks: list[str] = _f([], "Tasks to train on, TASK or TASK=WEIGHT (mixture weights of the interleaved "
                           "streams; default: every task in the train split, weighted by its rows).",
                           metavar="TASK[=W]")
@@ -37,9 +39,9 @@ class SFTConfig:
                                            "over the corpus ends (default: its 5 s guard against apache/arrow"
                                            "#45214); 0 makes passes over a small corpus cheap.", metavar="S")
     # model
-    model: str = _f("tiny-pythia", "A hub id (EleutherAI/pythia-410m, google/gemma-2-2b), a local folder, or "
-                    "tiny-pythia / tiny-gemma2 (small random models, tokenizer trained from the corpus).",
-                    metavar="NAME")
+    model: str | None = _f(None, "Required. A hub id (EleutherAI/pythia-410m, google/gemma-2-2b), a local "
+                           "folder, or tiny-pythia / tiny-gemma2 (small random models with a tokenizer trained "
+                           "from the corpus: a first try on a laptop).", metavar="NAME")
     tokenizer: str | None = _f(None, "Tokenizer folder (default: the model's, or trained from the corpus for "
                                "tiny models).", metavar="PATH")
     tiny_config: list[str] = _f([], "KEY=VALUE overrides of a tiny model's config, e.g. hidden_size=1024,"
@@ -57,18 +59,24 @@ class SFTConfig:
     max_steps: int = _f(50, "Optimizer steps to run (a streaming corpus has no epochs).", metavar="N")
     per_device_batch_size: int = _f(8, "Sequences per device per micro-batch.", metavar="N")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", metavar="N")
-    learning_rate: float = _f(1e-3, "Peak learning rate (C2S-Scale full fine-tuning used ~1e-5 on 410M+ "
-                              "models; tiny random models need ~1e-3).", metavar="LR")
+    learning_rate: float | None = _f(None, "Peak learning rate (default: 1e-5 for full fine-tuning of a "
+                                     "pretrained model, as C2S-Scale; 2e-4 for LoRA/QLoRA; 1e-3 for the tiny "
+                                     "random models).", metavar="LR")
     lr_scheduler: str = _f("cosine", "Learning-rate schedule after warm-up.",
                            choices=["cosine", "linear", "constant"])
-    warmup_steps: int = _f(5, "Linear warm-up steps.", metavar="N")
+    warmup_steps: int | None = _f(None, "Linear warm-up steps (default: --warmup-ratio of the run; 5 for the "
+                                  "tiny models).", metavar="N")
+    warmup_ratio: float | None = _f(None, "Warm-up as a fraction of --max-steps (default 0.03 for pretrained "
+                                    "models); --warmup-steps wins when both are set.", metavar="F")
     weight_decay: float = _f(0.0, "AdamW weight decay.", metavar="W")
     max_grad_norm: float = _f(1.0, "Gradient clipping (0: off).", metavar="X")
     bf16: bool | None = _f(None, "bf16 mixed precision (default: on with CUDA, off on CPU).")
     gradient_checkpointing: bool | None = _f(None, "Recompute activations in backward (default: on with CUDA).")
     seed: int = _f(0, "Seed of the model init, the stream order and dropout.")
     # evaluation
-    eval_steps: int = _f(25, "Evaluate every N steps (0: only at the end).", metavar="N")
+    eval_steps: float | None = _f(None, "Evaluate every N steps, or a fraction of --max-steps when below 1, as "
+                                  "in HF Trainer (0: only at the end; default: 0.1 of the run, every 25 steps "
+                                  "for the tiny models).", metavar="N")
     eval_samples_per_task: int = _f(32, "Validation samples per task for the per-task loss (fixed: the first "
                                     "N of each task's val split).", metavar="N")
     eval_cells: int = _f(32, "Validation cells for the generation-based cell-type accuracy (0: off).",
@@ -77,7 +85,9 @@ class SFTConfig:
     # outputs
     output_dir: str = _f("outputs/sft", "Where metrics.jsonl, checkpoint-<step>/, runs/ and final/ go.", metavar="DIR")
     logging_steps: int = _f(5, "Log loss, learning rate and tokens/s every N steps.", metavar="N")
-    save_steps: int = _f(25, "Write OUTPUT/checkpoint-<step> every N steps (0: only at the end).", metavar="N")
+    save_steps: float | None = _f(None, "Write OUTPUT/checkpoint-<step> every N steps, or a fraction of "
+                                  "--max-steps when below 1 (0: only at the end; default: 0.1 of the run, every "
+                                  "25 steps for the tiny models).", metavar="N")
     save_total_limit: int = _f(3, "Checkpoints kept (oldest removed first; 0 keeps all).", metavar="N")
     resume_from_checkpoint: str | None = _f(None, "A checkpoint folder, or 'latest' (the newest in OUTPUT): "
                                             "model, optimizer, scheduler, RNG and stream position come back.",
@@ -86,16 +96,23 @@ class SFTConfig:
                         choices=list(REPORT_TO))
     run_name: str | None = _f(None, "Run name for the tracker (default: the output folder's name).", metavar="NAME")
 
+    GROUPS: ClassVar[dict[str, str]] = {
+        "corpus": "data", "model": "model", "max_steps": "optimisation", "eval_steps": "evaluation",
+        "output_dir": "outputs, logging and checkpoints"}
+
     def __post_init__(self) -> None:
         from training.data import CorpusError
 
+        if not self.model:
+            raise CorpusError("no --model given: name a hub model (--model EleutherAI/pythia-410m), a local folder, "
+                              "or --model tiny-pythia to try a small random model on this machine")
+        self.resolve_defaults()
         checks = {"max_length": 16, "max_steps": 1, "per_device_batch_size": 1, "gradient_accumulation_steps": 1,
                   "logging_steps": 1, "shuffle_buffer": 1}
         for name, low in checks.items():
             if getattr(self, name) < low:
                 raise CorpusError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
-        for name in ("eval_steps", "save_steps", "save_total_limit", "eval_samples_per_task", "eval_cells",
-                     "warmup_steps"):
+        for name in ("save_total_limit", "eval_samples_per_task", "eval_cells", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise CorpusError(f"--{name.replace('_', '-')} must be >= 0")
         for item in self.tiny_config:
@@ -103,6 +120,38 @@ class SFTConfig:
                 raise CorpusError(f"--tiny-config takes KEY=VALUE, got {item!r}")
         if self.learning_rate <= 0:
             raise CorpusError("--learning-rate must be > 0")
+
+    @property
+    def tiny(self) -> bool:
+        return self.model in TINY
+
+    def resolve_defaults(self) -> None:
+        """Fill the options left unset with values for this model and run length: the tiny random models
+        learn at 1e-3 with a short warm-up; a pretrained model gets C2S-Scale's 1e-5 (2e-4 for adapters), a
+        3% warm-up, and checkpoints and evaluations every tenth of the run (not every 25 steps of 20,000)."""
+        from training.data import CorpusError
+
+        if self.learning_rate is None:
+            self.learning_rate = 1e-3 if self.tiny else 2e-4 if self.peft != "none" else 1e-5
+        if self.warmup_steps is None:
+            if self.warmup_ratio is None and self.tiny:
+                self.warmup_steps = 5
+            else:
+                ratio = 0.03 if self.warmup_ratio is None else self.warmup_ratio
+                if not 0 <= ratio < 1:
+                    raise CorpusError(f"--warmup-ratio must be in [0, 1), got {ratio}")
+                self.warmup_steps = round(ratio * self.max_steps)
+        for name in ("eval_steps", "save_steps"):
+            v = getattr(self, name)
+            if v is None:
+                v = 25 if self.tiny else 0.1
+            if v < 0:
+                raise CorpusError(f"--{name.replace('_', '-')} must be >= 0")
+            if 0 < v < 1:
+                v = max(1, round(v * self.max_steps))
+            elif v != int(v):
+                raise CorpusError(f"--{name.replace('_', '-')} takes whole steps or a fraction below 1, got {v}")
+            setattr(self, name, int(v))
 
     @property
     def weights(self) -> dict[str, float] | None:

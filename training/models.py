@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from schemas.errors import InputError
+from training.config import TINY as TINY_MODELS  # one list: the config picks its defaults by it
 
 log = logging.getLogger(__name__)
 
-TINY_MODELS = ("tiny-pythia", "tiny-gemma2")
 EOS_TOKEN, PAD_TOKEN, UNK_TOKEN = "<|endoftext|>", "<|padding|>", "<unk>"
 SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN, UNK_TOKEN)  # ids 0, 1, 2 (Pythia also has eos 0, pad 1)
 SENTENCE_PUNCT = ".,;:"  # split off the END of a word only: "RPSA." -> RPSA + "."; AC008.1 stays whole
@@ -453,8 +453,16 @@ def render_card(card: dict | None, files: dict[str, str] | None = None) -> str:
     import yaml
 
     card = dict(card or {})
-    front = {"library_name": "transformers", "tags": ["cell2sentence", "single-cell"],
-             "pipeline_tag": "text-generation"}
+    front: dict = {}
+    base = card.get("base_model")
+    if isinstance(base, str) and _is_hub_id(base):  # the hub links a fine-tune to its base by this key
+        front["base_model"] = base
+        front["base_model_relation"] = "adapter" if card.get("peft", "none") != "none" else "finetune"
+    if card.get("datasets"):
+        front["datasets"] = list(card["datasets"])
+    front.update({"library_name": "transformers", "pipeline_tag": "text-generation",
+                  "tags": ["cell2sentence", "c2s", "single-cell", "biology", "transcriptomics"]
+                  + (["peft", "lora"] if card.get("peft", "none") != "none" else [])})
     title = card.pop("title", "C2S cell-sentence language model")
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {title}", "",
              "A causal language model fine-tuned on cell sentences (gene symbols ordered by descending "
@@ -469,6 +477,11 @@ def render_card(card: dict | None, files: dict[str, str] | None = None) -> str:
         lines += ["## Files", "", *[f"- {k}: `{v}`" + (" (this folder)" if v == "." else "")
                                     for k, v in files.items()], ""]
     return "\n".join(lines)
+
+
+def _is_hub_id(name: str) -> bool:
+    """owner/name that is not a local path (what the hub's base_model field takes)."""
+    return name.count("/") == 1 and not os.path.exists(name) and not name.startswith((".", "/", "~"))
 
 
 def _unwrap(model):
