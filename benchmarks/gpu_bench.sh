@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU figures of issue #4 (BENCHMARKS.md), on the device machine (Python 3.12 with torch, transformers,
-# peft and accelerate; no datasets, no network). Prepare here, then run there:
+# The trainer's GPU figures (BENCHMARKS.md), on a GPU machine that has torch, transformers, peft and
+# accelerate but may lack datasets and network. Prepare on a connected machine, copy over, then run there:
 #   make gpu-wheels && .venv/bin/python benchmarks/train_bench.py --cells 2000 --steps 1   # builds .bench/train_corpus_2000
-#   device run, carry [".whl", ".bench/train_corpus_2000"], command: bash benchmarks/gpu_bench.sh
+#   copy .whl/ and .bench/train_corpus_2000/ with the checkout, then: bash benchmarks/gpu_bench.sh
 # Installs only what is missing from .whl (never torch), then measures a Pythia-410M-shaped model in bf16.
 set -euo pipefail
 cd "$(dirname "$0")/.."
