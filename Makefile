@@ -33,15 +33,15 @@ train: setup  ## a short SFT run of the tiny model on demo/corpus (after `make d
 	$(BIN)/c2s train --model tiny-pythia --corpus demo/corpus --output-dir demo/sft
 
 test: setup  ## lint, then run the test suite
-	$(BIN)/ruff check etl training schemas tests benchmarks jobs
+	$(BIN)/ruff check etl training schemas c2s tests benchmarks jobs
 	$(BIN)/python -m pytest -q tests
 
 test-quick: setup  ## lint, then the suite without the slow end-to-end tests (spark-submit, CLI on S3, ...)
-	$(BIN)/ruff check etl training schemas tests benchmarks jobs
+	$(BIN)/ruff check etl training schemas c2s tests benchmarks jobs
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: setup  ## ruff
-	$(BIN)/ruff check etl training schemas tests benchmarks jobs
+	$(BIN)/ruff check etl training schemas c2s tests benchmarks jobs
 
 bench: setup  ## the benchmarks (see BENCHMARKS.md)
 	$(BIN)/python benchmarks/etl_bench.py --cells 20000

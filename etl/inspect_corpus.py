@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("corpus", metavar="DIR_OR_VERSION", help="a corpus directory (its latest version) or "
                    "DIR/versions/<id>; local path or s3://bucket/prefix")
     p.add_argument("--examples", type=int, default=2, metavar="N", help="samples shown per task (default 2)")
-    p.add_argument("--out", metavar="DIR", help="write report.json and the PNG plots here (default: "
-                   "inspect-<version> in the current folder)")
+    p.add_argument("--output-dir", "--out", dest="out", metavar="DIR", help="write report.json and the PNG "
+                   "plots here (default: inspect-<version> in the current folder)")
     p.add_argument("--no-plots", action="store_true", help="text only")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
     args = p.parse_args(argv)

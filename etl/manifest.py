@@ -18,7 +18,7 @@ from etl.rowhash import ROW_HASH_VERSION
 
 # Bump when the samples stage's output may change for the same inputs and options (templates, builders,
 # splits, the sample hash): a samples run key with another version never counts as current.
-SAMPLES_FORMAT_VERSION = 2
+SAMPLES_FORMAT_VERSION = 3
 
 
 def formats() -> dict[str, object]:

@@ -76,7 +76,7 @@ def _copy_corpus(train_corpus: str, tmp_path: Path) -> Path:
 
 def test_inspect_counts_examples_plots_and_leakage(train_corpus, tmp_path, capsys):
     out = tmp_path / "report"
-    assert main(["inspect", train_corpus, "--out", str(out)]) == 0
+    assert main(["inspect", train_corpus, "--output-dir", str(out)]) == 0
     text = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     df = pd.read_parquet(Path(train_corpus) / "samples", columns=["task", "split", "label"])
@@ -200,3 +200,14 @@ def test_push_refuses_bad_inputs_in_one_line(tmp_path, capsys):
     (tmp_path / "stuff").mkdir()
     assert main(["push-to-hub", str(tmp_path / "stuff"), "me/x", "--local-dir", str(tmp_path / "h")]) == 2
     assert "neither a corpus" in capsys.readouterr().err
+
+
+def test_build_list_tasks_describes_and_renders_every_task(capsys):
+    from schemas.tasks import TASKS
+
+    assert main(["build", "--list-tasks"]) == 0
+    out = capsys.readouterr().out
+    for name, spec in TASKS.items():
+        block = out.split(f"\n{name}  [", 1)[1].split("\n\n", 1)[0]
+        assert spec.description in block and "e.g. " in block and "|||" in block, name
+        assert "{" not in block and "||  " not in block.replace("|||  ", ""), name

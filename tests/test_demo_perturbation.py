@@ -163,7 +163,7 @@ def test_demo_build_makes_perturbation_samples(census, tmp_path):
         assert label[ctrl] == "control" and label[perturbed] != "control"
         assert r["dataset_id"] == "demo_perturbation"
         genes = label[perturbed].split("+")
-        assert "+".join(sorted(genes)) in r["prompt"]  # the perturbation named, genes in sorted order
+        assert " and ".join(sorted(genes)) in r["prompt"]  # the perturbation named, genes in sorted order
         response = set(r["completion"].strip().rstrip(".").split())
         shown += [g in response for g in genes]
     assert np.mean(shown) > 0.8  # the activated genes appear in the perturbed cells' sentences

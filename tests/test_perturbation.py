@@ -33,7 +33,7 @@ MAX_TOKENS = 160
 
 
 def _write(path: Path, seed: int = 0, *, zero_rows: tuple[int, ...] = (), obs_drop: str | None = None,
-           control: str = "control") -> tuple[str, dict]:
+           control: str = "control", kinds: tuple[str, str] | None = None) -> tuple[str, dict]:
     """Controls + singles + combinations over two cell types; each cell expresses 20-35 genes with distinct
     counts 1..k (no ties), so its ranking is unambiguous. Returns the path and the truth per cell id."""
     import anndata as ad
@@ -51,6 +51,8 @@ def _write(path: Path, seed: int = 0, *, zero_rows: tuple[int, ...] = (), obs_dr
     symbols = [f"gene{j:02d}" for j in range(N_GENES)]
     ids = [f"cell{i:03d}" for i in range(n)]
     obs = pd.DataFrame({"perturbation": pd.Categorical(labels), "cell_type": pd.Categorical(cell_types)}, index=ids)
+    if kinds:  # a perturbation_type column: kinds[0] for single perturbations, kinds[1] for combinations
+        obs["perturbation_type"] = pd.Categorical([kinds["+" in x] for x in labels])
     if obs_drop:
         obs = obs.drop(columns=[obs_drop])
     var = pd.DataFrame({"feature_name": symbols}, index=[f"ENSG{j:011d}" for j in range(N_GENES)])
@@ -60,7 +62,8 @@ def _write(path: Path, seed: int = 0, *, zero_rows: tuple[int, ...] = (), obs_dr
         nz = np.flatnonzero(x[i])
         ranked = nz[np.argsort(-x[i, nz])]
         truth[ids[i]] = {"label": labels[i], "cell_type": cell_types[i],
-                         "genes": [symbols[j].upper() for j in ranked]}
+                         "genes": [symbols[j].upper() for j in ranked],
+                         "kind": kinds["+" in labels[i]] if kinds else None}
     return str(path), truth
 
 
@@ -88,6 +91,11 @@ def _canon(label: str) -> str:
     return "+".join(sorted(label.split("+")))
 
 
+def _words(label: str) -> str:
+    """A perturbation as prompts name it: its genes sorted, 'KLF1' or 'KLF1 and MAP2K6'."""
+    return " and ".join(sorted(label.split("+")))
+
+
 def test_sentences_pairs_and_budget_match_numpy_truth(built):
     _, truth, rows, results, _ = built
     assert rows
@@ -101,13 +109,25 @@ def test_sentences_pairs_and_budget_match_numpy_truth(built):
         assert 8 <= n < max(len(ctrl["genes"]), len(pert["genes"]))  # the budget cut both sentences
         assert r["completion"] == " " + " ".join(pert["genes"][:n]) + "."
         assert ": " + " ".join(ctrl["genes"][:n]) + "." in r["prompt"]
-        assert _canon(pert["label"]) in r["prompt"] and "Homo sapiens" in r["prompt"]
+        assert _words(pert["label"]) in r["prompt"] and "Homo sapiens" in r["prompt"]
         assert ctrl["label"] == "control" and ctrl["cell_type"] == pert["cell_type"]
         assert pert["cell_type"] in r["prompt"]
         assert r["est_tokens"] <= MAX_TOKENS
         assert r["prompt"] == r["prompt"].rstrip(" ") and r["completion"].startswith(" ")
         assert r["task"] == pt.TASK and r["dataset_id"] == "norman_demo" and r["organism"] == "homo_sapiens"
     assert len({r["template"] for r in rows}) >= 5
+
+
+def test_perturbation_type_column_names_the_kind_in_prompts(tmp_path):
+    """A file's perturbation_type column is read when present: every prompt names the kind with the genes."""
+    path, truth = _write(tmp_path / "typed.h5ad", kinds=("CRISPRi", "crispr_activation"))
+    rows, _, _ = _run([path], tmp_path / "out")
+    assert rows
+    phrase = {"CRISPRi": "CRISPRi knockdown of", "crispr_activation": "CRISPRa activation of"}
+    for r in rows:
+        pert = truth[r["cell_ids"][1]]
+        assert f"{phrase[pert['kind']]} {_words(pert['label'])}" in r["prompt"], r["prompt"]
+    assert {truth[r["cell_ids"][1]]["kind"] for r in rows} == set(phrase)
 
 
 def test_held_out_perturbations_and_combinations_only_in_test_and_no_leak(built):

@@ -59,7 +59,7 @@ def test_help_teaches(capsys):
 
 def test_no_source_is_an_error_that_says_what_to_give():
     """Forgetting --h5ad must not build the demo into the user's output."""
-    with pytest.raises(InputError, match="no cells to read: give --h5ad.*--demo"):
+    with pytest.raises(InputError, match=r"no cells to read: give --h5ad.*--demo"):
         parse(BuildConfig, ["--output-dir", "mine"], "d")
     # a samples-only rebuild reads the cells of the corpus it extends: no source needed
     assert parse(BuildConfig, ["--stages", "samples", "--output-dir", "mine"], "d").source_kind == "none"

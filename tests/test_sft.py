@@ -329,7 +329,7 @@ def test_yaml_values_are_converted_and_hub_models_get_hub_defaults(tmp_path):
     tiny = parse(SFTConfig, ["--model", "tiny-pythia"], "")
     assert (tiny.learning_rate, tiny.warmup_steps, tiny.save_steps, tiny.eval_steps) == (1e-3, 5, 25, 25)
     assert parse(SFTConfig, ["--model", "tiny-pythia", "--no-packing"], "").packing is False
-    with pytest.raises(InputError, match="no --model given.*tiny-pythia"):
+    with pytest.raises(InputError, match=r"no --model given.*tiny-pythia"):
         parse(SFTConfig, [], "")
     with pytest.raises(InputError, match="save-steps"):
         parse(SFTConfig, ["--model", "tiny-pythia", "--save-steps", "2.5"], "")

@@ -1,7 +1,8 @@
 """Perturbation AnnData files (Perturb-seq style) as read for perturbation_prediction.
 
 One obs column names each cell's perturbation; control cells carry a control label; combinations join genes
-with a separator ("KLF1+MAP2K6"). Pass 1 reads obs only (`read_obs`); the later passes encode only the rows
+with a separator ("KLF1+MAP2K6"). An obs column `perturbation_type` (CRISPRi, CRISPRa, knockout, drug...),
+when a file has one, is read as it is, per cell, for the prompts to name the kind of perturbation. Pass 1 reads obs only (`read_obs`); the later passes encode only the rows
 asked for, block by block (`encode_rows`), with the sentences stage's Encoder. The task's pure logic is in
 etl/tasks/perturbation.py, the passes and writes in etl/stages/perturbation.py.
 """
@@ -75,6 +76,10 @@ class FileObs:
     contexts: list[tuple[str, ...]]  # context values per cell
     cell_types: list[str] | None  # the cell_type column, when the file has one
     context_columns: tuple[str, ...]
+    kinds: list[str] | None = None  # the perturbation_type column, when the file has one
+
+
+TYPE_COLUMN = "perturbation_type"  # read when present: the kind of each cell's perturbation
 
 
 def check_files(paths: Sequence[str]) -> list[str]:
@@ -129,8 +134,9 @@ def read_obs(path: str, opts: PerturbationOptions) -> FileObs:
         ctx_cols = [label_text(read_column(obs, c, 0, n, path)) for c in context]
         contexts = list(zip(*ctx_cols, strict=True)) if ctx_cols else [()] * n
         cell_types = label_text(read_column(obs, "cell_type", 0, n, path)) if "cell_type" in cols else None
+        kinds = label_text(read_column(obs, TYPE_COLUMN, 0, n, path)) if TYPE_COLUMN in cols else None
     return FileObs(path, safe_name(Path(path).stem), [str(x) for x in ids], genes, contexts, cell_types,
-                   tuple(context))
+                   tuple(context), kinds)
 
 
 def _encoder(f, vpath: str, opts: PerturbationOptions, seed: int, max_genes: int):

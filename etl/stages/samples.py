@@ -90,7 +90,9 @@ def annotate(batch: pa.RecordBatch, ctx: SampleContext) -> pa.RecordBatch:
     t = t.set_column(t.schema.get_field_index("genes"), "genes",
                      pc.list_slice(t["genes"], 0, ctx.max_genes))
     ds, donors, cells = (t[c].to_pylist() for c in ("dataset_id", "donor_id", "cell_id"))
-    splits = [ctx.splits.split(d, o, c) for d, o, c in zip(ds, donors, cells, strict=True)]
+    # cells of a spatial section stay in one split (their donor's) even when the split is drawn by cell
+    placed = t["spatial_x"].is_valid().to_pylist() if ctx.spatial else [False] * t.num_rows
+    splits = [ctx.splits.split(d, o, c, whole) for d, o, c, whole in zip(ds, donors, cells, placed, strict=True)]
     t = t.append_column("split", pa.array(splits, pa.string()))
     rows = t.select(["organism", "dataset_id", "donor_id", "tissue", "split", "cell_id",
                      *SPATIAL_COLUMNS]).to_pylist()

@@ -17,6 +17,7 @@ from etl.tasks.common import (
     GROUP_UNIT,
     Counts,
     SampleContext,
+    cell_type_list,
     draws,
     finish,
     group_key,
@@ -25,6 +26,7 @@ from etl.tasks.common import (
     render,
     row,
 )
+from etl.tasks.phrases import format_lr, format_pairs
 
 
 def single_cell_samples(cell: dict, ctx: SampleContext, counts: Counts) -> Iterator[dict]:
@@ -50,7 +52,7 @@ def single_cell_samples(cell: dict, ctx: SampleContext, counts: Counts) -> Itera
                 if not pairs:
                     counts.skip(task, "no_biogrid_pair_within_budget")
                     continue
-                values["pairs"] = "; ".join(f"{a}-{b}" for a, b in pairs)
+                values["pairs"] = format_pairs(pairs)
                 prompt, response, est = finish(task, t, values, [genes[:n]], ctx)
                 if est > ctx.budget.max_tokens:
                     counts.skip(task, "over_token_budget")
@@ -104,12 +106,11 @@ def multi_cell_samples(group: list[dict], ctx: SampleContext, counts: Counts) ->
         # sets them: --max-tokens, --multi-cell-genes)
         for d in range(draws(rate * len(group) / GROUP_UNIT, ctx.seed, task, key)):
             sid = xxhash.xxh3_128_hexdigest(f"{task}|{first['dataset_id']}|{key}|{d}|{ctx.seed}".encode())
-            values = {**labels(first), "num_cells": len(group),
-                      "cell_types": ", ".join(c["cell_type"] for c in group)}
+            values = {**labels(first), "num_cells": len(group), "cell_types": cell_type_list(group)}
             cells = group
             if task == "ligand_receptor_prediction":  # 2-4 cells: enough genes per cell to show signalling
                 cells = group[: 2 + h64("lr", ctx.seed, key) % 3]
-                values = {**values, "num_cells": len(cells), "cell_types": ", ".join(c["cell_type"] for c in cells)}
+                values = {**values, "num_cells": len(cells), "cell_types": cell_type_list(cells)}
             sentences = [c["genes"] for c in cells]
             if task in ("abstract_conditional_generation", "dataset_interpretation"):
                 abstract = ctx.abstracts.get(first["dataset_id"])
@@ -129,7 +130,7 @@ def multi_cell_samples(group: list[dict], ctx: SampleContext, counts: Counts) ->
                 if not pairs:
                     counts.skip(task, "no_expressed_ligand_receptor_pair")
                     continue
-                values["pairs"] = "; ".join(f"{a} (cell {i}) -> {b} (cell {j})" for a, i, b, j in pairs)
+                values["pairs"] = format_lr(pairs)
                 prompt, response, est = finish(task, t, values, shown, ctx)
                 if est > ctx.budget.max_tokens:
                     counts.skip(task, "over_token_budget")

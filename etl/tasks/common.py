@@ -15,6 +15,8 @@ import xxhash
 from etl.sources.base import ORGANISMS
 from etl.tasks import templates as tpl
 from etl.tasks.budget import TokenBudget
+from etl.tasks.phrases import cell_kind, in_words
+from schemas import UNKNOWN
 
 SPLITS = ("train", "val", "test", "test_ood")
 GROUP_UNIT = 8  # multi-cell mixture rates are samples per this many grouped cells
@@ -44,10 +46,13 @@ class SplitConfig:
     def key_of(self, dataset_id: str, donor_id: str, cell_id: str = "") -> str:
         return {"donor": f"{dataset_id}/{donor_id}", "dataset": dataset_id, "cell": f"{dataset_id}/{cell_id}"}[self.key]
 
-    def split(self, dataset_id: str, donor_id: str, cell_id: str) -> str:
+    def split(self, dataset_id: str, donor_id: str, cell_id: str, whole_donor: bool = False) -> str:
+        """The cell's split. `whole_donor`: keep the donor's cells together even when splitting by cell (a
+        spatial section: neighbours are searched within one split, so a section must not be cut)."""
         if dataset_id in self.ood_datasets:
             return "test_ood"
-        k = self.key_of(dataset_id, donor_id, cell_id)
+        k = self.key_of(dataset_id, donor_id, cell_id) if not (whole_donor and self.key == "cell") else \
+            f"{dataset_id}/{donor_id}"
         if k in self.assigned:
             return self.assigned[k]
         return self.by_fraction("split", self.seed, k)
@@ -208,7 +213,7 @@ def render(task: str, sample_id: str, values: dict, sentences: list[list[str]] |
     if sentences is not None:
         # fixed part: the template with empty sentences and a placeholder count
         probe = {**values, "num_genes": 100, "cell_sentence": "", "cells": _cells_block([[] for _ in sentences])}
-        fixed = ctx.budget.text(prompt_t.format(**probe)) + ctx.budget.text(response_t.format(**probe))
+        fixed = ctx.budget.text(tpl.fill(prompt_t, probe)) + ctx.budget.text(tpl.fill(response_t, probe))
         n = ctx.budget.fit(sentences, fixed, ctx.max_genes)
         if n < min(ctx.min_genes, min(len(s) for s in sentences)):
             counts.skip(task, "over_token_budget")
@@ -225,7 +230,7 @@ def finish(task: str, t: int, values: dict, sentences: list[list[str]], ctx: Sam
     n = max((len(x) for x in sentences), default=0)
     values = {**values, "num_genes": n, "cell_sentence": _sentence(sentences[0]) if sentences else "",
               "cells": _cells_block(sentences)}
-    prompt, response = spec["prompts"][t].format(**values), spec["response"].format(**values).rstrip("\n")
+    prompt, response = tpl.fill(spec["prompts"][t], values), tpl.fill(spec["response"], values).rstrip("\n")
     genes = [g for s in sentences for g in s]
     est = ctx.budget.text(prompt) + ctx.budget.text(response)
     if genes and not ctx.budget.exact:
@@ -233,10 +238,21 @@ def finish(task: str, t: int, values: dict, sentences: list[list[str]], ctx: Sam
     return prompt, response, max(est, 1)
 
 
+LABEL_FIELDS = ("cell_type", "tissue", "disease", "sex", "development_stage", "assay")
+LIST_SEPARATOR = "; "  # between the labels of several cells: Census labels hold commas, never semicolons
+
+
 def labels(c: dict) -> dict:
-    return {"organism_name": ORGANISMS.get(c["organism"], c["organism"]), "cell_type": c["cell_type"],
-            "tissue": c["tissue"], "disease": c["disease"], "sex": c["sex"],
-            "development_stage": c["development_stage"], "assay": c["assay"]}
+    """A cell's template values: its labels in words (several Census values joined "a and b", never " || ";
+    a blank one "unknown", as sources write a missing label), and `cell_kind`, its cell type as a noun phrase
+    ("T cell"; "cell of unknown type")."""
+    return {"organism_name": ORGANISMS.get(c["organism"], c["organism"]),
+            **{f: in_words(c[f]) or UNKNOWN for f in LABEL_FIELDS}, "cell_kind": cell_kind(c["cell_type"])}
+
+
+def cell_type_list(cells: list[dict]) -> str:
+    """The cell types of several cells, in order, as one answer or condition."""
+    return LIST_SEPARATOR.join(in_words(c["cell_type"]) or UNKNOWN for c in cells)
 
 
 def group_key(c: dict) -> str:

@@ -11,6 +11,10 @@ cell_type), chosen by hash. Splits hold perturbations out so a model is tested o
 - every other perturbed cell goes to train or val by a hash of the cell;
 - controls are ranked by hash within each context and shared out over the splits in proportion to the
   perturbed cells there; a sample takes its control from its own split's pool, so no cell is in two splits.
+
+Prompts name the perturbation in words ("KLF1 and MAP2K6"), with its kind when the file's
+`perturbation_type` column gives a known one ("CRISPRi knockdown of KLF1", "treatment with dexamethasone";
+`KIND_PHRASES`); otherwise neutrally ("the perturbation KLF1").
 """
 
 from __future__ import annotations
@@ -26,9 +30,24 @@ from etl.sources.base import ORGANISMS
 from etl.sources.perturbation import FileObs, PerturbationOptions, parse_label  # noqa: F401 (re-exported)
 from etl.tasks import templates as tpl
 from etl.tasks.common import SPLITS, Counts, SampleContext, draws, h64, row, unit
+from etl.tasks.phrases import cell_kind, join_words
 
 TASK = "perturbation_prediction"
-NO_CELL_TYPE = "cell"  # {cell_type} when the file has no cell_type column: "a Homo sapiens cell"
+
+# perturbation_type values (lower case, runs of space, _ and - as one space) -> how prompts name the kind
+_KNOCKDOWN_I, _ACTIVATION, _KNOCKOUT = "CRISPRi knockdown of {}", "CRISPRa activation of {}", "CRISPR knockout of {}"
+_TREATMENT = "treatment with {}"
+KIND_PHRASES: dict[str, str] = {
+    **dict.fromkeys(("crispri", "crispr i", "crispr interference", "crispri knockdown", "dcas9 krab"), _KNOCKDOWN_I),
+    **dict.fromkeys(("crispra", "crispr a", "crispr activation", "crispra activation", "dcas9 vp64"), _ACTIVATION),
+    **dict.fromkeys(("crispr", "crispr cas9", "cas9", "crispr ko", "crispr knockout"), _KNOCKOUT),
+    **dict.fromkeys(("knockout", "ko", "gene knockout"), "knockout of {}"),
+    **dict.fromkeys(("knockdown", "rnai"), "knockdown of {}"),
+    "shrna": "shRNA knockdown of {}", "sirna": "siRNA knockdown of {}",
+    **dict.fromkeys(("overexpression", "orf", "orf overexpression"), "overexpression of {}"),
+    **dict.fromkeys(("drug", "compound", "chemical", "small molecule", "drug treatment", "treatment", "cytokine"),
+                    _TREATMENT),
+}
 _SPLIT_CODE = {s: i for i, s in enumerate(SPLITS)}
 
 
@@ -146,8 +165,10 @@ class PairPlan:
     draw: np.ndarray  # int32 draw index (mixture rate > 1 gives several samples per perturbed cell)
     split: np.ndarray  # int8 index into SPLITS
     name: np.ndarray  # int32 index into names
-    names: list[str]  # perturbation names as shown in prompts (genes joined by the separator)
+    names: list[str]  # perturbation labels (genes joined by the separator)
     skipped: dict[str, int] = field(default_factory=dict)
+    targets: list[tuple[str, ...]] = field(default_factory=list)  # per name: its genes (or compounds)
+    kinds: list[str | None] = field(default_factory=list)  # per name: the file's perturbation_type, if any
 
     def control_rows(self) -> np.ndarray:
         return np.unique(self.ctrl)
@@ -158,7 +179,8 @@ def plan_pairs(f: FileObs, splits: list[str | None], pools: dict, rate: float, s
     """Pair each perturbed cell (rate samples on average) with a control from its own split's pool of its
     context, chosen by hash; cells whose pool is empty are counted, not paired."""
     cols: tuple[list, ...] = ([], [], [], [], [])
-    names: dict[str, int] = {}
+    names: dict[tuple[str, str | None], int] = {}
+    targets: list[tuple[str, ...]] = []
     skipped: Counter = Counter()
     for i, g in enumerate(f.genes):
         if g is None:
@@ -171,13 +193,18 @@ def plan_pairs(f: FileObs, splits: list[str | None], pools: dict, rate: float, s
         if not pool:
             skipped["no_control_in_split_and_context"] += n
             continue
-        name = names.setdefault(separator.join(g), len(names))
+        key = (separator.join(g), f.kinds[i] if f.kinds is not None else None)
+        if key not in names:
+            names[key] = len(names)
+            targets.append(g)
+        name = names[key]
         for d in range(n):
             j = pool[h64("pert_pair", seed, f.dataset_id, f.cell_ids[i], d) % len(pool)]
             for col, v in zip(cols, (i, j, d, _SPLIT_CODE[splits[i]], name), strict=True):
                 col.append(v)
     return PairPlan(np.asarray(cols[0], np.int64), np.asarray(cols[1], np.int64), np.asarray(cols[2], np.int32),
-                    np.asarray(cols[3], np.int8), np.asarray(cols[4], np.int32), list(names), dict(skipped))
+                    np.asarray(cols[3], np.int8), np.asarray(cols[4], np.int32), [n for n, _ in names],
+                    dict(skipped), targets, [k for _, k in names])
 
 
 # ---------------------------------------------------------------------------------------------- samples
@@ -189,12 +216,24 @@ def gene_cap(ctx: SampleContext) -> int:
     return max(1, min(ctx.max_genes, int(ctx.budget.max_tokens / per_gene)))
 
 
+def perturbation_words(targets: Sequence[str], kind: str | None = None) -> dict[str, str]:
+    """How prompts name a perturbation: {perturbation} as a label ("CRISPRi knockdown of KLF1"; "KLF1 and
+    MAP2K6" without a known kind) and {the_perturbation} in running text ("the perturbation KLF1")."""
+    names = join_words(targets)
+    phrase = KIND_PHRASES.get(" ".join(str(kind or "").lower().replace("_", " ").replace("-", " ").split()))
+    if phrase:
+        text = phrase.format(names)
+        return {"perturbation": text, "the_perturbation": text}
+    lead = "the perturbation" if len(targets) == 1 else "the combined perturbation"
+    return {"perturbation": names, "the_perturbation": f"{lead} {names}"}
+
+
 def _format(t: int, values: dict, control: list[str], perturbed: list[str], ctx: SampleContext,
             ) -> tuple[str, str, int]:
     spec = tpl.load(TASK)
     values = {**values, "num_genes": len(perturbed), "cell_sentence": " ".join(control),
               "perturbed_sentence": " ".join(perturbed)}
-    prompt, response = spec["prompts"][t].format(**values), spec["response"].format(**values)
+    prompt, response = tpl.fill(spec["prompts"][t], values), tpl.fill(spec["response"], values)
     est = ctx.budget.text(prompt) + ctx.budget.text(response)
     if not ctx.budget.exact:  # gene symbols at tokens-per-gene instead of characters
         genes = control + perturbed
@@ -202,17 +241,19 @@ def _format(t: int, values: dict, control: list[str], perturbed: list[str], ctx:
     return prompt, response, max(est, 1)
 
 
-def perturbation_sample(control: dict, perturbed: dict, perturbation: str, split: str, draw: int,
-                        ctx: SampleContext, counts: Counts) -> dict | None:
-    """One sample: both sentences cut to the same n genes so prompt + response fit ctx.budget."""
+def perturbation_sample(control: dict, perturbed: dict, perturbation: str | Sequence[str], split: str, draw: int,
+                        ctx: SampleContext, counts: Counts, kind: str | None = None) -> dict | None:
+    """One sample: both sentences cut to the same n genes so prompt + response fit ctx.budget. `perturbation`:
+    its genes (a label is one name); `kind`: the file's perturbation_type of the cell, if any."""
     sid = xxhash.xxh3_128_hexdigest(
         f"{TASK}|{perturbed['dataset_id']}|{perturbed['cell_id']}|{draw}|{ctx.seed}".encode())
     spec = tpl.load(TASK)
     t = h64("template", sid) % len(spec["prompts"])
+    targets = (perturbation,) if isinstance(perturbation, str) else tuple(perturbation)
     values = {"organism_name": ORGANISMS.get(perturbed["organism"], perturbed["organism"]),
-              "perturbation": perturbation, "cell_type": perturbed.get("cell_type") or NO_CELL_TYPE}
+              "cell_kind": cell_kind(perturbed.get("cell_type")), **perturbation_words(targets, kind)}
     probe = {**values, "num_genes": 100, "cell_sentence": "", "perturbed_sentence": ""}
-    fixed = ctx.budget.text(spec["prompts"][t].format(**probe)) + ctx.budget.text(spec["response"].format(**probe))
+    fixed = ctx.budget.text(tpl.fill(spec["prompts"][t], probe)) + ctx.budget.text(tpl.fill(spec["response"], probe))
     sentences = [control["genes"], perturbed["genes"]]
     n = ctx.budget.fit(sentences, fixed, ctx.max_genes)
     floor = min(ctx.min_genes, *(len(s) for s in sentences))
@@ -237,8 +278,10 @@ def build_pair_samples(plan: PairPlan, lo: int, hi: int, perturbed: dict[int, di
         if c not in controls:
             counts.skip(TASK, "control_cell_without_expressed_genes")
             continue
-        row = perturbation_sample(controls[c], perturbed[p], plan.names[plan.name[k]], SPLITS[plan.split[k]],
-                                  int(plan.draw[k]), ctx, counts)
+        name = int(plan.name[k])
+        targets = plan.targets[name] if plan.targets else plan.names[name]
+        row = perturbation_sample(controls[c], perturbed[p], targets, SPLITS[plan.split[k]], int(plan.draw[k]), ctx,
+                                  counts, plan.kinds[name] if plan.kinds else None)
         if row is not None:
             yield row
 

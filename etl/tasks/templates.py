@@ -1,4 +1,8 @@
-"""Task templates as data (templates/<task>.json): at least 8 prompts per task and one response format."""
+"""Task templates as data (templates/<task>.json): at least 8 prompts per task and one response format.
+
+A field may carry a phrase spec (etl/tasks/phrases.py): `{cell_kind:a}` "a T cell" / "an NK cell",
+`{tissue:+tissue}` "lung tissue" / "adipose tissue"; `fill` applies them. Templates are parsed once.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,12 @@ from functools import cache
 from pathlib import Path
 
 from etl.sources.base import InputError
+from etl.tasks.phrases import apply_spec, check_spec
 
 DIR = Path(__file__).parent / "templates"
 MIN_TEMPLATES = 8
+
+Parsed = tuple[tuple[str, str | None, str], ...]  # (literal text, field or None, phrase spec)
 
 
 def fields(text: str) -> set[str]:
@@ -18,8 +25,26 @@ def fields(text: str) -> set[str]:
 
 
 @cache
+def parse(text: str) -> Parsed:
+    """A template as (literal, field, spec) parts; ValueError on conversions, nested or unknown specs."""
+    out = []
+    for literal, name, spec, conversion in string.Formatter().parse(text):
+        if name is not None and (conversion or "{" in (spec or "") or not name.isidentifier()
+                                 or not check_spec(spec or "")):
+            raise ValueError(f"template field {{{name}{'!' + conversion if conversion else ''}:{spec}}}: only "
+                             "plain names with the phrase specs a, +noun or a+noun")
+        out.append((literal, name, spec or ""))
+    return tuple(out)
+
+
+def fill(text: str, values: dict) -> str:
+    """A template with its fields filled (KeyError naming a missing field), phrase specs applied."""
+    return "".join(lit + ("" if name is None else apply_spec(values[name], spec)) for lit, name, spec in parse(text))
+
+
+@cache
 def load(task: str) -> dict:
-    """{"prompts": [...], "response": "..."} of a task, checked: ≥8 prompts, no trailing space, known fields."""
+    """{"prompts": [...], "response": "..."} of a task, checked: ≥8 prompts, no trailing space, fields parse."""
     path = DIR / f"{task}.json"
     if not path.exists():
         raise InputError(f"no templates for task {task!r} ({path})")
@@ -29,7 +54,11 @@ def load(task: str) -> dict:
         raise InputError(f"{path}: {len(prompts)} prompt templates, at least {MIN_TEMPLATES} needed")
     if not response.startswith(" "):
         raise InputError(f"{path}: the response must start with a space (completion style)")
-    for i, p in enumerate(prompts):
-        if p != p.rstrip(" "):
+    for i, p in enumerate([*prompts, response]):
+        if i < len(prompts) and p != p.rstrip(" "):
             raise InputError(f"{path}: prompt {i} ends with a space (prompts end without one)")
+        try:
+            parse(p)
+        except ValueError as e:
+            raise InputError(f"{path}: {'prompt ' + str(i) if i < len(prompts) else 'response'}: {e}") from e
     return {"prompts": tuple(prompts), "response": response}
