@@ -531,6 +531,25 @@ def save_final(model, tokenizer, out_dir: str, *, merge_lora: bool = True, card:
     return saved
 
 
+PROVENANCE = "c2s.json"  # next to config.json in a saved model: see training.trainer.training_provenance
+
+
+def write_provenance(out_dir: str, info: dict) -> str:
+    import json
+
+    path = Path(out_dir) / PROVENANCE
+    path.write_text(json.dumps(info, indent=1, sort_keys=True, default=str), encoding="utf-8")
+    return str(path)
+
+
+def read_provenance(model_dir: str) -> dict | None:
+    """final/c2s.json of a model this project trained (None for another model)."""
+    import json
+
+    path = Path(model_dir) / PROVENANCE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def prompt_batch(tokenizer, prompts: list[str], device=None) -> dict[str, torch.Tensor]:
     """input_ids and attention_mask of prompts encoded as in training (training.data.encode_prompts),
     left-padded with the tokenizer's pad token (generation continues at the right edge)."""

@@ -320,10 +320,26 @@ def train(cfg: SFTConfig) -> TrainResult:
                 "final_metrics": _last_metrics(metrics.records)}
         saved = tm.save_final(acc.unwrap_model(model), tok, str(out / "final"),
                               merge_lora=cfg.merge_lora, card=card, state_dict=gathered)
+        tm.write_provenance(str(out / "final"), training_provenance(cfg, manifest, mixture, step))
         final = str(out / "final")
         log.info("saved %s", ", ".join(f"{k}: {v}" for k, v in saved.items()))
     acc.end_training()
     return TrainResult(str(out), step, final, metrics.records)
+
+
+def training_provenance(cfg: SFTConfig, manifest: dict, mixture: dict, steps: int) -> dict:
+    """What generation, evaluation and annotation need to speak to the model in its own words: the corpus
+    version it was trained on, how cells were encoded (symbols, gene cap, seed) and how prompts were cut
+    (token budget), the tasks and the base model. Written as final/c2s.json."""
+    samples = manifest.get("samples", {})
+    return {"format": 1, "base_model": cfg.model, "peft": cfg.peft, "steps": steps, "tasks": mixture,
+            "corpus": str(Path(cfg.corpus).resolve()) if "://" not in cfg.corpus else cfg.corpus,
+            "corpus_version": manifest.get("version"), "content_hash": manifest.get("content_hash"),
+            "samples_hash": samples.get("samples_hash"), "schema_version": manifest.get("schema_version"),
+            "encoding": manifest.get("options", {}),
+            "samples": {k: samples.get("options", {}).get(k) for k in ("max_tokens", "tokens_per_gene")}
+            | {"tokenizer": samples.get("tokenizer")},
+            "max_length": cfg.max_length}
 
 
 def _reduce_sum(acc, value: int) -> int:
