@@ -18,7 +18,7 @@ $(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch pinned: 2.13.0 takes the CPU build here and the normal CUDA build on a GPU machine.
-	$(BIN)/python -m pip install -q "torch==2.13.0" -e ".[etl,train,knowledge,dev]"
+	$(BIN)/python -m pip install -q "torch==2.13.0" -e ".[etl,train,knowledge,eval,dev]"
 	# The official cell2sentence package, used only as the reference in tests and benchmarks.
 	# --no-deps: its declared deps (jupyterlab, sphinx, ...) are not needed for its conversion code.
 	$(BIN)/python -m pip install -q --no-deps "cell2sentence==1.2.0" && $(BIN)/python -m pip install -q "plotnine>=0.13" "scikit-learn>=1.3"

@@ -44,7 +44,8 @@ def ours(corpus: str, a, out: str) -> dict:
     from training.config import SFTConfig
     from training.trainer import train
 
-    cfg = SFTConfig(model="tiny-pythia", corpus=corpus, output_dir=out, max_steps=a.steps, per_device_batch_size=a.batch,
+    cfg = SFTConfig(model="tiny-pythia", loss_normalization="token",  # TRL's normalisation: like for like
+                    corpus=corpus, output_dir=out, max_steps=a.steps, per_device_batch_size=a.batch,
                     max_length=a.max_length, logging_steps=1, eval_steps=0, save_steps=0, eval_cells=0,
                     eval_samples_per_task=1, report_to="none", attention=a.attention, seed=a.seed,
                     shuffle_buffer=1000)

@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                  "etl.versions:main"),
     "train": ("fine-tune a language model on a corpus (full, LoRA or QLoRA; packing; exact resume)",
               "training.sft:main"),
+    "annotate": ("label your own cells (.h5ad) with a trained model: cell type, score, embedding",
+                 "training.annotate:main"),
     "push-to-hub": ("upload a corpus version or a trained model to the Hugging Face hub, with its card",
                     "c2s.hub:main"),
 }
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _load(COMMANDS[name][1])(rest, prog=f"c2s {name}")
     except ModuleNotFoundError as e:  # an install without the extra this command needs
-        extra = "etl" if COMMANDS[name][1].startswith("etl.") else "train"
+        extra = "etl" if COMMANDS[name][1].startswith("etl.") else "train,etl,eval"
         print(f"c2s {name}: needs the {e.name!r} package: pip install 'c2s-corpus[{extra}]'", file=sys.stderr)
         return 2
     except SystemExit as e:  # argparse's --help and usage errors

@@ -134,6 +134,42 @@ def test_loss_is_response_only_and_packed_samples_stay_apart(train_corpus):
     assert n == n_want and float(got_varlen) == pytest.approx(want, rel=1e-4)
 
 
+def test_per_sample_loss_is_the_sum_of_each_samples_mean_token_loss(train_corpus):
+    """--loss-normalization sample: one-word answers weigh as much as long gene lists. Checked against each
+    sample scored alone, on the 4d and the padding-free paths, values and gradients' presence."""
+    from training.attention import register
+
+    model, tok = tm.load_model_and_tokenizer("tiny-pythia", corpus=train_corpus, attn_implementation="sdpa")
+    model.eval()
+    files = td.corpus_files(train_corpus, "train", ["cell_type_prediction", "cell_lm"])
+    rows = []
+    for paths in files.values():
+        rows += pq.read_table(paths[0], columns=["prompt", "completion"]).slice(0, 2).to_pylist()
+    samples = [td.tokenize_sample(tok, r["prompt"], r["completion"], 10**6) for r in rows]
+    packed = {"input_ids": [i for s in samples for i in s[0]], "labels": [i for s in samples for i in s[1]],
+              "seq_lens": [len(s[0]) for s in samples], "tasks": ["a"] * len(samples)}
+    assert td.samples_with_labels([packed]) == len(rows)
+    want = 0.0
+    with torch.no_grad():
+        for r in rows:
+            p = tok(r["prompt"], add_special_tokens=False).input_ids
+            resp = [*tok(r["completion"], add_special_tokens=False).input_ids, tok.eos_token_id]
+            pred = model(torch.tensor([p + resp])).logits[0][len(p) - 1 : len(p) - 1 + len(resp)]
+            want += float(F.cross_entropy(pred, torch.tensor(resp), reduction="mean"))
+        batch = td.collate([packed], pad_id=tok.pad_token_id, attention="4d", task_index={"a": 0},
+                           loss_weights=True)
+        weights = batch.pop("loss_weights")
+        inputs, labels = model_inputs(batch, "4d", "cpu")
+        got_4d, _ = response_loss(model, inputs, labels, "4d", weights)
+        model.config._attn_implementation = register()
+        flat = td.collate([packed], pad_id=tok.pad_token_id, attention="flash", task_index={"a": 0},
+                          loss_weights=True)
+        weights = flat.pop("loss_weights")
+        inputs, labels = model_inputs(flat, "varlen", "cpu")
+        got_varlen, _ = response_loss(model, inputs, labels, "varlen", weights)
+    assert float(got_4d) == pytest.approx(want, rel=1e-4) and float(got_varlen) == pytest.approx(want, rel=1e-4)
+
+
 def test_resume_reproduces_the_uninterrupted_run(full_run, train_corpus, tmp_path):
     """Resuming from checkpoint-20 gives the same losses for steps 21-40 as the run that never stopped."""
     out = tmp_path / "resumed"
@@ -250,6 +286,13 @@ def test_sum_nll_matches_cross_entropy_value_and_gradient():
     assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
     assert torch.allclose(g1, g2, atol=1e-7)
     assert float(sum_nll(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))) == 0.0
+    w = torch.rand(37)  # weighted: value and gradient as a weighted cross-entropy
+    got = sum_nll(x, t, w)
+    (g1,) = torch.autograd.grad(got, x)
+    want = (F.cross_entropy(x, t, reduction="none") * w).sum()
+    (g2,) = torch.autograd.grad(want, x)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+    assert torch.allclose(g1, g2, atol=1e-7)
 
 
 @pytest.mark.slow

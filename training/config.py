@@ -68,6 +68,12 @@ class SFTConfig:
                                   "tiny models).", metavar="N")
     warmup_ratio: float | None = _f(None, "Warm-up as a fraction of --max-steps (default 0.03 for pretrained "
                                     "models); --warmup-steps wins when both are set.", metavar="F")
+    loss_normalization: str = _f("sample", "How the completion loss is averaged: sample (each sample's mean "
+                                 "token loss, averaged over the step's samples: a one-word cell-type answer "
+                                 "weighs as much as a 300-gene cell, so a task mixture learns its prediction "
+                                 "tasks) or token (every completion token weighs the same, as TRL does; long "
+                                 "gene lists then drown the answers). Measured in BENCHMARKS.md.",
+                                 choices=["sample", "token"])
     weight_decay: float = _f(0.0, "AdamW weight decay.", metavar="W")
     max_grad_norm: float = _f(1.0, "Gradient clipping (0: off).", metavar="X")
     bf16: bool | None = _f(None, "bf16 mixed precision (default: on with CUDA, off on CPU).")

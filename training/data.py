@@ -632,6 +632,29 @@ def _segments(sequences: list[dict], width: int, task_index: Mapping[str, int]):
     return pos, seg, task
 
 
+def _sample_weights(labels: np.ndarray, seg: np.ndarray) -> np.ndarray:
+    """1 / (labelled tokens of its sample) at every labelled position; 0 elsewhere."""
+    counted = labels != IGNORE_INDEX
+    out = np.zeros(labels.shape, np.float32)
+    for r in range(labels.shape[0]):
+        ids = seg[r][counted[r]]
+        if ids.size:
+            n = np.bincount(ids)
+            out[r, counted[r]] = 1.0 / n[ids]
+    return out
+
+
+def samples_with_labels(sequences: list[dict]) -> int:
+    """Samples holding at least one labelled (completion) token: the denominator of per-sample losses."""
+    total = 0
+    for s in sequences:
+        off = 0
+        for n in s["seq_lens"]:
+            total += any(x != IGNORE_INDEX for x in s["labels"][off:off + n])
+            off += n
+    return total
+
+
 def _additive_mask(seg: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[B,1,L,L]: 0 where query i may see key j (same segment, j <= i), finfo(dtype).min elsewhere."""
     width = seg.shape[1]
@@ -643,7 +666,8 @@ def _additive_mask(seg: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def collate(sequences: list[dict], *, pad_id: int, attention: str = "4d", dtype=torch.float32,
-            task_index: dict[str, int] | None = None, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+            task_index: dict[str, int] | None = None, pad_to: int | None = None,
+            loss_weights: bool = False) -> dict[str, torch.Tensor]:
     """Packed sequences -> model inputs, with each sample seeing only itself.
 
     input_ids [B,L] (pad_id), labels [B,L] (-100 on padding and prompts), position_ids [B,L] restarting at 0
@@ -656,6 +680,8 @@ def collate(sequences: list[dict], *, pad_id: int, attention: str = "4d", dtype=
         padding-free flash-attention path only recognises packed samples from position_ids when batch size is
         1); pad_to pads that row.
       "padded": one sample per row (ValueError otherwise), attention_mask [B,L] of 0/1.
+    loss_weights: also loss_weights [B,L] float32, 1 / (completion tokens of the sample) on each completion
+    token, 0 elsewhere: Σ weight × NLL is the sum over samples of each sample's mean token loss.
     """
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention={attention!r}: expected one of {', '.join(ATTENTION_MODES)}")
@@ -685,6 +711,8 @@ def collate(sequences: list[dict], *, pad_id: int, attention: str = "4d", dtype=
     pos, seg, task = _segments(sequences, width, task_index)
     out = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
            "position_ids": torch.from_numpy(pos), "token_task": torch.from_numpy(task)}
+    if loss_weights:
+        out["loss_weights"] = torch.from_numpy(_sample_weights(labels, seg))
     if attention == "4d":
         out["attention_mask"] = _additive_mask(torch.from_numpy(seg), dtype)
     elif attention == "padded":

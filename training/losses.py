@@ -23,24 +23,28 @@ from training.data import IGNORE_INDEX
 
 class _SumNLL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         logp = torch.log_softmax(logits, dim=-1)
-        ctx.save_for_backward(logp, target)
-        return -logp.gather(-1, target.unsqueeze(-1)).sum()
+        ctx.save_for_backward(logp, target, weight)
+        nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        return (nll * weight).sum() if weight is not None else nll.sum()
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        logp, target = ctx.saved_tensors
+        logp, target, weight = ctx.saved_tensors
         grad = logp.exp()
         grad[torch.arange(target.numel(), device=target.device), target] -= 1
-        return grad.mul_(grad_out), None
+        if weight is not None:
+            grad.mul_(weight.unsqueeze(-1))
+        return grad.mul_(grad_out), None, None
 
 
-def sum_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Σᵢ −log softmax(logitsᵢ)[targetᵢ] for logits [N, V] and targets [N] (no ignored entries), in float32."""
+def sum_nll(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Σᵢ wᵢ · −log softmax(logitsᵢ)[targetᵢ] for logits [N, V], targets [N] (no ignored entries) and optional
+    weights [N] (1 when None), in float32."""
     if logits.numel() == 0:
         return logits.float().sum()
-    return _SumNLL.apply(logits.float(), target)
+    return _SumNLL.apply(logits.float(), target, None if weight is None else weight.float())
 
 
 def collate_mode(mode: str) -> str:
@@ -65,7 +69,8 @@ def forward(model, inputs: dict, mode: str):
         return model(**inputs, use_cache=False).logits
 
 
-def response_loss(model, inputs: dict, labels: torch.Tensor, mode: str) -> tuple[torch.Tensor, int]:
+def response_loss(model, inputs: dict, labels: torch.Tensor, mode: str,
+                  weights: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """(summed NLL of the response tokens, their number). On a flattened packed row the LM head runs only
     at the positions that predict a response token (transformers' logits_to_keep with indices): prompts
     are most of a cell-sentence sample, and the head is most of a small model's, or a 256k-vocabulary
@@ -75,9 +80,11 @@ def response_loss(model, inputs: dict, labels: torch.Tensor, mode: str) -> tuple
         keep = torch.nonzero(target != IGNORE_INDEX).view(-1)
         logits = forward(model, {**inputs, "logits_to_keep": keep}, mode).squeeze(0)  # a view: select() would
         # zero-fill an [1, N, V] gradient in backward
-        return sum_nll(logits, target[keep]), int(keep.numel())
+        w = None if weights is None else weights[0, 1:][keep]
+        return sum_nll(logits, target[keep], w), int(keep.numel())
     nll, mask = token_loss(forward(model, inputs, mode), labels)
-    return (nll * mask).sum(), int(mask.sum())
+    w = mask if weights is None else weights[:, 1:] * mask
+    return (nll * w).sum(), int(mask.sum())
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

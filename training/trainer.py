@@ -266,15 +266,26 @@ def train(cfg: SFTConfig) -> TrainResult:
         # Every response token of the optimizer step weighs the same, however the tokens fall into
         # micro-batches and processes: the loss is Σ NLL / (response tokens of the whole step, all processes).
         # acc.backward divides by the accumulation steps and DDP averages over processes; the scale undoes both.
-        n_step = _reduce_sum(acc, sum(label != td.IGNORE_INDEX for seqs in micro for q in seqs for label in q["labels"]))
+        # With --loss-normalization sample, each sample's mean token NLL weighs the same instead: Σ over
+        # samples / (samples of the whole step, all processes).
+        per_sample = cfg.loss_normalization == "sample"
+        if per_sample:
+            n_step = _reduce_sum(acc, sum(td.samples_with_labels(seqs) for seqs in micro))
+        else:
+            n_step = _reduce_sum(acc, sum(label != td.IGNORE_INDEX for seqs in micro for q in seqs
+                                          for label in q["labels"]))
         scale = cfg.gradient_accumulation_steps * acc.num_processes / max(n_step, 1)
         for seqs in micro:
             real = sum(len(q["input_ids"]) for q in seqs)
             batch = td.collate(seqs, pad_id=tok.pad_token_id, attention=collate_mode(mode), dtype=dtype,
-                               task_index=task_index)
+                               task_index=task_index, loss_weights=per_sample)
+            weights = batch.pop("loss_weights", None)
             inputs, labels = model_inputs(batch, mode, acc.device)
             with acc.accumulate(model):
-                nll_sum, n = response_loss(model, inputs, labels, mode)
+                nll_sum, n = response_loss(model, inputs, labels, mode,
+                                           None if weights is None else weights.to(acc.device))
+                if per_sample:  # the logged loss is then the mean over samples of their mean token loss
+                    n = td.samples_with_labels(seqs)
                 acc.backward(nll_sum * scale)
                 if acc.sync_gradients and cfg.max_grad_norm > 0:
                     acc.clip_grad_norm_(params, cfg.max_grad_norm)

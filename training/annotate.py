@@ -1,0 +1,918 @@
+"""c2s-annotate / python -m training.annotate: annotate your own cells with a model trained here.
+
+Each cell of an .h5ad file is rank-encoded exactly as the model's corpus encoded its cells (the builder's
+encoder, symbol rule, gene cap, tie-break seed and case; read from the model's final/c2s.json), asked the
+corpus's own cell_type_prediction prompt (the builder's template, filled and cut to the corpus's token budget
+by the builder's render function), and answered by the model:
+
+- by default, greedily generated (as evaluation does): obs['c2s_cell_type'] is the answer up to its full stop,
+  obs['c2s_score'] the mean log-probability of the generated tokens (up to and including eos);
+- with --labels FILE|corpus, the known label the model finds most likely: every candidate's completion
+  (" <label>." + eos, as in training) is scored given the prompt (the prompt runs once; its key/value cache is
+  shared by the candidates), and the best mean token log-probability wins (obs['c2s_score']);
+- --embed adds obsm['X_c2s']: the last hidden layer of the model, mean-pooled over the prompt's tokens.
+
+Memory: the matrix (X, raw/X or a layer) is read --block-cells rows at a time through the builder's h5ad reader
+(h5py + anndata's sparse_dataset, what anndata's backed mode uses), and the model sees --batch-size prompts at a
+time, so memory does not grow with the number of cells, except for obs: the output is a byte copy of the input
+whose obs is rewritten (all of obs in memory, about a few hundred bytes a cell) and whose obsm['X_c2s'] is written
+block by block; X is never loaded. With --max-cells (a trial on a seeded random sample) the output holds only the
+sampled cells, written through anndata from memory (the sample's matrices in memory).
+
+The ETL's packages (anndata, h5py, numba) are needed to run, not for --help; they are imported inside functions,
+as the layer rules ask of training/.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from schemas.cli import parse
+from schemas.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+TASK = "cell_type_prediction"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ETL_PACKAGES = ("anndata", "h5py", "numba", "scipy", "pandas", "xxhash")
+DEFAULT_MAX_NEW_TOKENS = 32  # when no label list tells the longest answer (no corpus, no --labels)
+SAMPLE_SEED = 0  # --max-cells draws its sample with this seed, as the builder's --max-cells does
+
+DESCRIPTION = """Annotate the cells of an .h5ad file with a cell-sentence model trained by `c2s train`.
+
+Each cell is ranked into a cell sentence with the encoding the model's corpus used (gene cap, symbols, seed,
+case: from MODEL/c2s.json) and asked the corpus's cell_type_prediction prompt (its template, cut to its token
+budget), so the model reads your cells in the words it was trained on. Writes a copy of the input with
+obs['c2s_cell_type'] and obs['c2s_score'] (mean token log-probability of the answer), and obsm['X_c2s'] with
+--embed. Rank raw counts: X by default, --layer NAME or --layer raw otherwise."""
+
+EPILOG = """examples:
+  c2s-annotate --model outputs/run/final --h5ad pbmc.h5ad --out pbmc.annotated.h5ad
+  c2s-annotate --model outputs/run/final --h5ad pbmc.h5ad --out trial.h5ad --max-cells 500 --layer counts
+  c2s-annotate --model outputs/run/final --h5ad pbmc.h5ad --out pbmc.c2s.h5ad --labels corpus --embed
+  c2s-annotate --model outputs/run/final --h5ad pbmc.h5ad --out pbmc.c2s.h5ad --labels my_types.txt
+
+--labels corpus: the distinct labels of the corpus's cell_type_prediction train split (of the organism);
+--labels FILE: one label per line. Each is scored by the model and the likeliest wins, so every answer is one
+of them. Without --labels the model writes its answer freely (greedy), as evaluation measures it.
+A model without c2s.json (not trained here) needs --corpus DIR: the corpus whose encoding and budget to use."""
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class AnnotateConfig:
+    # model and input
+    model: str | None = _f(None, "Required. The trained model's folder (OUTPUT/final of `c2s train`, holding "
+                           "c2s.json).", metavar="DIR")
+    h5ad: str | None = _f(None, "Required. The AnnData file whose cells to annotate.", metavar="FILE")
+    layer: str | None = _f(None, "Matrix holding the raw counts: X (default), raw (raw.X) or a layer name.",
+                           metavar="NAME", aliases=("h5ad-layer",))
+    organism: str | None = _f(None, "Organism of the cells (homo_sapiens, mus_musculus, human, mouse; default: "
+                              "the model corpus's organism, the one whose vocabulary shares most symbols with "
+                              "the file when it has several).", metavar="NAME")
+    max_cells: int | None = _f(None, "Annotate a seeded random sample of this many cells only (a trial); the "
+                               "output then holds just them.", metavar="N")
+    corpus: str | None = _f(None, "The corpus the model was trained on (default: the one c2s.json names); needed "
+                            "for a model without c2s.json, or when the corpus moved.", metavar="DIR")
+    budget_tokenizer: str | None = _f(None, "The tokenizer the corpus's token budget counted with, when the path "
+                                      "in c2s.json is not readable here.", metavar="PATH")
+    # prompts and answers
+    template: int = _f(0, "Which cell_type_prediction prompt wording (0-based).", metavar="N")
+    labels: str | None = _f(None, "Pick the likeliest of known labels instead of generating: 'corpus' (the "
+                            "corpus's train labels) or a file with one label per line.", metavar="FILE|corpus")
+    max_new_tokens: int | None = _f(None, "Tokens the model may write (default: enough for the corpus's longest "
+                                    f"label; {DEFAULT_MAX_NEW_TOKENS} without a corpus).", metavar="N")
+    # output
+    out: str | None = _f(None, "Required. Where to write the annotated copy (.h5ad).", metavar="FILE",
+                         aliases=("output",))
+    embed: bool = _f(False, "Add obsm['X_c2s']: the model's last hidden layer mean-pooled over the prompt.")
+    # running
+    batch_size: int = _f(16, "Prompts per forward pass.", metavar="N")
+    label_batch: int = _f(256, "Candidate-label continuations scored per forward pass (--labels).", metavar="N")
+    block_cells: int = _f(4096, "Cells read from the file at once.", metavar="N")
+    device: str = _f("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available).")
+    dtype: str = _f("auto", "Model weights' dtype (auto: bfloat16 on CUDA, float32 on CPU).", choices=list(DTYPES))
+
+    GROUPS: ClassVar[dict[str, str]] = {"model": "model and input", "template": "prompts and answers",
+                                        "out": "output", "batch_size": "running"}
+
+    def __post_init__(self) -> None:
+        for name in ("model", "h5ad", "out"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name} is required (see --help)")
+        for name in ("batch_size", "label_batch", "block_cells"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.template < 0:
+            raise ConfigError(f"--template must be >= 0, got {self.template}")
+        if self.max_cells is not None and self.max_cells < 1:
+            raise ConfigError(f"--max-cells must be >= 1, got {self.max_cells}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+
+
+class AnnotateError(InputError):
+    """An input of the annotation (file, layer, labels, model, option) that cannot be used; one line."""
+
+
+# ---------------------------------------------------------------- how the model was taught to read a cell
+
+
+@dataclass(frozen=True)
+class Speech:
+    """The corpus's encoding and prompt budget: what makes a prompt look like the model's training prompts."""
+
+    max_genes: int  # the sentence cap of the encoder
+    uppercase: bool
+    seed: int  # tie-break seed of the encoder
+    max_tokens: int  # the samples' token budget
+    tokens_per_gene: float
+    budget_tokenizer: str | None  # the tokenizer the budget counted with (None: estimates)
+    corpus: str | None = None
+    max_length: int | None = None  # the trainer's longest sequence
+    origin: str = ""  # where this was read from
+
+    @classmethod
+    def of_model(cls, model_dir: str, corpus: str | None = None) -> Speech:
+        """From MODEL/c2s.json (training.trainer.training_provenance), or from the manifest of `corpus` for a
+        model without one; `corpus` also replaces the corpus path c2s.json names."""
+        from training.models import PROVENANCE, read_provenance
+
+        try:
+            prov = read_provenance(model_dir)
+        except (OSError, ValueError) as e:
+            raise AnnotateError(f"--model {model_dir}: cannot read {PROVENANCE} ({e})") from None
+        if prov is not None:
+            enc, samples = prov.get("encoding") or {}, prov.get("samples") or {}
+            where = f"{Path(model_dir) / PROVENANCE}"
+            return cls._make(enc, samples, corpus or prov.get("corpus"), prov.get("max_length"), where)
+        if not corpus:
+            raise AnnotateError(f"--model {model_dir}: no {PROVENANCE} (a model not trained by `c2s train`); give "
+                                "--corpus DIR, the corpus it was trained on, to take the encoding and budget from")
+        manifest = _open_corpus(corpus).manifest
+        samples = manifest.get("samples") or {}
+        if not samples:
+            raise AnnotateError(f"--corpus {corpus}: its manifest has no samples section (no prompts to imitate)")
+        opts = samples.get("options") or {}
+        return cls._make(manifest.get("options") or {},
+                         {"max_tokens": opts.get("max_tokens"), "tokens_per_gene": opts.get("tokens_per_gene"),
+                          "tokenizer": samples.get("tokenizer")}, corpus, None, f"{corpus} manifest.json")
+
+    @classmethod
+    def _make(cls, enc: dict, samples: dict, corpus: str | None, max_length: int | None, where: str) -> Speech:
+        missing = [k for k in ("max_genes", "uppercase", "seed") if enc.get(k) is None]
+        missing += [k for k in ("max_tokens", "tokens_per_gene") if samples.get(k) is None]
+        if missing:
+            raise AnnotateError(f"{where}: lacks {', '.join(missing)} (the encoding and budget of the corpus); "
+                                "give --corpus DIR to read them from the corpus")
+        return cls(max_genes=int(enc["max_genes"]), uppercase=bool(enc["uppercase"]), seed=int(enc["seed"]),
+                   max_tokens=int(samples["max_tokens"]), tokens_per_gene=float(samples["tokens_per_gene"]),
+                   budget_tokenizer=samples.get("tokenizer"), corpus=corpus, max_length=max_length, origin=where)
+
+
+def _open_corpus(corpus: str):
+    from schemas.layout import CorpusNotFound, resolve
+
+    try:
+        return resolve(corpus)
+    except CorpusNotFound as e:
+        raise AnnotateError(str(e)) from None
+
+
+def _try_corpus(speech: Speech):
+    """The model's corpus version, or None (logged) when it cannot be read here."""
+    if not speech.corpus:
+        return None
+    try:
+        return _open_corpus(speech.corpus)
+    except InputError as e:
+        log.warning("the model's corpus cannot be read here (%s); give --corpus DIR for its organism and labels", e)
+        return None
+
+
+class Prompter:
+    """A cell's genes -> its cell_type_prediction prompt, by the builder's template, budget and render."""
+
+    def __init__(self, speech: Speech, organism: str, template: int = 0, budget_tokenizer: str | None = None):
+        from etl.stages.samples_plan import genes_cap
+        from etl.tasks import common
+        from etl.tasks import templates as tpl
+        from etl.tasks.budget import TokenBudget, load_tokenizer_json
+        from schemas import UNKNOWN
+
+        self._render, self._counts = common.render, common.Counts
+        spec = tpl.load(TASK)
+        if template >= len(spec["prompts"]):
+            raise AnnotateError(f"--template {template}: {TASK} has {len(spec['prompts'])} prompt wordings "
+                                f"(0-{len(spec['prompts']) - 1})")
+        path = budget_tokenizer or speech.budget_tokenizer
+        tok_json = None
+        if path:
+            try:
+                tok_json = load_tokenizer_json(path)
+            except InputError as e:
+                raise AnnotateError(f"the corpus's token budget counted with tokenizer {path!r}, which cannot be "
+                                    f"read here ({e}); give --budget-tokenizer PATH") from None
+        budget = TokenBudget(max_tokens=speech.max_tokens, tokens_per_gene=speech.tokens_per_gene,
+                             tokenizer_json=tok_json)
+        # the samples stage's context: the same budget, gene cap and minimum genes
+        self.ctx = common.SampleContext(mixture={}, budget=budget, max_genes=genes_cap(budget))
+        cell = {**dict.fromkeys(common.LABEL_FIELDS, UNKNOWN), "organism": organism}
+        self.fields = common.labels(cell)  # no label is known: the answer counts as 'unknown' in the budget
+        self.template = template
+        self.response = spec["response"]
+        self._fill = tpl.fill
+
+    def __call__(self, genes: list[str]) -> tuple[str, int] | None:
+        """(prompt, genes shown), or None when even a few genes do not fit the budget."""
+        out = self._render(TASK, "", self.fields, [genes[: self.ctx.max_genes]], self.ctx, self._counts(),
+                           template=self.template)
+        return None if out is None else (out[0], out[2])
+
+    def completion(self, label: str) -> str:
+        """The training completion of `label` (" <label>.")."""
+        return self._fill(self.response, {**self.fields, "cell_type": label}).rstrip("\n")
+
+
+# ---------------------------------------------------------------- cells: the file's matrix, ranked
+
+
+class Cells:
+    """The counts matrix (X, raw or a layer) of an .h5ad file, read in row blocks by the corpus builder's h5ad
+    reader, or of an in-memory AnnData; with its var words (the builder's symbol rule)."""
+
+    def __init__(self, source: Any, layer: str | None = None):
+        self._file = None
+        if isinstance(source, str | os.PathLike):
+            self._open_file(os.fspath(source), layer)
+        else:
+            self._use_anndata(source, layer)
+
+    def _open_file(self, path: str, layer: str | None) -> None:
+        from etl.sources import h5ad as src
+
+        if not os.path.isfile(path):
+            raise AnnotateError(f"--h5ad {path}: file not found")
+        self.where = path
+        f = self._file = src.open_h5ad(path)
+        try:
+            mpath, vpath = src.matrix_paths(layer)
+            have = (["X"] if "X" in f else []) + (["raw"] if "raw" in f and "X" in f["raw"] else []) \
+                + sorted(f.get("layers", {}).keys())
+            if mpath not in f:
+                raise AnnotateError(f"{path}: no matrix {mpath!r} (--layer {layer!r}); the file has: "
+                                    f"{', '.join(have) or 'none'}")
+            if "obs" not in f or vpath not in f:
+                raise AnnotateError(f"{path}: not an AnnData file (no obs/var groups)")
+            self.obs_names = np.asarray([str(x) for x in src.read_index(f["obs"], path)], dtype=object)
+            var = f[vpath]
+            self.ids = [str(x) for x in src.read_index(var, path)]
+            names = src.read_column(var, "feature_name", 0, len(self.ids), path) \
+                if "feature_name" in src.column_names(var) else self.ids
+            self.names = list(names)
+            el = f[mpath]
+            shape = tuple(int(x) for x in (el.attrs.get("shape", (-1, -1)) if hasattr(el, "keys") else el.shape))
+            if shape != (len(self.obs_names), len(self.ids)):
+                raise AnnotateError(f"{path}: {mpath} has shape {shape}, but obs has {len(self.obs_names)} rows and "
+                                    f"{vpath} {len(self.ids)}")
+            if not len(self.obs_names) or not self.ids:
+                raise AnnotateError(f"{path}: {len(self.obs_names)} cells and {len(self.ids)} genes; nothing to rank")
+            src.probe_values(f, mpath, len(self.obs_names), path, layer)  # refuses scaled data, warns on normalised
+        except KeyError as e:
+            self.close()
+            raise AnnotateError(f"{path}: not a readable AnnData file (missing {e})") from None
+        except BaseException:
+            self.close()
+            raise
+        self._read = lambda lo, hi: src.read_rows(f, mpath, lo, hi)
+        self.matrix = f"{mpath}"
+
+    def _use_anndata(self, adata: Any, layer: str | None) -> None:
+        import pandas as pd
+
+        if not (hasattr(adata, "obs_names") and hasattr(adata, "var_names") and hasattr(adata, "layers")):
+            raise AnnotateError(f"expected an AnnData or an .h5ad path, got {type(adata).__name__}")
+        self.where = "AnnData"
+        have = ["X", *(["raw"] if adata.raw is not None else []), *adata.layers.keys()]
+        if layer in (None, "", "X"):
+            matrix, var = adata.X, adata.var
+        elif layer == "raw" and adata.raw is not None:
+            matrix, var = adata.raw.X, adata.raw.var
+        elif layer in adata.layers:
+            matrix, var = adata.layers[layer], adata.var
+        else:
+            raise AnnotateError(f"AnnData: no matrix {layer!r}; it has: {', '.join(have)}")
+        if matrix is None or adata.n_obs == 0 or var.shape[0] == 0:
+            raise AnnotateError(f"AnnData: {adata.n_obs} cells and {var.shape[0]} genes; nothing to rank")
+        self.obs_names = np.asarray([str(x) for x in adata.obs_names], dtype=object)
+        self.ids = [str(x) for x in var.index]
+        self.names = ([None if pd.isna(v) else v for v in var["feature_name"].astype(object)]
+                      if "feature_name" in var.columns else self.ids)
+        self._read = lambda lo, hi: matrix[lo:hi]
+        self.matrix = layer or "X"
+
+    @property
+    def n_obs(self) -> int:
+        return len(self.obs_names)
+
+    def rows(self, lo: int, hi: int):
+        """Rows lo:hi as a CSR matrix with sorted indices (what the builder hands the encoder)."""
+        import scipy.sparse as sp
+
+        try:
+            m = self._read(lo, hi)
+            m = sp.csr_matrix(m) if sp.issparse(m) else sp.csr_matrix(np.asarray(m))
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            raise AnnotateError(f"{self.where}: cannot read rows {lo}-{hi - 1} of {self.matrix} as numbers ({e}); "
+                                "the file may be truncated or damaged") from None
+        if m.dtype.kind not in "biuf":
+            raise AnnotateError(f"{self.where}: {self.matrix} holds {m.dtype}, not numbers")
+        m.sort_indices()
+        return m
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@dataclass
+class Sentence:
+    position: int  # index among the annotated rows
+    row: int  # row in the file
+    genes: list[str] | None  # None: the encoder skipped the cell
+    skipped: str | None = None
+
+
+class Ranker:
+    """Cell sentences of a Cells' rows with the corpus's encoder: the sentence a build of the same file with
+    the model corpus's options writes for the cell (same symbols, cap, case and tie-break by row number)."""
+
+    def __init__(self, cells: Cells, speech: Speech):
+        from etl.encode import Encoder, Vocabulary
+        from etl.symbols import var_words
+
+        self.cells = cells
+        self.words, _ = var_words(cells.ids, cells.names, uppercase=speech.uppercase, source=f"{cells.where} var")
+        vocab = Vocabulary.from_sources([(cells.ids, self.words)])
+        self.encoder = Encoder(vocab.col_token(self.words), vocab.symbols, seed=speech.seed,
+                               max_genes=speech.max_genes)
+        self.symbols = np.asarray(vocab.symbols.to_pylist(), dtype=object)
+
+    def sentences(self, rows: np.ndarray, block_cells: int) -> Iterator[Sentence]:
+        from etl.encode import SKIP_REASONS
+
+        pos = 0
+        for chunk in _chunks(rows, block_cells):
+            lo, hi = int(chunk[0]), int(chunk[-1]) + 1
+            m = self.cells.rows(lo, hi)
+            if len(chunk) != hi - lo:
+                m = m[chunk - lo]
+                m.sort_indices()
+            enc = self.encoder.encode(m.indptr, m.indices, m.data, np.asarray(chunk, np.int64))
+            genes: dict[int, list[str]] = {}
+            for k, r in enumerate(enc.kept.tolist()):
+                genes[r] = self.symbols[enc.tokens[enc.offsets[k]:enc.offsets[k + 1]]].tolist()
+            for k, row in enumerate(chunk.tolist()):
+                status = int(enc.status[k])
+                yield Sentence(pos, row, genes.get(k), SKIP_REASONS[status - 1] if status else None)
+                pos += 1
+
+
+def _chunks(rows: np.ndarray, block: int) -> Iterator[np.ndarray]:
+    """Runs of sorted rows spanning at most `block` rows of the file each (a read never holds more)."""
+    start = 0
+    n = len(rows)
+    while start < n:
+        stop = int(np.searchsorted(rows, rows[start] + block, side="left"))
+        yield rows[start:max(stop, start + 1)]
+        start = max(stop, start + 1)
+
+
+def sample_rows(n_obs: int, max_cells: int | None) -> np.ndarray:
+    """Every row, or a sorted seeded sample of `max_cells` (as the builder's --max-cells samples a file)."""
+    if max_cells is None or max_cells >= n_obs:
+        return np.arange(n_obs, dtype=np.int64)
+    return np.sort(np.random.default_rng(SAMPLE_SEED).choice(n_obs, size=max_cells, replace=False))
+
+
+def cell_prompts(source: Any, speech: Speech, organism: str, *, template: int = 0, layer: str | None = None,
+                 rows: np.ndarray | None = None, block_cells: int = 4096,
+                 budget_tokenizer: str | None = None) -> Iterator[tuple[str, str | None, int, str | None]]:
+    """(cell id, prompt or None, genes shown, why no prompt) per cell of `source` (an .h5ad path or AnnData)."""
+    from etl.sources.base import normalise_organism
+
+    cells = Cells(source, layer)
+    try:
+        prompter = Prompter(speech, normalise_organism(organism), template, budget_tokenizer)
+        ranker = Ranker(cells, speech)
+        rows = np.arange(cells.n_obs) if rows is None else rows
+        for s in ranker.sentences(rows, block_cells):
+            if s.genes is None:
+                yield cells.obs_names[s.row], None, 0, s.skipped
+                continue
+            out = prompter(s.genes)
+            yield (cells.obs_names[s.row], None, 0, "over_token_budget") if out is None else \
+                (cells.obs_names[s.row], out[0], out[1], None)
+    finally:
+        cells.close()
+
+
+# ---------------------------------------------------------------- the model: answers, scores, embeddings
+
+
+class Reader:
+    """Asks the model a batch of prompts: greedy answers or the likeliest of known labels, each with its mean
+    token log-probability, and optionally the prompt's mean-pooled last hidden layer."""
+
+    def __init__(self, model, tokenizer, *, labels: list[str] | None = None,
+                 completion: Callable[[str], str] | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                 embed: bool = False, label_batch: int = 256):
+        import torch
+
+        from training.data import _encode, _eos_id
+
+        self.torch = torch
+        self.model, self.tok = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.embed, self.max_new_tokens, self.label_batch = embed, max_new_tokens, label_batch
+        self.eos = _eos_id(tokenizer)
+        if tokenizer.pad_token_id is None:
+            raise AnnotateError("the model's tokenizer has no pad token")
+        self.labels = labels
+        params = inspect.signature(model.forward).parameters
+        self._keep_arg = "logits_to_keep" in params
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+        if labels is not None:
+            if not labels:
+                raise AnnotateError("--labels: no labels to choose from")
+            completion = completion or (lambda label: f" {label}.")
+            ids = [[*x, self.eos] for x in _encode(tokenizer, [completion(label) for label in labels])]
+            width = max(len(x) for x in ids)
+            pad = tokenizer.pad_token_id
+            self.label_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=self.device)
+            self.label_mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=self.device)
+
+    def __call__(self, prompts: list[str]) -> tuple[list[str], np.ndarray, np.ndarray | None]:
+        from training.models import prompt_batch
+
+        torch = self.torch
+        enc = prompt_batch(self.tok, prompts, self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                out = self._generate(enc) if self.labels is None else self._choose(enc)
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def _pool(self, hidden, mask) -> np.ndarray:
+        m = mask.unsqueeze(-1).float()
+        return ((hidden.float() * m).sum(1) / m.sum(1).clamp(min=1)).cpu().numpy()
+
+    def _generate(self, enc):
+        from training.evaluate import predicted_label
+
+        torch = self.torch
+        out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                  pad_token_id=self.tok.pad_token_id, eos_token_id=self.eos,
+                                  return_dict_in_generate=True, output_logits=True,
+                                  output_hidden_states=self.embed)
+        new = out.sequences[:, enc["input_ids"].shape[1]:]
+        logits = torch.stack(out.logits, 1)[:, : new.shape[1]].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        is_eos = (new == self.eos).long()
+        valid = (is_eos.cumsum(1) - is_eos) == 0  # up to and including the first eos
+        scores = ((logp * valid).sum(1) / valid.sum(1).clamp(min=1)).cpu().numpy()
+        texts = self.tok.batch_decode(new, skip_special_tokens=True)
+        emb = self._pool(out.hidden_states[0][-1], enc["attention_mask"]) if self.embed else None
+        return [predicted_label(t) for t in texts], scores.astype(np.float64), emb
+
+    def _choose(self, enc):
+        torch = self.torch
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        b = ids.shape[0]
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        keep = {"logits_to_keep": 1} if self._keep_arg else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         output_hidden_states=self.embed, **keep)
+        first = torch.log_softmax(out.logits[:, -1].float(), -1)  # (b, vocab): the first completion token
+        cache, lengths = out[self._cache_arg], mask.sum(1)
+        n_labels = self.label_ids.shape[0]
+        scores = torch.empty(b, n_labels, device=self.device)
+        step = max(1, self.label_batch // b)
+        for lo in range(0, n_labels, step):
+            hi = min(lo + step, n_labels)
+            c = hi - lo
+            lab, lmask = self.label_ids[lo:hi], self.label_mask[lo:hi]
+            x, xm = lab.repeat(b, 1), lmask.repeat(b, 1)  # rows: cell 0 label lo..hi, cell 1 ...
+            past = copy.deepcopy(cache)
+            past.batch_repeat_interleave(c)
+            pos = lengths.repeat_interleave(c).unsqueeze(1) + torch.arange(lab.shape[1], device=self.device)
+            o = self.model(input_ids=x, attention_mask=torch.cat([mask.repeat_interleave(c, 0), xm], 1),
+                           position_ids=pos, use_cache=True, **{self._cache_arg: past})
+            rest = torch.log_softmax(o.logits[:, :-1].float(), -1).gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1)
+            head = first.repeat_interleave(c, 0).gather(1, x[:, :1])
+            logp = torch.cat([head, rest], 1) * xm
+            scores[:, lo:hi] = (logp.sum(1) / xm.sum(1)).view(b, c)
+        best = scores.argmax(1)
+        chosen = [self.labels[i] for i in best.tolist()]
+        emb = self._pool(out.hidden_states[-1], mask) if self.embed else None
+        return chosen, scores.gather(1, best.unsqueeze(1)).squeeze(1).cpu().numpy().astype(np.float64), emb
+
+
+# ---------------------------------------------------------------- annotating a file or an AnnData
+
+
+@dataclass
+class Annotation:
+    obs_names: np.ndarray
+    rows: np.ndarray  # the annotated rows of the source
+    cell_type: list[str | None]
+    score: np.ndarray  # NaN where a cell got no answer
+    genes_shown: np.ndarray
+    skipped: dict[str, int]
+    embedding: Any = None  # (n, hidden) array, or what `embed_into` was
+    long_prompts: int = 0  # prompts longer than the trainer's max_length
+
+    def frame(self):
+        import pandas as pd
+
+        return pd.DataFrame({"c2s_cell_type": pd.Categorical(self.cell_type), "c2s_score": self.score},
+                            index=pd.Index(self.obs_names[self.rows], dtype=object))
+
+
+def annotate_cells(source: Any, model, tokenizer, speech: Speech, organism: str, *, template: int = 0,
+                   labels: list[str] | None = None, embed: bool = False, layer: str | None = None,
+                   rows: np.ndarray | None = None, batch_size: int = 16, label_batch: int = 256,
+                   block_cells: int = 4096, max_new_tokens: int | None = None, embed_into: Any = None,
+                   budget_tokenizer: str | None = None, progress: bool | None = None) -> Annotation:
+    """Annotate the cells (`rows`, default all) of `source`, an .h5ad path (read in blocks) or an AnnData.
+
+    Prompts are batched independently of the file's blocks, so the answers do not depend on --block-cells.
+    `embed_into`: an (n, hidden) array-like (an h5py dataset) the embeddings are written into, batch by batch;
+    default a new array."""
+    from tqdm.auto import tqdm
+
+    from etl.sources.base import normalise_organism
+
+    organism = normalise_organism(organism)
+    cells = Cells(source, layer)
+    try:
+        rows = np.arange(cells.n_obs, dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+        prompter = Prompter(speech, organism, template, budget_tokenizer)
+        ranker = Ranker(cells, speech)
+        budget = max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        reader = Reader(model, tokenizer, labels=labels, completion=prompter.completion, max_new_tokens=budget,
+                        embed=embed, label_batch=label_batch)
+        n = len(rows)
+        cell_type: list[str | None] = [None] * n
+        score = np.full(n, np.nan)
+        shown = np.zeros(n, np.int32)
+        skipped: dict[str, int] = {}
+        hidden = int(model.config.hidden_size) if embed else 0
+        emb = embed_into if embed_into is not None or not embed else np.full((n, hidden), np.nan, np.float32)
+        pending: list[tuple[int, str]] = []
+        long_prompts = 0
+
+        def flush():
+            nonlocal long_prompts
+            answers, scores, vectors = reader([p for _, p in pending])
+            where = [i for i, _ in pending]
+            for i, a, s in zip(where, answers, scores, strict=True):
+                cell_type[i], score[i] = a, s
+            if vectors is not None:
+                emb[where] = vectors
+            if speech.max_length:
+                from training.data import encode_prompts
+
+                long_prompts += sum(len(x) >= speech.max_length for x in encode_prompts(tokenizer, [p for _, p in
+                                                                                                  pending]))
+            bar.update(len(pending))
+            pending.clear()
+
+        disable = None if progress is None else not progress  # None: shown on a terminal only
+        with tqdm(total=n, unit="cell", desc="annotate", disable=disable, mininterval=1.0) as bar:
+            for s in ranker.sentences(rows, block_cells):
+                made = prompter(s.genes) if s.genes is not None else None
+                if made is None:
+                    why = s.skipped or "over_token_budget"
+                    skipped[why] = skipped.get(why, 0) + 1
+                    bar.update(1)
+                    continue
+                shown[s.position] = made[1]
+                pending.append((s.position, made[0]))
+                if len(pending) == batch_size:
+                    flush()
+            if pending:
+                flush()
+    finally:
+        cells.close()
+    if long_prompts:
+        log.warning("%d prompts are at least the trainer's max_length (%d tokens): the model never trained on "
+                    "prompts that long", long_prompts, speech.max_length)
+    return Annotation(cells.obs_names, rows, cell_type, score, shown, skipped, emb, long_prompts)
+
+
+# ---------------------------------------------------------------- corpus look-ups: organism, labels, coverage
+
+
+def corpus_labels(version, organism: str | None) -> list[str]:
+    """Distinct labels of the corpus's cell_type_prediction train split, of `organism` when it has any."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    from schemas.layout import filesystem
+
+    uri = version.path("samples", TASK, "train")
+    fs, path = filesystem(uri)
+    try:
+        table = pads.dataset(path, format="parquet", filesystem=fs).to_table(columns=["label", "organism"])
+    except (OSError, ValueError) as e:
+        raise AnnotateError(f"--labels corpus: cannot read {uri} ({str(e).splitlines()[0]})") from None
+    if organism is not None:
+        own = table.filter(pc.equal(table["organism"], organism))
+        table = own if own.num_rows else table
+    labels = sorted({x for x in table["label"].to_pylist() if x})
+    if not labels:
+        raise AnnotateError(f"--labels corpus: {uri} holds no labels")
+    return labels
+
+
+def file_labels(path: str) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise AnnotateError(f"--labels {path}: file not found (give a file with one label per line, or "
+                            "'corpus')") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise AnnotateError(f"--labels {path}: cannot read it ({e})") from None
+    labels = list(dict.fromkeys(line.strip() for line in text.splitlines() if line.strip()))
+    if not labels:
+        raise AnnotateError(f"--labels {path}: no labels in it (one label per line)")
+    return labels
+
+
+def corpus_vocab(version, organism: str) -> set[str] | None:
+    import pyarrow.parquet as pq
+
+    from schemas.layout import filesystem
+
+    fs, path = filesystem(version.path("vocab", f"{organism}.parquet"))
+    try:
+        with fs.open_input_file(path) as f:
+            return set(pq.read_table(f, columns=["gene_symbol"]).column(0).to_pylist())
+    except (OSError, ValueError):
+        return None
+
+
+def corpus_organisms(version) -> list[str]:
+    return sorted((version.manifest.get("counts") or {}).get("organisms") or {})
+
+
+def choose_organism(version, words: list[str]) -> str:
+    """The corpus's organism; with several, the one whose vocabulary holds most of the file's words."""
+    organisms = corpus_organisms(version)
+    if len(organisms) == 1:
+        return organisms[0]
+    if not organisms:
+        raise AnnotateError("the model's corpus names no organism; give --organism")
+    mine = set(words)
+    overlap = {o: len(mine & (corpus_vocab(version, o) or set())) for o in organisms}
+    best = max(organisms, key=lambda o: overlap[o])
+    log.info("organism %s: its corpus vocabulary holds %d of the file's %d gene symbols (%s)", best, overlap[best],
+             len(mine), ", ".join(f"{o}: {n}" for o, n in overlap.items()))
+    return best
+
+
+# ---------------------------------------------------------------- writing the annotated copy
+
+
+def _write_copy(cfg: AnnotateConfig, run: Callable[[Any], Annotation], hidden: int, n_obs: int,
+                meta: dict) -> Annotation:
+    """A byte copy of the input with obs rewritten (new columns) and obsm['X_c2s'] written batch by batch."""
+    import shutil
+
+    import h5py
+    from anndata.io import read_elem, write_elem
+
+    out = Path(cfg.out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        shutil.copyfile(cfg.h5ad, tmp)
+        with h5py.File(tmp, "r+") as f:
+            emb = None
+            if cfg.embed:
+                obsm = f.require_group("obsm")
+                if "encoding-type" not in obsm.attrs:
+                    obsm.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+                if "X_c2s" in obsm:
+                    del obsm["X_c2s"]
+                emb = obsm.create_dataset("X_c2s", shape=(n_obs, hidden), dtype="float32", fillvalue=np.nan,
+                                          chunks=(min(n_obs, 1024), hidden))
+                emb.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+            result = run(emb)
+            try:
+                obs = read_elem(f["obs"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise AnnotateError(f"{cfg.h5ad}: cannot read its obs table to add the columns to ({e})") from None
+            _add_columns(obs, result)
+            del f["obs"]
+            write_elem(f, "obs", obs)
+            if "uns" in f:
+                write_elem(f["uns"], "c2s_annotate", meta)
+            else:
+                write_elem(f, "uns", {"c2s_annotate": meta})
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return result
+
+
+def _add_columns(obs, result: Annotation) -> None:
+    frame = result.frame()
+    for col in frame.columns:
+        if col in obs.columns:
+            log.warning("obs[%r] of the input is replaced", col)
+    obs["c2s_cell_type"] = frame["c2s_cell_type"].to_numpy()
+    obs["c2s_score"] = frame["c2s_score"].to_numpy()
+
+
+def _write_sample(cfg: AnnotateConfig, result: Annotation, meta: dict) -> None:
+    """The sampled cells only (--max-cells), through anndata, from memory."""
+    import anndata
+
+    adata = anndata.read_h5ad(cfg.h5ad, backed="r")
+    try:
+        sub = adata[result.rows].to_memory()
+    finally:
+        adata.file.close()
+    _add_columns(sub.obs, result)
+    if result.embedding is not None:
+        sub.obsm["X_c2s"] = np.asarray(result.embedding, np.float32)
+    sub.uns["c2s_annotate"] = meta
+    out = Path(cfg.out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        sub.write_h5ad(tmp)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _device_and_dtype(cfg: AnnotateConfig):
+    import torch
+
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise AnnotateError(f"--device {cfg.device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AnnotateError(f"--device {cfg.device}: CUDA is not available here (use --device cpu)")
+    name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if dev.type == "cuda" else "float32")
+    return dev, getattr(torch, name)
+
+
+def run(cfg: AnnotateConfig) -> dict:
+    """Annotate cfg.h5ad with cfg.model into cfg.out; returns the summary printed by main."""
+    started = time.time()
+    if not os.path.isfile(cfg.h5ad):
+        raise AnnotateError(f"--h5ad {cfg.h5ad}: file not found")
+    if not os.path.isdir(cfg.model):
+        raise AnnotateError(f"--model {cfg.model}: not a folder (give OUTPUT/final of `c2s train`)")
+    if os.path.abspath(cfg.out) == os.path.abspath(cfg.h5ad):
+        raise AnnotateError(f"--out {cfg.out}: the same file as --h5ad; write the annotated copy elsewhere")
+    if os.path.isdir(cfg.out):
+        raise AnnotateError(f"--out {cfg.out}: a folder; give a file name (annotated.h5ad)")
+    speech = Speech.of_model(cfg.model, cfg.corpus)
+    version = _try_corpus(speech)
+    labels = None
+    if cfg.labels is not None:
+        if cfg.labels == "corpus" and version is None:
+            raise AnnotateError("--labels corpus: the model's corpus cannot be read here; give --corpus DIR or "
+                                "--labels FILE")
+        labels = None if cfg.labels == "corpus" else file_labels(cfg.labels)
+    # the input first: a bad file fails before the model is loaded
+    cells = Cells(cfg.h5ad, cfg.layer)
+    from etl.sources.base import normalise_organism
+    from etl.symbols import var_words
+
+    try:
+        words, _ = var_words(cells.ids, cells.names, uppercase=speech.uppercase, source=f"{cfg.h5ad} var")
+        n_obs = cells.n_obs
+    finally:
+        cells.close()
+    if cfg.organism:
+        organism = normalise_organism(cfg.organism)
+    elif version is not None:
+        organism = choose_organism(version, words)
+    else:
+        raise AnnotateError("no --organism given and the model's corpus cannot be read here to tell it; give "
+                            "--organism (homo_sapiens, mus_musculus, ...)")
+    if version is not None and corpus_organisms(version) and organism not in corpus_organisms(version):
+        log.warning("organism %s: the model's corpus has no cells of it (it has %s)", organism,
+                    ", ".join(corpus_organisms(version)))
+    coverage = None
+    vocab = corpus_vocab(version, organism) if version is not None else None
+    if vocab:
+        coverage = sum(w in vocab for w in words) / max(len(words), 1)
+        if coverage < 0.5:
+            missing = [w for w in words if w not in vocab][:5]
+            log.warning("only %.0f%% of the file's %d gene symbols are in the corpus vocabulary of %s (e.g. "
+                        "missing: %s): the model has not seen the others; are the symbols in var['feature_name'] "
+                        "(not Ensembl ids)?", 100 * coverage, len(words), organism, ", ".join(missing))
+    if cfg.labels == "corpus":
+        labels = corpus_labels(version, organism)
+    Prompter(speech, organism, cfg.template, cfg.budget_tokenizer)  # template and budget checked before the model
+    from training.models import load_model_and_tokenizer
+
+    device, dtype = _device_and_dtype(cfg)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=dtype)
+    model.to(device)
+    budget = cfg.max_new_tokens
+    if budget is None and labels is None and version is not None:
+        from training.evaluate import answer_budget
+
+        try:
+            budget = answer_budget(tokenizer, corpus_labels(version, None))
+        except AnnotateError as e:
+            log.warning("%s; the model may write %d tokens", e, DEFAULT_MAX_NEW_TOKENS)
+    rows = sample_rows(n_obs, cfg.max_cells)
+    meta = {k: v for k, v in {"model": os.path.abspath(cfg.model), "corpus": speech.corpus,
+                              "organism": organism, "template": cfg.template, "layer": cfg.layer or "X",
+                              "mode": "labels" if labels is not None else "generate",
+                              "labels": cfg.labels, "n_labels": len(labels) if labels is not None else None,
+                              "encoding": json.dumps(dataclasses.asdict(speech), sort_keys=True)}.items()
+            if v is not None}
+    log.info("annotating %d cells of %s (%s) with %s: %s", len(rows), cfg.h5ad, organism, cfg.model,
+             f"the likeliest of {len(labels)} labels" if labels is not None else "generated answers")
+
+    def annotate(embed_into=None) -> Annotation:
+        return annotate_cells(cfg.h5ad, model, tokenizer, speech, organism, template=cfg.template, labels=labels,
+                              embed=cfg.embed, layer=cfg.layer, rows=rows, batch_size=cfg.batch_size,
+                              label_batch=cfg.label_batch, block_cells=cfg.block_cells,
+                              max_new_tokens=budget, embed_into=embed_into, budget_tokenizer=cfg.budget_tokenizer)
+
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    if len(rows) < n_obs:
+        result = annotate()
+        _write_sample(cfg, result, meta)
+    else:
+        result = _write_copy(cfg, annotate, int(model.config.hidden_size), n_obs, meta)
+    answered = int(np.isfinite(result.score).sum())
+    shown = result.genes_shown[np.isfinite(result.score)]
+    return {"output": cfg.out, "cells": len(rows), "annotated": answered, "skipped": result.skipped,
+            "organism": organism, "mode": meta["mode"], "labels": meta.get("n_labels"), "template": cfg.template,
+            "genes_shown_median": float(np.median(shown)) if len(shown) else 0.0,
+            "vocab_coverage": None if coverage is None else round(coverage, 4),
+            "mean_score": float(np.nanmean(result.score)) if answered else None,
+            "seconds": round(time.time() - started, 2)}
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = parse(AnnotateConfig, list(sys.argv[1:] if argv is None else argv), DESCRIPTION, EPILOG,
+                    prog=prog)
+        summary = run(cfg)
+    except InputError as e:  # AnnotateError, ModelError, ConfigError, the ETL's InputError: one line
+        log.error("%s", " ".join(str(e).split()))
+        return 2
+    except ImportError as e:
+        if (e.name or "").split(".")[0] not in ETL_PACKAGES:
+            raise
+        log.error("c2s-annotate reads .h5ad files and ranks cells with the corpus builder: it needs the %r "
+                  "package: pip install 'c2s-corpus[etl]'", e.name)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
