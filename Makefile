@@ -9,7 +9,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export PYSPARK_PYTHON := $(abspath $(BIN))/python
 export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN))/python
 
-.PHONY: setup demo train test test-quick lint bench gpu-wheels clean help
+.PHONY: setup demo train eval-demo test test-quick lint bench gpu-wheels clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*## /\t/'
@@ -31,6 +31,12 @@ demo: setup  ## build the demo corpus into demo/corpus (its generated inputs in 
 
 train: setup  ## a short SFT run of the tiny model on demo/corpus (after `make demo`) into demo/sft
 	$(BIN)/c2s train --model tiny-pythia --corpus demo/corpus --output-dir demo/sft
+
+eval-demo: setup  ## demo corpus -> tiny model trained on CPU (~5 min) -> evaluation on the test split (demo/eval/)
+	$(BIN)/c2s build --demo
+	$(BIN)/c2s train --model tiny-pythia --corpus demo/corpus --output-dir demo/sft_eval --max-steps 600 \
+	    --tasks cell_type_prediction=3,cell_type_generation=2,cell_lm=1 --save-steps 0 --eval-steps 0
+	$(BIN)/c2s evaluate --model demo/sft_eval/final --split test --out demo/eval/report.json
 
 test: setup  ## lint, then run the test suite
 	$(BIN)/ruff check etl training schemas c2s tests benchmarks jobs

@@ -8,17 +8,19 @@ evaluation of a run, and of a resumed run, scores the same samples.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
 from training import data as td
+from training.answers import answer_budget, predicted_label
 from training.losses import collate_mode, model_inputs, response_loss
 
 log = logging.getLogger(__name__)
 
 CELL_TYPE_TASK = "cell_type_prediction"
+__all__ = ["CELL_TYPE_TASK", "EvalSet", "answer_budget", "cell_type_accuracy", "loss_per_task", "main",
+           "predicted_label"]
 
 
 def _head(paths: list[str], n: int, columns: list[str]) -> list[dict]:
@@ -74,23 +76,6 @@ class EvalSet:
         return out
 
 
-_SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,;:])")
-
-
-def predicted_label(generated: str) -> str:
-    """The continuation up to its first sentence end, as a label (word-level tokenizers decode 'cell .')."""
-    text = _SPACE_BEFORE_PUNCT.sub(r"\1", generated).strip()
-    cut = re.search(r"\.(\s|$)", text)
-    return (text[: cut.start()] if cut else text).strip()
-
-
-def answer_budget(tokenizer, labels: list[str], slack: int = 2) -> int:
-    """New tokens enough to write the longest label as a completion (" <label>."), plus `slack`: a fixed budget
-    cuts long Census labels ("naive thymus-derived CD4-positive, alpha-beta T cell") and miscounts them."""
-    return max((len(tokenizer(f" {label}.", add_special_tokens=False)["input_ids"]) for label in labels),
-               default=0) + slack
-
-
 def cell_type_accuracy(model, tokenizer, cells: list[tuple[str, str]], max_new_tokens: int | None = None) -> float:
     """Share of cells whose greedy continuation names their cell type (case-insensitive, exact label); the
     generation budget fits the longest label unless given."""
@@ -120,3 +105,16 @@ def loss_per_task(model, evalset: EvalSet, pad_id: int, device, mode: str, dtype
             n += k
         out[task] = (total / max(n, 1), n)
     return out
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """python -m training.evaluate / c2s evaluate: the full evaluation (training/evaluation.py)."""
+    from training.evaluation import main as evaluation_main
+
+    return evaluation_main(argv, prog=prog)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

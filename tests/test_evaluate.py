@@ -1,0 +1,71 @@
+"""c2s evaluate on the test fixture: every report key, the files beside it, accuracy as scored independently,
+and a reused PCA giving the same reference distances."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+KEYS = ("cell_type_accuracy", "majority_baseline", "gene_validity", "scfid", "mmd", "energy_distance",
+        "per_task", "per_condition", "embedder", "model", "corpus")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(train_corpus, tmp_path_factory) -> str:
+    from training.config import SFTConfig
+    from training.trainer import train
+
+    out = tmp_path_factory.mktemp("eval_model")
+    res = train(SFTConfig(model="tiny-pythia", corpus=train_corpus, output_dir=str(out), max_steps=4,
+                          per_device_batch_size=4, max_length=512, shuffle_buffer=32, eval_steps=0,
+                          save_steps=0, eval_cells=0, eval_samples_per_task=1, report_to="none",
+                          stream_close_wait_s=0, logging_steps=1))
+    return res.final_dir
+
+
+def test_evaluate_writes_every_key_and_its_files(tiny_model, train_corpus, tmp_path):
+    from training.evaluate import predicted_label
+    from training.evaluation import main
+    from training.models import generate, load_model_and_tokenizer
+
+    out = tmp_path / "eval" / "report.json"
+    args = ["--model", tiny_model, "--split", "test", "--n-per-condition", "4", "--max-samples", "12",
+            "--max-conditions", "3", "--out", str(out)]
+    assert main(args) == 0
+    r = json.loads(out.read_text())
+    for k in KEYS:
+        assert k in r, k
+    assert r["corpus"] == str(Path(train_corpus).resolve())  # from the model's c2s.json
+    assert (out.parent / "report.md").read_text().startswith("# Evaluation of")
+    assert sorted(p.name for p in out.parent.glob("*.png")) and list(out.parent.glob("pca_*.npz"))
+    assert r["generation"]["floor_real_vs_real"]["mean"]["scfid"] is not None
+    # accuracy scored independently: greedy answers, compared case-insensitively to the label column
+    df = pd.read_parquet(Path(train_corpus) / "samples" / "cell_type_prediction" / "test").head(12)
+    model, tok = load_model_and_tokenizer(tiny_model)
+    budget = max(len(tok(f" {x}.", add_special_tokens=False)["input_ids"]) for x in df["label"]) + 8
+    answers = [predicted_label(o).strip().lower() for o in generate(model, tok, list(df["prompt"]),
+                                                                     max_new_tokens=budget)]
+    want = sum(a == t.lower() for a, t in zip(answers, df["label"], strict=True)) / len(df)
+    assert r["cell_type_accuracy"] == pytest.approx(want)
+    train_labels = pd.read_parquet(Path(train_corpus) / "samples" / "cell_type_prediction" / "train")["label"]
+    top = train_labels.value_counts()
+    majority = sorted(top[top == top.max()].index)[0]
+    assert r["majority_baseline"] == pytest.approx(float((df["label"] == majority).mean()))
+    # the same PCA reused: the same reference distances
+    again = tmp_path / "again" / "report.json"
+    assert main([*args[:-1], str(again), "--embedder-path", str(out.parent), "--no-plots"]) == 0
+    r2 = json.loads(again.read_text())
+    assert r2["generation"]["floor_real_vs_real"]["mean"] == r["generation"]["floor_real_vs_real"]["mean"]
+    assert not list(again.parent.glob("pca_*.npz"))  # reused, not refitted
+
+
+def test_evaluate_refuses_bad_inputs_in_one_line(tiny_model, tmp_path, caplog):
+    from training.evaluation import main
+
+    assert main(["--model", tiny_model, "--tasks", "nope", "--out", str(tmp_path / "r.json")]) == 2
+    assert "nope" in caplog.text
+    assert main(["--out", str(tmp_path / "r.json")]) == 2
+    assert main(["--model", tiny_model, "--n-per-condition", "2"]) == 2
