@@ -69,3 +69,30 @@ def test_evaluate_refuses_bad_inputs_in_one_line(tiny_model, tmp_path, caplog):
     assert "nope" in caplog.text
     assert main(["--out", str(tmp_path / "r.json")]) == 2
     assert main(["--model", tiny_model, "--n-per-condition", "2"]) == 2
+
+
+def test_evaluate_with_the_models_own_embedding(tiny_model, tmp_path):
+    from training.evaluation import main
+
+    out = tmp_path / "m" / "report.json"
+    assert main(["--model", tiny_model, "--tasks", "cell_type_generation", "--n-per-condition", "4",
+                 "--max-conditions", "2", "--embedder", "model", "--no-plots", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["embedder"]["name"] == "model" and r["scfid"] is not None and not list(out.parent.glob("*.npz"))
+
+
+def test_annotate_reads_a_generated_h5ad(tiny_model, tmp_path):
+    """The loop closes: cells generated as expression are annotated back by the same model."""
+    import anndata as ad
+
+    from training.annotate import main as annotate
+    from training.generate import main as generate
+
+    cells = tmp_path / "gen.h5ad"
+    assert generate(["--model", tiny_model, "--task", "cell_type_generation", "--condition", "cell_type=T cell",
+                     "--organism", "homo_sapiens", "--n", "6", "--batch-size", "6", "--out", str(cells),
+                     "--no-progress"]) == 0
+    out = tmp_path / "annotated.h5ad"
+    assert annotate(["--model", tiny_model, "--h5ad", str(cells), "--out", str(out)]) == 0
+    a = ad.read_h5ad(out)
+    assert a.n_obs == 6 and {"c2s_cell_type", "c2s_score"} <= set(a.obs.columns)

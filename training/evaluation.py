@@ -75,7 +75,8 @@ class EvaluateConfig:
     top_k: int = _f(0, "Top-k for generated cells (0: off).", metavar="K")
     top_p: float = _f(1.0, "Top-p for generated cells (1: off).", metavar="P")
     batch_size: int = _f(64, "Prompts per generation batch.", metavar="N")
-    cell_eval: bool = _f(False, "Also compute Arc Institute's cell-eval metrics for perturbations.")
+    cell_eval: bool = _f(True, "Also compute Arc Institute's cell-eval metrics for perturbations (the Virtual "
+                         "Cell Challenge's evaluator) when it is installed; the direct metrics always.")
     seed: int = _f(0, "Seed of sampling and subsampling.")
     out: str = _f("report.json", "The JSON report; report.md, the PCA and the plots go beside it.",
                   metavar="FILE", aliases=["output"])
@@ -182,6 +183,7 @@ class Space:
     fits: dict[str, dict]
     embed: Any = None
     pca: Any = None
+    embed_text: bool = False  # --embedder model: mean hidden states of the sentence text
 
     def fit_for(self, dataset_id: str | None) -> dict:
         organism_fit = next(v for k, v in self.fits.items() if k.startswith("pooled:"))
@@ -222,8 +224,7 @@ def _space(corpus, organism: str, cfg: EvaluateConfig, model, tok, out_dir: Path
             space.pca.save(str(out_dir / f"pca_{organism}.npz"))
         space.embed = lambda x: space.pca.transform(x, space.genes, input="log10p")
     elif cfg.embedder == "model":
-        raise EvaluateError("--embedder model embeds prompts, not expression: not available for generated "
-                            "cells yet; use pca or module:function")
+        space.embed_text = True  # cells are embedded as their sentences, by the evaluated model itself
     else:
         fn = load_embedder(cfg.embedder)
         space.embed = lambda x: fn(x, space.genes)
@@ -285,9 +286,15 @@ def generation(model, tok, corpus, cfg: EvaluateConfig, out_dir: Path) -> dict:
         spaces[org] = space
         validity[org] = tmx.gene_validity([generated[i] for i in idx], set(space.genes))
         ds = [rows[i].dataset_id for i in idx]
-        xr = space.embed(space.expression([real_sent[i] for i in idx], ds))
-        xg = space.embed(space.expression([generated[i] for i in idx], ds))
-        xs = space.embed(space.expression([list(rng.permutation(real_sent[i])) for i in idx], ds))
+        sets = ([real_sent[i] for i in idx], [generated[i] for i in idx],
+                [list(rng.permutation(real_sent[i])) for i in idx])
+        if space.embed_text:
+            from training.embed import model_embedder
+
+            xr, xg, xs = (np.asarray(model_embedder(model, tok, [" ".join(s) for s in group],
+                                                    batch_size=cfg.batch_size), np.float64) for group in sets)
+        else:
+            xr, xg, xs = (space.embed(space.expression(group, ds)) for group in sets)
         for j, i in enumerate(idx):
             c = rows[i].condition
             for store, x in ((real_e, xr), (gen_e, xg), (shuf_e, xs)):
@@ -384,8 +391,13 @@ def perturbation(model, tok, corpus, cfg: EvaluateConfig) -> dict:
     by = defaultdict(list)
     for i, r in enumerate(rows):
         by[r.condition].append(i)
+    import importlib.util
+
+    use = cfg.cell_eval and importlib.util.find_spec("cell_eval") is not None
     res = tmx.perturbation_metrics({c: pred[i] for c, i in by.items()}, {c: real[i] for c, i in by.items()},
-                                   ctrl, genes=space.genes, top_n=20, use_cell_eval=cfg.cell_eval)
+                                   ctrl, genes=space.genes, top_n=20, use_cell_eval=use)
+    res["cell_eval"] = res.get("cell_eval") if use else (
+        "not installed (pip install cell-eval): direct metrics only" if cfg.cell_eval else "off")
     res["n_per_condition"] = cfg.n_per_condition
     res["inverse_transform"] = f"pooled fit of {organism}"
     return res
