@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                  "etl.versions:main"),
     "train": ("fine-tune a language model on a corpus (full, LoRA or QLoRA; packing; exact resume)",
               "training.sft:main"),
+    "grpo": ("refine a trained model with GRPO on biology rewards (TRL; gene programs, labels, validity)",
+             "training.grpo:main"),
     "generate": ("generate cells with a trained model and write them as expression (.h5ad)",
                  "training.generate:main"),
     "evaluate": ("measure a trained model: accuracy vs baseline, scFID/MMD/energy, perturbation metrics",

@@ -1,0 +1,78 @@
+"""GRPO after SFT on the demo, on CPU: does the biology reward rise, and what does evaluation say before and
+after? SFT of the tiny model on perturbation_prediction (and cell types), then `c2s grpo` with the default
+perturbation rewards (gene_program over each perturbation's most changed genes, validity), then
+`c2s evaluate` of both models on the test split.
+
+    .venv/bin/python benchmarks/grpo_bench.py --sft-steps 300 --grpo-steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sft-steps", type=int, default=300)
+    p.add_argument("--grpo-steps", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    from c2s.api import build_corpus
+    from training.config import SFTConfig
+    from training.evaluation import main as evaluate
+    from training.grpo import main as grpo
+    from training.trainer import train
+
+    bench = os.path.join(ROOT, ".bench", "grpo")
+    corpus = os.path.join(ROOT, ".bench", "demo", "corpus")
+    build_corpus(corpus, demo=True, demo_dir=os.path.join(ROOT, ".bench", "demo", "data"))
+    t0 = time.perf_counter()
+    sft = train(SFTConfig(model="tiny-pythia", corpus=corpus, output_dir=os.path.join(bench, "sft"),
+                          max_steps=a.sft_steps, tasks=["perturbation_prediction=2", "cell_type_prediction=1"],
+                          eval_steps=0, save_steps=0, eval_cells=0, eval_samples_per_task=1, report_to="none",
+                          stream_close_wait_s=0, seed=a.seed, logging_steps=10))
+    sft_s = time.perf_counter() - t0
+    out = os.path.join(bench, "grpo")
+    if os.path.exists(os.path.join(out, "metrics.jsonl")):
+        os.remove(os.path.join(out, "metrics.jsonl"))
+    t0 = time.perf_counter()
+    assert grpo(["--model", sft.final_dir, "--max-steps", str(a.grpo_steps), "--output-dir", out,
+                 "--max-completion-length", "200", "--num-generations", "4", "--per-device-batch-size", "8",
+                 "--learning-rate", "1e-5", "--seed", str(a.seed), "--logging-steps", "1"]) == 0
+    grpo_s = time.perf_counter() - t0
+    lines = Path(out, "metrics.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines if '"reward"' in x]
+    k = max(1, len(recs) // 5)
+    mean = lambda rs, key: round(sum(r[key] for r in rs) / len(rs), 4)  # noqa: E731
+    result = {"sft_steps": a.sft_steps, "grpo_steps": a.grpo_steps, "sft_seconds": round(sft_s, 1),
+              "grpo_seconds": round(grpo_s, 1),
+              "reward_first_20pct": mean(recs[:k], "reward"), "reward_last_20pct": mean(recs[-k:], "reward"),
+              "gene_program_first_20pct": mean(recs[:k], "rewards/gene_program/mean"),
+              "gene_program_last_20pct": mean(recs[-k:], "rewards/gene_program/mean"),
+              "validity_first_20pct": mean(recs[:k], "rewards/validity/mean"),
+              "validity_last_20pct": mean(recs[-k:], "rewards/validity/mean"),
+              "generation_s_per_step": mean(recs, "generation_s_per_step"),
+              "training_s_per_step": mean(recs, "training_s_per_step")}
+    for name, model in (("before", sft.final_dir), ("after", os.path.join(out, "final"))):
+        report = os.path.join(bench, f"eval_{name}", "report.json")
+        assert evaluate(["--model", model, "--split", "test", "--tasks", "perturbation_prediction",
+                         "--tasks", "cell_type_prediction", "--n-per-condition", "8", "--no-plots",
+                         "--out", report]) == 0
+        r = json.loads(Path(report).read_text())
+        result[f"eval_{name}"] = {"cell_type_accuracy": r["cell_type_accuracy"],
+                                  **{k2: round(v, 4) for k2, v in r["perturbation"].get("mean", {}).items()}}
+    result |= {"python": platform.python_version(), "cpus": os.cpu_count()}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
