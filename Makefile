@@ -36,7 +36,7 @@ eval-demo: setup  ## demo corpus -> tiny model trained on CPU (~5 min) -> evalua
 	$(BIN)/c2s build --demo
 	$(BIN)/c2s train --model tiny-pythia --corpus demo/corpus --output-dir demo/sft_eval --max-steps 600 \
 	    --tasks cell_type_prediction=3,cell_type_generation=2,cell_lm=1 --save-steps 0 --eval-steps 0
-	$(BIN)/c2s evaluate --model demo/sft_eval/final --split test --out demo/eval/report.json
+	$(BIN)/c2s evaluate --model demo/sft_eval/final --split test --n-per-condition 10 --out demo/eval/report.json
 
 test: setup  ## lint, then run the test suite
 	$(BIN)/ruff check etl training schemas c2s tests benchmarks jobs

@@ -302,10 +302,18 @@ def run(cfg: GRPORunConfig) -> dict:
                       gradient_checkpointing=False, accelerator_config={"dispatch_batches": False}, **gen_opts)
     columns = ["prompt", "task", "organism", "program_genes", "reference_ranks", "label", "label_id"]
 
+    from accelerate import PartialState
+
+    state = PartialState()
+    rank, world = state.process_index, state.num_processes
+
     def stream():
-        while True:  # endless: GRPO runs by --max-steps
-            for r in rows:
-                yield {k: r[k] for k in columns}
+        # each process streams its own share of the prompts (sharded once, here: TRL's dataloader does not
+        # dispatch batches for an iterable dataset); endless, GRPO runs by --max-steps
+        while True:
+            for i, r in enumerate(rows):
+                if i % world == rank:
+                    yield {k: r[k] for k in columns}
 
     dataset = IterableDataset.from_generator(stream)
     ref: dict = {}
