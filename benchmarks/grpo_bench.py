@@ -25,6 +25,10 @@ def main() -> None:
     p.add_argument("--sft-steps", type=int, default=300)
     p.add_argument("--grpo-steps", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sft-tasks", default="perturbation_prediction=2,cell_type_prediction=1")
+    p.add_argument("--num-generations", type=int, default=4)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", default="1e-5")
     a = p.parse_args()
     from c2s.api import build_corpus
     from training.config import SFTConfig
@@ -32,12 +36,12 @@ def main() -> None:
     from training.grpo import main as grpo
     from training.trainer import train
 
-    bench = os.path.join(ROOT, ".bench", "grpo")
+    bench = os.path.join(ROOT, ".bench", f"grpo_{a.sft_steps}_{a.grpo_steps}")
     corpus = os.path.join(ROOT, ".bench", "demo", "corpus")
     build_corpus(corpus, demo=True, demo_dir=os.path.join(ROOT, ".bench", "demo", "data"))
     t0 = time.perf_counter()
     sft = train(SFTConfig(model="tiny-pythia", corpus=corpus, output_dir=os.path.join(bench, "sft"),
-                          max_steps=a.sft_steps, tasks=["perturbation_prediction=2", "cell_type_prediction=1"],
+                          max_steps=a.sft_steps, tasks=a.sft_tasks.split(","),
                           eval_steps=0, save_steps=0, eval_cells=0, eval_samples_per_task=1, report_to="none",
                           stream_close_wait_s=0, seed=a.seed, logging_steps=10))
     sft_s = time.perf_counter() - t0
@@ -46,14 +50,16 @@ def main() -> None:
         os.remove(os.path.join(out, "metrics.jsonl"))
     t0 = time.perf_counter()
     assert grpo(["--model", sft.final_dir, "--max-steps", str(a.grpo_steps), "--output-dir", out,
-                 "--max-completion-length", "200", "--num-generations", "4", "--per-device-batch-size", "8",
-                 "--learning-rate", "1e-5", "--seed", str(a.seed), "--logging-steps", "1"]) == 0
+                 "--max-completion-length", "200", "--num-generations", str(a.num_generations),
+                 "--per-device-batch-size", str(a.batch), "--learning-rate", a.lr, "--seed", str(a.seed),
+                 "--logging-steps", "1"]) == 0
     grpo_s = time.perf_counter() - t0
     lines = Path(out, "metrics.jsonl").read_text().splitlines()
     recs = [json.loads(x) for x in lines if '"reward"' in x]
     k = max(1, len(recs) // 5)
     mean = lambda rs, key: round(sum(r[key] for r in rs) / len(rs), 4)  # noqa: E731
-    result = {"sft_steps": a.sft_steps, "grpo_steps": a.grpo_steps, "sft_seconds": round(sft_s, 1),
+    result = {"sft_steps": a.sft_steps, "sft_tasks": a.sft_tasks, "grpo_steps": a.grpo_steps,
+              "num_generations": a.num_generations, "batch": a.batch, "lr": a.lr, "sft_seconds": round(sft_s, 1),
               "grpo_seconds": round(grpo_s, 1),
               "reward_first_20pct": mean(recs[:k], "reward"), "reward_last_20pct": mean(recs[-k:], "reward"),
               "gene_program_first_20pct": mean(recs[:k], "rewards/gene_program/mean"),

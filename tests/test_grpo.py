@@ -86,3 +86,18 @@ def test_default_program_is_the_most_moved_genes():
     assert ranks == {"A": 0.0, "B": 1.5, "C": 1.5}
     # |mean rank change|: A 1.5 -> 0 (1.5), C 0 -> 1.5 (1.5), B 1.5 -> 1.5 (0)
     assert _changed_genes(perturbed, control, 2) == ["A", "C"]
+
+
+def test_grpo_expression_distance_scores_against_condition_centroids(sft_model, tmp_path):
+    """expression_distance is wired: each prompt carries its cell type's real centroid in the PCA space the
+    evaluation uses, and the logged reward is a negative distance."""
+    from training.grpo import main
+
+    out = tmp_path / "dist"
+    assert main(["--model", sft_model, "--tasks", "cell_type_generation", "--rewards",
+                 "expression_distance=1,validity=0.5", "--max-prompts", "32", "--max-completion-length", "24",
+                 "--num-generations", "2", "--per-device-batch-size", "4", "--max-steps", "2",
+                 "--output-dir", str(out)]) == 0
+    recs = [r for r in _records(out) if "rewards/expression_distance/mean" in r]
+    assert len(recs) == 2 and all(r["rewards/expression_distance/mean"] <= 0 for r in recs)
+    assert list(out.glob("pca_*.npz"))

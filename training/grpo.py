@@ -134,7 +134,8 @@ def _perturbation_rows(corpus, cfg: GRPORunConfig) -> list[dict]:
         for i in idx:
             rows.append({"prompt": df["prompt"].iloc[i], "task": PERTURBATION, "organism": df["organism"].iloc[i],
                          "program_genes": list(program), "reference_ranks": [float(x) for x in ref],
-                         "label": None, "label_id": None, "condition": pert})
+                         "label": None, "label_id": None, "condition": pert,
+                         "real": _words(df["completion"].iloc[i]), "dataset_id": None})
     return rows
 
 
@@ -157,13 +158,53 @@ def _changed_genes(perturbed: list[list[str]], control: list[list[str]], n: int)
 
 
 def _plain_rows(corpus, task: str) -> list[dict]:
-    from training.evaluation import _samples
+    """Train prompts of a task; for a task that writes one cell, its real cell and cell type (the condition
+    expression_distance compares with)."""
+    from training.evaluation import _cell_types, _samples, _words
 
-    df = _samples(corpus, task, "train", ["prompt", "label", "label_id", "organism"])
+    df = _samples(corpus, task, "train", ["prompt", "completion", "label", "label_id", "organism", "dataset_id",
+                                          "cell_ids"])
+    writes_cell = task in ("cell_type_generation", "cell_lm")
+    types = _cell_types(corpus, {(d, ids[0]) for d, ids in zip(df["dataset_id"], df["cell_ids"], strict=True)}
+                        ) if writes_cell and len(df) else {}
     return [{"prompt": r.prompt, "task": task, "organism": r.organism, "program_genes": [], "reference_ranks": [],
              "label": r.label if isinstance(r.label, str) else None,
-             "label_id": r.label_id if isinstance(r.label_id, str) else None, "condition": ""}
+             "label_id": r.label_id if isinstance(r.label_id, str) else None,
+             "condition": types.get((r.dataset_id, r.cell_ids[0]), "") if writes_cell else "",
+             "real": _words(r.completion) if writes_cell else None, "dataset_id": r.dataset_id}
             for r in df.itertuples()]
+
+
+def add_reference_embeddings(rows: list[dict], corpus, cfg: GRPORunConfig, out: Path):
+    """expression_distance's data: each row's condition centroid of real cells in the evaluation's embedding
+    (inverse transform, then PCA of real train cells), and the `embed` it scores generated cells with."""
+    from collections import Counter
+
+    from training.evaluation import EvaluateConfig, _space
+
+    counts = Counter(r["organism"] for r in rows if r.get("real"))
+    if not counts:
+        raise GRPOError("expression_distance needs prompts whose real cells are known (cell_type_generation, "
+                        "cell_lm or perturbation_prediction)")
+    organism = counts.most_common(1)[0][0]
+    if len(counts) > 1:  # one embedding space: the other organisms' prompts are left out
+        log.warning("expression_distance: prompts of %s only (%d); %s left out", organism, counts[organism],
+                    ", ".join(o for o in counts if o != organism))
+        rows[:] = [r for r in rows if r["organism"] == organism]
+    space = _space(corpus, organism, EvaluateConfig(model=cfg.model, embedder="pca", seed=cfg.seed), None,
+                   None, out)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        if r.get("real") and r["condition"]:
+            groups[r["condition"]].append(i)
+    for idx in groups.values():
+        x = space.embed(space.expression([rows[i]["real"] for i in idx], [rows[i]["dataset_id"] for i in idx]))
+        centre = [float(v) for v in np.asarray(x).mean(axis=0)]
+        for i in idx:
+            rows[i]["reference_embedding"] = centre
+    for r in rows:
+        r.setdefault("reference_embedding", None)
+    return lambda gene_lists: space.embed(space.expression(list(gene_lists), [None] * len(gene_lists)))
 
 
 def build_rows(corpus, cfg: GRPORunConfig) -> tuple[list[dict], list[str]]:
@@ -274,7 +315,13 @@ def run(cfg: GRPORunConfig) -> dict:
     weights = cfg.reward_weights or default_rewards(tasks)
     organisms = sorted({r["organism"] for r in rows})
     vocab = {o: set(corpus.vocab(o)["gene_symbol"]) for o in organisms}
-    context = {"vocabulary": vocab} if "validity" in weights else {}
+    context: dict = {"vocabulary": vocab} if "validity" in weights else {}
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    columns = ["prompt", "task", "organism", "program_genes", "reference_ranks", "label", "label_id"]
+    if "expression_distance" in weights:
+        context["embed"] = add_reference_embeddings(rows, corpus, cfg, out)
+        columns.append("reference_embedding")
     funcs, wts = make_reward_funcs(weights, **context)
     model, tok = tm.load_model_and_tokenizer(cfg.model)
     if cfg.adapter:
@@ -288,8 +335,6 @@ def run(cfg: GRPORunConfig) -> dict:
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, task_type="CAUSAL_LM",
                                  target_modules="all-linear")
     tok.padding_side = "left"
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     gen_opts, backend = _generation_options(cfg)
     import torch
 
@@ -300,8 +345,6 @@ def run(cfg: GRPORunConfig) -> dict:
                       save_strategy="steps" if cfg.save_steps else "no", report_to=cfg.report_to, seed=cfg.seed,
                       use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(),
                       gradient_checkpointing=False, accelerator_config={"dispatch_batches": False}, **gen_opts)
-    columns = ["prompt", "task", "organism", "program_genes", "reference_ranks", "label", "label_id"]
-
     from accelerate import PartialState
 
     state = PartialState()
