@@ -23,7 +23,16 @@ import yaml
 from schemas.errors import ConfigError
 
 T = TypeVar("T")
-__all__ = ["ConfigError", "build_parser", "convert", "flag_names", "parse", "read_config_file"]
+__all__ = ["ConfigError", "build_parser", "convert", "flag_names", "option", "parse", "read_config_file"]
+
+
+def option(default: Any, help: str, **kw: Any) -> Any:
+    """A config dataclass field whose metadata is its command-line option: `help` (the --help text) and any of
+    metavar, choices, flag (the option's own name), aliases (old names), whole (list items not split on
+    commas; a YAML mapping gives KEY=VALUE items). Lists get a fresh copy per instance."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
 def _base(tp: Any) -> tuple[Any, bool, bool]:
@@ -97,10 +106,15 @@ def convert(f: dataclasses.Field, hint: Any, value: Any, where: str) -> Any:
             return None
         raise ConfigError(f"{where}: a value is required")
     if is_list:
+        whole = f.metadata.get("whole", False)  # KEY=VALUE items whose values may hold commas
+        if whole and isinstance(value, dict):  # YAML mapping -> KEY=VALUE items
+            value = [f"{k}={v}" for k, v in value.items()]
         items = value if isinstance(value, list) else [value]
         out = []
         for item in items:
-            if isinstance(item, str):  # "a,b" is two values, as on the command line
+            if isinstance(item, str) and whole:
+                out.append(item)
+            elif isinstance(item, str):  # "a,b" is two values, as on the command line
                 out += [_scalar(inner, x.strip(), where) for x in item.split(",") if x.strip()]
             else:
                 out.append(_scalar(inner, item, where))

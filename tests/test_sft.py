@@ -94,18 +94,24 @@ def test_lora_loss_falls_and_saves_adapter_and_merged(train_corpus, tmp_path):
     assert merged.config.vocab_size > 0
 
 
-def test_loss_is_response_only_and_packed_samples_stay_apart(train_corpus):
-    """The trainer's batch loss on a packed row (4D mask, and padding-free varlen) equals the response-token
-    NLL of each sample run alone, computed here directly from the model's logits."""
+def _packed_rows(train_corpus: str, tasks: list[str]):
+    """The tiny model (sdpa, eval mode), the first two train rows of each task, and those rows packed into one
+    sequence, as the trainer packs them."""
     model, tok = tm.load_model_and_tokenizer("tiny-pythia", corpus=train_corpus, attn_implementation="sdpa")
     model.eval()
-    files = td.corpus_files(train_corpus, "train", ["cell_type_prediction", "tissue_prediction"])
     rows = []
-    for paths in files.values():
+    for paths in td.corpus_files(train_corpus, "train", tasks).values():
         rows += pq.read_table(paths[0], columns=["prompt", "completion"]).slice(0, 2).to_pylist()
     samples = [td.tokenize_sample(tok, r["prompt"], r["completion"], 10**6) for r in rows]
     packed = {"input_ids": [i for s in samples for i in s[0]], "labels": [i for s in samples for i in s[1]],
               "seq_lens": [len(s[0]) for s in samples], "tasks": ["a"] * len(samples)}
+    return model, tok, rows, packed
+
+
+def test_loss_is_response_only_and_packed_samples_stay_apart(train_corpus):
+    """The trainer's batch loss on a packed row (4D mask, and padding-free varlen) equals the response-token
+    NLL of each sample run alone, computed here directly from the model's logits."""
+    model, tok, rows, packed = _packed_rows(train_corpus, ["cell_type_prediction", "tissue_prediction"])
     batch = td.collate([packed], pad_id=tok.pad_token_id, attention="4d", task_index={"a": 0})
     batch.pop("token_task")
     labels = batch.pop("labels")
@@ -139,15 +145,7 @@ def test_per_sample_loss_is_the_sum_of_each_samples_mean_token_loss(train_corpus
     sample scored alone, on the 4d and the padding-free paths, values and gradients' presence."""
     from training.attention import register
 
-    model, tok = tm.load_model_and_tokenizer("tiny-pythia", corpus=train_corpus, attn_implementation="sdpa")
-    model.eval()
-    files = td.corpus_files(train_corpus, "train", ["cell_type_prediction", "cell_lm"])
-    rows = []
-    for paths in files.values():
-        rows += pq.read_table(paths[0], columns=["prompt", "completion"]).slice(0, 2).to_pylist()
-    samples = [td.tokenize_sample(tok, r["prompt"], r["completion"], 10**6) for r in rows]
-    packed = {"input_ids": [i for s in samples for i in s[0]], "labels": [i for s in samples for i in s[1]],
-              "seq_lens": [len(s[0]) for s in samples], "tasks": ["a"] * len(samples)}
+    model, tok, rows, packed = _packed_rows(train_corpus, ["cell_type_prediction", "cell_lm"])
     assert td.samples_with_labels([packed]) == len(rows)
     want = 0.0
     with torch.no_grad():

@@ -34,12 +34,13 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
+from schemas.cli import option as _f  # a config field: default, --help text, option metadata
 from schemas.cli import parse
 from schemas.errors import ConfigError, InputError
 
@@ -69,10 +70,6 @@ EPILOG = """examples:
 --labels FILE: one label per line. Each is scored by the model and the likeliest wins, so every answer is one
 of them. Without --labels the model writes its answer freely (greedy), as evaluation measures it.
 A model without c2s.json (not trained here) needs --corpus DIR: the corpus whose encoding and budget to use."""
-
-
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass

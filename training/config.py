@@ -3,19 +3,15 @@ metadata is the --help text; `--config file.yaml` supplies values, flags overrid
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import ClassVar
+
+from schemas.cli import option as _f  # a config field: default, --help text, option metadata
 
 PEFT = ("none", "lora", "qlora")
 ATTENTION = ("auto", "varlen", "4d", "flash", "padded")
 REPORT_TO = ("tensorboard", "wandb", "none")
 TINY = ("tiny-pythia", "tiny-gemma2")  # small random models built here (training/models.py)
-
-
-def _f(default, help: str, **kw):
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass

@@ -26,12 +26,13 @@ import os
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
+from schemas.cli import option as _f  # a config field: default, --help text, option metadata
 from schemas.errors import InputError
 
 log = logging.getLogger("training.evaluate")
@@ -41,12 +42,6 @@ PERTURBATION_TASK = "perturbation_prediction"
 
 class EvaluateError(InputError):
     """A bad evaluation input; the message names it."""
-
-
-def _f(default, help: str, **kw):
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass

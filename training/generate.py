@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from schemas.cli import option as _f  # a config field: default, --help text, option metadata
 from schemas.errors import ConfigError, InputError
 
 log = logging.getLogger("training.generate")
@@ -54,12 +55,6 @@ class GenerateError(InputError):
     """A bad generation input (task, condition, prompt file, corpus table); the message names it."""
 
 
-def _f(default, help: str, **kw):
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass
 class GenerateConfig:
     # model
@@ -82,7 +77,7 @@ class GenerateConfig:
                               "cell_types=\"T cell; B cell\", num_cells=4, abstract=..., perturbation=KLF1 "
                               "(perturbation_type=CRISPRi), input_sentence=\"GENE1 GENE2 ...\" (the control / "
                               "centre cell), disease=..., dataset_id=ID (that dataset's inverse fit).",
-                              metavar="KEY=VALUE")
+                              metavar="KEY=VALUE", whole=True)
     organism: str | None = _f(None, "Organism of the prompts and of the output's genes (default: the corpus's "
                               "only organism, else homo_sapiens; with --from-split: the split's only one).",
                               metavar="NAME")
@@ -911,35 +906,13 @@ end of text within --max-new-tokens), inverse_fit; uns: model, corpus, sampling,
 
 
 def parse_args(argv: list[str] | None, prog: str | None = None) -> GenerateConfig:
-    """Defaults < --config YAML < flags, as schemas.cli.parse, except that --condition values are taken whole
-    (a cell type may hold commas); in YAML, `condition` is a mapping or a list of KEY=VALUE."""
-    import dataclasses
-    import typing
+    """Defaults < --config YAML < flags (schemas.cli.parse). --condition values are taken whole (a cell type
+    may hold commas; the field's `whole` option); in YAML `condition` is a mapping or a list of KEY=VALUE."""
+    from schemas.cli import parse
 
-    from schemas.cli import build_parser, convert, flag_names, hf_spellings, read_config_file
-
-    parser = build_parser(GenerateConfig, DESCRIPTION, EPILOG, prog=prog)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    ns = vars(parser.parse_args(hf_spellings(argv, parser)))
-    config = ns.pop("config", None)
-    hints = typing.get_type_hints(GenerateConfig)
-    fields = {f.name: f for f in dataclasses.fields(GenerateConfig)}
-    values: dict[str, Any] = {}
-    conditions: list[str] = []
-    if config:
-        for k, v in read_config_file(config, GenerateConfig).items():
-            if k == "condition":
-                items = [f"{a}={b}" for a, b in v.items()] if isinstance(v, dict) else [v] if isinstance(v, str) \
-                    else list(v or [])
-                conditions += [str(x) for x in items]
-            else:
-                values[k] = convert(fields[k], hints[k], v, f"--config {config}: {k}")
-    if "condition" in ns:
-        conditions = list(ns.pop("condition"))  # flags replace the file's list, as for other options
-    for k, v in ns.items():
-        values[k] = convert(fields[k], hints[k], v, flag_names(fields[k])[0])
-    parse_conditions(conditions)
-    return GenerateConfig(condition=conditions, **values)
+    cfg = parse(GenerateConfig, argv, DESCRIPTION, EPILOG, prog=prog)
+    parse_conditions(cfg.condition)
+    return cfg
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

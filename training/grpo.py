@@ -22,12 +22,13 @@ import logging
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
+from schemas.cli import option as _f  # a config field: default, --help text, option metadata
 from schemas.errors import InputError
 
 log = logging.getLogger("training.grpo")
@@ -36,12 +37,6 @@ PERTURBATION = "perturbation_prediction"
 
 class GRPOError(InputError):
     """A bad GRPO input; the message names it."""
-
-
-def _f(default, help: str, **kw):
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
