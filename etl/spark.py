@@ -16,8 +16,11 @@ def get_spark(app: str = "c2s-corpus", master: str | None = None):
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
-    from pyspark import SparkConf
+    from pyspark import SparkConf, SparkContext
 
+    # the JVM first: a SparkConf made before it exists has none of spark-submit's settings (its --master
+    # would be ignored for local[*]); under spark-submit this connects to the JVM spark-submit started
+    SparkContext._ensure_initialized()
     conf = SparkConf()  # picks up spark-submit's settings
     if master or not conf.contains("spark.master"):
         builder = builder.master(master or "local[*]")

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import string
 from functools import cache
-from pathlib import Path
+from importlib import resources
 
 from etl.sources.base import InputError
 from etl.tasks.phrases import apply_spec, check_spec
 
-DIR = Path(__file__).parent / "templates"
+# through importlib.resources: also read when the package is imported from a zip (spark-submit --py-files)
+DIR = resources.files("etl.tasks") / "templates"
 MIN_TEMPLATES = 8
 
 Parsed = tuple[tuple[str, str | None, str], ...]  # (literal text, field or None, phrase spec)
@@ -46,7 +47,7 @@ def fill(text: str, values: dict) -> str:
 def load(task: str) -> dict:
     """{"prompts": [...], "response": "..."} of a task, checked: ≥8 prompts, no trailing space, fields parse."""
     path = DIR / f"{task}.json"
-    if not path.exists():
+    if not path.is_file():
         raise InputError(f"no templates for task {task!r} ({path})")
     spec = json.loads(path.read_text())
     prompts, response = spec.get("prompts", []), spec.get("response", "")
