@@ -308,7 +308,7 @@ def read_table(path: PathLike, table: str = "samples", *, task: str | None = Non
         tasks = [task] if task is not None else sorted(per)
         parts = [v.path("samples", t, _SAMPLE_SPLITS[split]) if split else v.path("samples", t) for t in tasks]
     elif table == "sentences":
-        parts = [v.path("sentences", organism) if organism else v.path("sentences")]
+        parts = v.sentence_files(organism)  # listed by the manifest: parts may live in earlier versions
     elif table == "vocab":
         orgs = [organism] if organism else sorted(v.manifest.get("counts", {}).get("organisms", {}))
         frames = [_read_parts([v.path("vocab", f"{o}.parquet")], cols, where).to_pandas().assign(organism=o)
@@ -348,9 +348,15 @@ def _read_parts(parts: list[str], columns: list[str] | None, where: str):
 
     from schemas.layout import filesystem
 
+    if not parts:
+        raise InputError(f"{where}: no files")
     fs = filesystem(parts[0])[0]
-    datasets = [pads.dataset(filesystem(p)[1], format="parquet", filesystem=fs) for p in parts]
-    data = datasets[0] if len(datasets) == 1 else pads.dataset(datasets)
+    paths = [filesystem(p)[1] for p in parts]
+    if len(paths) > 1 and all(p.endswith(".parquet") for p in paths):
+        data = pads.dataset(paths, format="parquet", filesystem=fs)  # one dataset over the listed files
+    else:
+        datasets = [pads.dataset(p, format="parquet", filesystem=fs) for p in paths]
+        data = datasets[0] if len(datasets) == 1 else pads.dataset(datasets)
     missing = [c for c in columns or [] if c not in data.schema.names]
     if missing:
         raise ConfigError(f"{where}: no column(s) {missing}; columns: {', '.join(data.schema.names)}")

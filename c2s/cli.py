@@ -12,6 +12,8 @@ from collections.abc import Callable
 COMMANDS: dict[str, tuple[str, str]] = {
     "build": ("build a corpus: cells -> cell sentences -> multi-task samples (Spark; --demo for a try)",
               "etl.build_corpus:main"),
+    "refresh": ("rebuild only what changed in a corpus's source and commit a new version (scheduled jobs)",
+                "etl.build_corpus:refresh_main"),
     "validate": ("re-read a corpus and check files, schemas, counts and hashes (--deep: every row)",
                  "etl.validate:main"),
     "inspect": ("counts per task and split, example samples, label and length plots, the leakage check",

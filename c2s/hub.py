@@ -13,6 +13,7 @@ before pushing, an air-gapped mirror, or tests (the hub is not needed).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import posixpath
@@ -54,7 +55,7 @@ def _list(uri: str) -> list[str]:
 def corpus_upload(uri: str) -> Upload:
     """The files of the version readers of `uri` see, with a card whose paths are the repo's."""
     from etl.card import dataset_card
-    from schemas.layout import SENTENCES_TABLES
+    from schemas.layout import SENTENCES_TABLES, gene_counts_rel
 
     v = resolve(uri)
     up = Upload("dataset")
@@ -62,14 +63,31 @@ def corpus_upload(uri: str) -> Upload:
         if rel.startswith(SKIP) or rel == "README.md" or rel.split("/")[0] in SENTENCES_TABLES:
             continue
         up.files[rel] = posixpath.join(v.root, rel)
-    for table in SENTENCES_TABLES:  # this version's own, or those of the version it reuses
-        src = v.path(table)
-        for rel in _list(src):
-            up.files[f"{table}/{rel}"] = posixpath.join(src, rel)
     if MANIFEST not in up.files:
         raise InputError(f"{uri}: no {MANIFEST} in the version folder {v.root}; is it a corpus?")
-    up.files["README.md"] = dataset_card(v.manifest).encode()
+    for table in ("vocab", "stats"):  # this version's own, or those of the version it reuses
+        src = v.path(table)
+        for rel in _list(src):
+            if not rel.startswith("genes/"):
+                up.files[f"{table}/{rel}"] = posixpath.join(src, rel)
+    # every sentences part (and its gene counts), wherever it lives: the repo holds one self-contained version
+    for rel, where in zip(sorted(v.manifest["files"]), v.sentence_files(), strict=True):
+        up.files[rel] = where
+        up.files[gene_counts_rel(rel)] = _sibling(where, rel, gene_counts_rel(rel))
+    manifest = {**v.manifest, "sentences_version": v.manifest.get("version"),
+                "files": {rel: {k: x for k, x in info.items() if k != "version"}
+                          for rel, info in v.manifest["files"].items()}}
+    if not v.manifest.get("gene_counts"):
+        for rel in v.manifest["files"]:
+            up.files.pop(gene_counts_rel(rel), None)
+    up.files[MANIFEST] = json.dumps(manifest, indent=2).encode()
+    up.files["README.md"] = dataset_card(manifest).encode()
     return up
+
+
+def _sibling(uri: str, rel: str, other: str) -> str:
+    """The URI of `other` in the version folder that holds `rel` at `uri`."""
+    return uri[: len(uri) - len(rel)] + other
 
 
 def model_upload(folder: str, datasets: list[str] | None = None) -> Upload:

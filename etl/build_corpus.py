@@ -21,6 +21,17 @@ Perturb-seq files) in train/validation/test/test_ood splits that share no donor 
 
 Give a source (--h5ad, --census-version or --census-uri), or --demo for the small generated demo."""
 
+REFRESH_DESCRIPTION = """Refresh a corpus from its source, incrementally (run it on a schedule): compare the source
+(Census dataset_version_id per dataset; h5ad files by content) with the latest version's manifest, rebuild only
+new or changed datasets, drop withdrawn ones, rebuild the samples, and commit a new version that reuses every
+unchanged dataset's parts where an earlier version wrote them (nothing copied). The result equals a full build
+of the new source (same content_hash). An unchanged source commits nothing.
+
+Takes the build's options (the same source options as the build that made DIR). The last line on stdout is
+one JSON object: {"version", "committed", "rebuilt", "removed", "unchanged", "content_hash", "samples_hash"}.
+With --keep-versions N, old versions beyond the newest N are deleted after the commit (never one a kept
+version reuses parts of); a reader or trainer that resolved a version keeps reading it until then."""
+
 EPILOG = """examples:
   c2s build --demo                                                  # the demo, into demo/corpus
   spark-submit etl/build_corpus.py --census-version 2025-11-08 --organisms homo_sapiens \\
@@ -60,9 +71,10 @@ def setup_logging(level: str) -> None:
     os.environ.setdefault("SPARK_LOG_LEVEL", "INFO" if level == "DEBUG" else "ERROR")
 
 
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None, refresh: bool = False) -> int:
     """Exit 0 on success; 2 with one line naming the input for a user error (bad option, file, source);
-    1 with one line for anything else (the traceback with --log-level debug)."""
+    1 with one line for anything else (the traceback with --log-level debug). `refresh`: the scheduled
+    refresh (jobs/refresh.py): incremental, and the last line says what changed."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _log_level(argv).lower() == "debug"
     setup_logging(_log_level(argv))
@@ -72,8 +84,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     session, owned = None, False
     try:
-        cfg = parse(BuildConfig, argv, DESCRIPTION, EPILOG, prog=prog, extra={"list-tasks": (
-            "list the tasks with a description and a rendered example of each; then exit", _list_tasks)})
+        cfg = parse(BuildConfig, argv, REFRESH_DESCRIPTION if refresh else DESCRIPTION, EPILOG, prog=prog,
+                    extra={"list-tasks": ("list the tasks with a description and a rendered example of each; then "
+                                          "exit", _list_tasks)})
+        if refresh:
+            cfg.incremental = True
         setup_logging(cfg.log_level)
         from etl.pipeline import build
 
@@ -87,7 +102,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             session = get_spark("c2s-build-corpus", cfg.master)
             return session
 
-        before = _latest_version(cfg.output)
+        before_manifest = _latest_manifest(cfg.output)
+        before = (before_manifest or {}).get("version")
         manifest = build(cfg, start_spark if cfg.spark else None)
     except (InputError, CorpusNotFound) as e:
         if debug:
@@ -106,6 +122,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     finally:
         if session is not None and owned:
             session.stop()
+    if refresh:
+        print(json.dumps(refresh_report(before_manifest, manifest)))
+        return 0
     totals = manifest["counts"]["totals"]
     print(json.dumps({"output": cfg.output, "version": manifest.get("version"),
                       "changed": manifest.get("version") != before,
@@ -117,20 +136,49 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return 0
 
 
+def refresh_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """c2s refresh / c2s-refresh / spark-submit jobs/refresh.py: the incremental, scheduled refresh."""
+    return main(argv, prog=prog or "c2s refresh", refresh=True)
+
+
 def _list_tasks() -> str:
     from etl.tasks.catalog import describe_tasks
 
     return describe_tasks()
 
 
-def _latest_version(output: str) -> str | None:
-    """The version readers of `output` see before this build (None: none, or unreadable)."""
-    from etl.versions import Versions
+def _latest_manifest(output: str) -> dict | None:
+    """The manifest of the version readers of `output` see before this build (None: none, or unreadable)."""
+    from schemas.layout import resolve
 
     try:
-        return (Versions(output).pointer() or {}).get("version")
+        return resolve(output).manifest
     except (OSError, ValueError):
         return None
+
+
+def _datasets(manifest: dict | None) -> set[str]:
+    if not manifest:
+        return set()
+    return set(manifest.get("dataset_keys") or {f"{o}/{d}" for o, c in manifest["counts"]["organisms"].items()
+                                                 for d in c["datasets"]})
+
+
+def refresh_report(before: dict | None, after: dict) -> dict:
+    """What a refresh did, as one JSON object: the version readers see now, the datasets rebuilt (new or
+    changed) and removed, how many were reused unchanged, and the content hashes."""
+    committed = after.get("version") != (before or {}).get("version")
+    new_sentences = committed and after.get("sentences_version") != (before or {}).get("sentences_version")
+    if not new_sentences:  # nothing committed, or only the samples were rebuilt
+        rebuilt, removed, unchanged = [], [], len(_datasets(after))
+    elif before and "refresh" in after and after["refresh"]["base"] == before.get("version"):
+        r = after["refresh"]
+        rebuilt, removed, unchanged = r["rebuilt"], r["removed"], len(r["unchanged"])
+    else:  # a full build (no earlier version, or one that predates dataset keys)
+        rebuilt, removed, unchanged = sorted(_datasets(after)), sorted(_datasets(before) - _datasets(after)), 0
+    return {"version": after.get("version"), "committed": committed, "rebuilt": rebuilt, "removed": removed,
+            "unchanged": unchanged, "content_hash": after["content_hash"],
+            "samples_hash": after.get("samples", {}).get("samples_hash")}
 
 
 def _last_line(e: BaseException) -> str:

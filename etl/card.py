@@ -9,6 +9,8 @@ the dataset page.
 
 from __future__ import annotations
 
+import posixpath
+
 import pyarrow as pa
 import yaml
 
@@ -36,7 +38,22 @@ def _license(manifest: dict) -> str:
     return "cc-by-4.0" if manifest.get("source", {}).get("kind") == "census" else "other"
 
 
-def dataset_card(manifest: dict, *, prefix: str = "", sentences_prefix: str | None = None) -> str:
+def _sentence_globs(manifest: dict, sentences_prefix: str, versions_prefix: str) -> str | list[str]:
+    """The sentences parts as data_files globs: the version's own folder, plus one folder per dataset whose
+    parts an earlier version wrote (a refresh reuses them where they are)."""
+    own = manifest.get("sentences_version") or manifest.get("version")
+    elsewhere = sorted({(i["version"], posixpath.dirname(rel)) for rel, i in manifest.get("files", {}).items()
+                        if i.get("version") and i["version"] != own})
+    if not elsewhere:
+        return f"{sentences_prefix}sentences/*/*/*.parquet"
+    globs = [f"{versions_prefix}{vid}/{folder}/*.parquet" for vid, folder in elsewhere]
+    if any(not i.get("version") or i["version"] == own for i in manifest.get("files", {}).values()):
+        globs.insert(0, f"{sentences_prefix}sentences/*/*/*.parquet")
+    return globs
+
+
+def dataset_card(manifest: dict, *, prefix: str = "", sentences_prefix: str | None = None,
+                 versions_prefix: str = "../") -> str:
     """README.md for the version `manifest` describes. Paths in `data_files` are relative to the folder the
     card sits in: `prefix` leads to the version's folder ("" inside it, "versions/<id>/" at DIR), and
     `sentences_prefix` to the folder holding its sentences (defaults to `prefix`)."""
@@ -57,7 +74,7 @@ def dataset_card(manifest: dict, *, prefix: str = "", sentences_prefix: str | No
                                   "num_examples": int(per[task][s])} for s in splits]})
     cells = manifest["counts"]["totals"]["written"]
     configs.append({"config_name": "sentences", "data_files": [
-        {"split": "train", "path": f"{sentences_prefix}sentences/*/*/*.parquet"}]})
+        {"split": "train", "path": _sentence_globs(manifest, sentences_prefix, versions_prefix)}]})
     infos.append({"config_name": "sentences", "features": features(schemas.SENTENCES),
                   "splits": [{"name": "train", "num_bytes": sum(int(f.get("bytes", 0)) for f in
                                                                 manifest.get("files", {}).values()),

@@ -64,6 +64,9 @@ class BuildConfig:
     log_level: str = _f("info", "Log level; debug also shows tracebacks and Spark's own logs.",
                         choices=["debug", "info", "warning", "error"])
     force: bool = _f(False, "Rebuild even when the manifest says the corpus is current.")
+    incremental: bool = _f(False, "Over a changed source, rebuild only the datasets that changed (by Census "
+                           "dataset_version_id or h5ad content) and reuse the others' parts where an earlier "
+                           "version wrote them; the result equals a full build (jobs/refresh.py sets this).")
     # samples stage: knowledge
     biogrid: str | None = _f(None, "BioGRID TAB3 file (.txt, or the release .zip) for gene_interaction_prediction.",
                              metavar="FILE")

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 import schemas
+from etl import incremental
 from etl import manifest as mf
 from etl.config import BuildConfig
 from etl.encode import Vocabulary
@@ -28,7 +29,7 @@ from etl.stages import sentences
 from etl.storage import Store
 from etl.validate import validate
 from etl.versions import WORK, LegacyLayout, Versions, sweep
-from schemas.layout import CorpusVersion
+from schemas.layout import CorpusVersion, gene_counts_rel
 
 log = logging.getLogger("etl")
 
@@ -177,6 +178,7 @@ def build(cfg: BuildConfig, spark=None) -> dict:
             inputs = samples_plan.preflight(cfg, {d for ds in plan.planned.values() for d in ds}, {},
                                             samples_only=False)
         key = mf.run_key(plan.description, _filters(cfg, plan), cfg.shaping_options())
+        keys = incremental.dataset_keys(plan, cfg.shaping_options())
         if latest is not None and latest.manifest.get("run_key") == key and not cfg.force:
             log.info("sentences are current (version %s; same inputs, options and formats); reused",
                      latest.manifest.get("sentences_version") or latest.version)
@@ -188,7 +190,8 @@ def build(cfg: BuildConfig, spark=None) -> dict:
             if vid:
                 log.info("resuming unfinished version %s (same run key): finished tasks are reused", vid)
             vid = vid or versions.create(key, sentences_key=key, stages=list(cfg.stages))
-            manifest = build_sentences(cfg, plan, key, versions.store(vid), vid, session)
+            reuse = incremental.plan_reuse(latest, keys) if cfg.incremental and not cfg.force else None
+            manifest = build_sentences(cfg, plan, key, versions.store(vid), vid, session, keys=keys, reuse=reuse)
             base = None
     else:
         if latest is None:
@@ -236,6 +239,14 @@ def build(cfg: BuildConfig, spark=None) -> dict:
     return manifest
 
 
+def _reused_summary(reuse: incremental.Reuse, shared: dict) -> sentences.Summary:
+    """What the unchanged datasets contribute, read from the version refreshed (no part is read)."""
+    datasets = {k: sentences.DatasetCounts(c["planned"], c["read"], c["written"], dict(c["skipped"]), fit)
+                for k, (c, fit) in incremental.reused_counts(reuse).items()}
+    tokens = {org: incremental.reused_token_cells(reuse, org, o["symbols"]) for org, o in shared["organisms"].items()}
+    return sentences.Summary(datasets, tokens, incremental.reused_files(reuse))
+
+
 def _same_source(cfg: BuildConfig, manifest: dict) -> None:
     """A samples-only build reads the corpus's sentences: source options naming another source (or sample)
     would be silently ignored, so they are refused; the same ones as the corpus's are fine."""
@@ -260,10 +271,13 @@ def _filters(cfg: BuildConfig, plan: SourcePlan) -> dict:
 
 
 def build_sentences(cfg: BuildConfig, plan: SourcePlan, key: str, store: Store, vid: str,
-                    spark: Callable | None = None) -> dict:
+                    spark: Callable | None = None, keys: dict[str, str] | None = None,
+                    reuse: incremental.Reuse | None = None) -> dict:
     """The sentences stage into version `vid` (its Store `store`): encode every task (reusing finished ones),
     the vocabularies and the inverse-transform fits; returns the version's manifest (no samples yet). A run
-    that finished this stage before (the samples stage then failed) returns the stage's saved result."""
+    that finished this stage before (the samples stage then failed) returns the stage's saved result.
+    With `reuse` (a refresh), the unchanged datasets' parts stay where an earlier version wrote them and only
+    the other tasks run."""
     done = f"{WORK}/sentences.json"
     if store.is_file(done):
         log.info("sentences of version %s were finished by an earlier run; reused", vid)
@@ -272,20 +286,28 @@ def build_sentences(cfg: BuildConfig, plan: SourcePlan, key: str, store: Store, 
     timings: dict[str, float] = {}
     n_cells = sum(sum(d.values()) for d in plan.planned.values())
     log.info("plan: %d cells, %d tasks, run key %s", n_cells, len(plan.tasks), key[:16])
+    tasks = plan.tasks
+    if reuse is not None:
+        tasks = [t for t in plan.tasks if not reuse.reused(t)]
+        log.info("refresh of version %s: %d dataset(s) unchanged (reused where they are), %d new or changed "
+                 "(%d tasks, %d cells to encode), %d removed", reuse.base.version, len(reuse.unchanged),
+                 len(reuse.rebuilt), len(tasks), sum(t.n_cells for t in tasks), len(reuse.removed))
     vocabs, shared = _vocabularies(plan)
     opts = sentences.TaskOptions(seed=cfg.seed, max_genes=cfg.max_genes, block_cells=cfg.block_cells,
                                  row_group_cells=cfg.row_group_cells, compression=cfg.compression,
                                  buffer_mib=cfg.buffer_mib, on_invalid=cfg.on_invalid,
                                  read_ahead=cfg.read_ahead)
     t = time.perf_counter()
-    session = spark() if spark is not None and spark.enabled else None
+    session = spark() if spark is not None and spark.enabled and tasks else None
     if session is not None:
         from etl.spark import task_cores
 
         opts.cores = task_cores(session)
-        summary = sentences.run_spark(session, plan.tasks, store.uri, shared, opts)
+        summary = sentences.run_spark(session, tasks, store.uri, shared, opts)
     else:
-        summary = sentences.run_local(plan.tasks, store.uri, shared, opts)
+        summary = sentences.run_local(tasks, store.uri, shared, opts)
+    if reuse is not None:
+        summary = summary + _reused_summary(reuse, shared)
     timings["sentences"] = time.perf_counter() - t
     missing = {tk.rel_path for tk in plan.tasks} - set(summary.files)
     if missing:
@@ -308,8 +330,9 @@ def build_sentences(cfg: BuildConfig, plan: SourcePlan, key: str, store: Store, 
         for org in sorted(plan.planned) for ds in sorted(plan.planned[org])
     ]
     store.write_table("stats/inverse_transform.parquet", pa.Table.from_pylist(fit_rows, schema=schemas.INVERSE_TRANSFORM))
-    swept = sweep(store, set(summary.files) | {f"vocab/{o}.parquet" for o in vocabs}
-                        | {"stats/inverse_transform.parquet"})
+    own = {rel for rel, info in summary.files.items() if not info.get("version")}
+    swept = sweep(store, own | {gene_counts_rel(r) for r in own} | {f"vocab/{o}.parquet" for o in vocabs}
+                  | {"stats/inverse_transform.parquet"})
     if swept:
         log.info("removed %d leftover file(s) of an earlier killed run", swept)
     timings["tables"] = time.perf_counter() - t
@@ -339,6 +362,11 @@ def build_sentences(cfg: BuildConfig, plan: SourcePlan, key: str, store: Store, 
                   "task_seconds": round(summary.task_seconds, 2), "peak_rss_mb": round(summary.peak_rss_mb, 1)},
         "inverse_transform": {f"{r['organism']}/{r['dataset_id']}": {k: r[k] for k in ("slope", "intercept", "r2")}
                               for r in fit_rows},
+        "dataset_keys": keys or {},
+        "gene_counts": True,
     }
+    if reuse is not None:
+        manifest["refresh"] = {"base": reuse.base.version, "unchanged": reuse.unchanged, "rebuilt": reuse.rebuilt,
+                               "removed": reuse.removed}
     store.write_json(done, manifest)
     return manifest

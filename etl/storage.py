@@ -8,6 +8,7 @@ version folder, and commits by writing one small pointer (etl/versions.py).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -19,9 +20,37 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from schemas.errors import InputError
 from schemas.layout import filesystem
 
 TMP_MARK = ".tmp-"  # in the names of local files being written (`.<name>.tmp-<hex>`)
+
+
+class OutputFull(InputError):
+    """No space left where the corpus is being written: one line naming the path (retrying will not help)."""
+
+
+def _is_full(e: BaseException) -> bool:
+    import errno
+
+    return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e) or \
+        "Disk quota exceeded" in str(e)
+
+
+def full_error(e: BaseException, where: str) -> OutputFull:
+    return OutputFull(f"no space left on the device writing {where}: free space there or give another "
+                      "--output-dir (the committed corpus is unchanged; a rerun resumes this build)")
+
+
+@contextlib.contextmanager
+def _writing(where: str):
+    """Turn a full disk (ENOSPC, quota) into OutputFull, so Spark tasks report it once instead of retrying."""
+    try:
+        yield
+    except OSError as e:
+        if _is_full(e):
+            raise full_error(e, where) from e
+        raise
 
 
 @functools.lru_cache(maxsize=64)
@@ -45,7 +74,8 @@ class Store:
 
     def path(self, rel: str = "") -> str:
         root = self.fs_root[1]
-        return posixpath.join(root, rel) if rel else root
+        # normalised: a reused part's path climbs into an earlier version (`../<id>/sentences/...`)
+        return posixpath.normpath(posixpath.join(root, rel)) if rel else root
 
     def child(self, rel: str) -> Store:
         if "://" in self.uri:
@@ -100,10 +130,17 @@ class Store:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         fs, _ = self.fs_root
-        fs.create_dir(posixpath.dirname(self.path(rel)), recursive=True)
         target = self._tmp(rel) if self.local else rel
-        with fs.open_output_stream(self.path(target)) as f:
-            f.write(data)
+        try:
+            with _writing(self.path(rel)):
+                fs.create_dir(posixpath.dirname(self.path(rel)), recursive=True)
+                with fs.open_output_stream(self.path(target)) as f:
+                    f.write(data)
+        except BaseException:
+            if self.local:
+                with contextlib.suppress(OSError):
+                    os.remove(self.path(target))
+            raise
         if self.local:
             os.replace(self.path(target), self.path(rel))
 
@@ -125,19 +162,35 @@ class AtomicParquetWriter:
     def __init__(self, store: Store, rel: str, schema: pa.Schema, **kwargs):
         self.store, self.rel = store, rel
         fs, _ = store.fs_root
-        fs.create_dir(posixpath.dirname(store.path(rel)), recursive=True)
         self.target = store._tmp(rel) if store.local else rel
-        self._stream = fs.open_output_stream(store.path(self.target))
+        with _writing(store.path(rel)):
+            fs.create_dir(posixpath.dirname(store.path(rel)), recursive=True)
+            self._stream = fs.open_output_stream(store.path(self.target))
         self._writer = pq.ParquetWriter(self._stream, schema, **kwargs)
         self.rows = 0
+        self._closed = False
 
     def write_table(self, table: pa.Table, row_group_size: int | None = None) -> None:
-        self._writer.write_table(table, row_group_size=row_group_size)
+        with _writing(self.store.path(self.rel)):
+            self._writer.write_table(table, row_group_size=row_group_size)
         self.rows += table.num_rows
 
     def close(self, ok: bool = True) -> None:
-        self._writer.close()
-        self._stream.close()
+        """Finish the file (ok) or drop it; a close that fails (a full disk at the footer) drops it too."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with _writing(self.store.path(self.rel)):
+                try:
+                    self._writer.close()
+                finally:
+                    self._stream.close()
+        except BaseException:
+            self._writer.is_open = False  # pyarrow's __del__ would try the failed close again
+            with contextlib.suppress(OSError):
+                self.store.remove(self.target)
+            raise
         if not self.store.local:
             if not ok:
                 self.store.remove(self.target)

@@ -22,7 +22,16 @@ import pyarrow.parquet as pq
 import schemas
 from etl import rowhash
 from etl.storage import Store
-from schemas.layout import CorpusNotFound, CorpusVersion, parse_sample_rel, parse_sentence_rel, resolve
+from schemas.layout import (
+    CorpusNotFound,
+    CorpusVersion,
+    gene_counts_rel,
+    parse_sample_rel,
+    parse_sentence_rel,
+    part_path,
+    resolve,
+    sentence_parts,
+)
 
 log = logging.getLogger("etl.validate")
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "test_ood": 3}
@@ -71,17 +80,21 @@ def validate(uri: str, deep: bool = False) -> dict:
         raise CorpusInvalid(str(e)) from e
     sent = Store(v.sentences_root)
     files = m["files"]
-    _files_equal(sent, "sentences", set(files), what)
+    # the parts this version wrote are exactly its sentences folder; reused ones are read where they live
+    own = {r for r in files if part_path(m, r) == r}
+    _files_equal(sent, "sentences", own, what)
+    if m.get("gene_counts"):
+        _files_equal(sent, "stats/genes", {gene_counts_rel(r) for r in own}, what)
     total_rows, total_sum = 0, 0
     per_dataset: dict[tuple[str, str], int] = {}
     for rel in sorted(files):
         info = files[rel]
-        f = _open(sent, rel)
+        f = _open(sent, part_path(m, rel))
         _check_schema(f, schemas.SENTENCES, rel)
         n = f.metadata.num_rows
         if n != info["rows"]:
             raise CorpusInvalid(f"{rel}: {n} rows, the manifest says {info['rows']}")
-        size = sent.fs_root[0].get_file_info(sent.path(rel)).size
+        size = sent.fs_root[0].get_file_info(sent.path(part_path(m, rel))).size
         if "bytes" in info and size != info["bytes"]:
             raise CorpusInvalid(f"{rel}: {size} bytes, the manifest says {info['bytes']}")
         if deep:
@@ -156,7 +169,7 @@ def _deep_cells(v: CorpusVersion) -> None:
     """Cell ids unique per dataset; no cell in two splits; samples reference only cells of the corpus."""
     sent = Store(v.sentences_root)
     keys = []
-    for rel in sorted(v.manifest["files"]):
+    for rel in sentence_parts(v.manifest):
         t = _open(sent, rel).read(columns=["dataset_id", "cell_id"])
         keys.append(rowhash.cell_keys(t["dataset_id"], t["cell_id"]))
     cells = np.sort(np.concatenate(keys)) if keys else np.zeros(0, np.uint64)

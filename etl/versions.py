@@ -22,7 +22,16 @@ import re
 
 from etl.card import dataset_card
 from etl.storage import TMP_MARK, Store
-from schemas.layout import MANIFEST, POINTER, VERSIONS, CorpusNotFound, CorpusVersion, resolve
+from schemas.layout import (
+    LEASES,
+    MANIFEST,
+    POINTER,
+    VERSIONS,
+    CorpusNotFound,
+    CorpusVersion,
+    leased_versions,
+    resolve,
+)
 
 log = logging.getLogger("etl.versions")
 
@@ -87,9 +96,11 @@ class Versions:
         return None
 
     def referenced(self, vid: str) -> set[str]:
-        """The versions `vid` needs: itself and the one whose sentences it reuses."""
+        """The versions `vid` needs: itself, the one whose sentences it reuses, and those holding the parts of
+        unchanged datasets a refresh reused."""
         m = self.store(vid).read_json(MANIFEST)
-        return {vid, m.get("sentences_version") or vid}
+        return {vid, m.get("sentences_version") or vid} | {
+            i["version"] for i in m.get("files", {}).values() if i.get("version")}
 
     # ------------------------------------------------------------------------------------------ writing
     def find_unfinished(self, sentences_key: str) -> str | None:
@@ -140,8 +151,8 @@ class Versions:
             log.info("%s/%s is not a corpus card: left as it is", self.out.uri, CARD)
             return
         sid = manifest.get("sentences_version") or vid
-        self.out.write_bytes(CARD, dataset_card(manifest, prefix=f"{VERSIONS}/{vid}/",
-                                                sentences_prefix=f"{VERSIONS}/{sid}/").encode())
+        self.out.write_bytes(CARD, dataset_card(manifest, prefix=f"{VERSIONS}/{vid}/", sentences_prefix=f"{VERSIONS}/{sid}/",
+                                                versions_prefix=f"{VERSIONS}/").encode())
 
     def remove_unfinished(self, keep: str | None = None) -> list[str]:
         """Delete the unfinished versions (of failed or killed builds) but `keep`: called after a commit.
@@ -160,7 +171,10 @@ class Versions:
             return []
         done = self.committed()
         ptr = (self.pointer() or {}).get("version")
-        kept = set(done[-keep:]) | ({ptr} if ptr else set())
+        leased = leased_versions(self.out.uri) & set(done)
+        if leased - set(done[-keep:]) - {ptr}:
+            log.info("kept %s: being read (a lease under %s/)", ", ".join(sorted(leased)), LEASES)
+        kept = set(done[-keep:]) | ({ptr} if ptr else set()) | leased
         needed = set().union(*(self.referenced(v) for v in kept)) if kept else set()
         gone = [v for v in done if v not in needed]
         for v in gone:

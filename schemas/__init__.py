@@ -3,6 +3,7 @@
 from schemas.tables import (
     ABSTRACTS,
     BIOGRID,
+    GENE_COUNTS,
     GENE_SETS,
     INVERSE_TRANSFORM,
     LABEL_COLUMNS,
@@ -25,6 +26,7 @@ from schemas.tables import (
 __all__ = [
     "ABSTRACTS",
     "BIOGRID",
+    "GENE_COUNTS",
     "GENE_SETS",
     "INVERSE_TRANSFORM",
     "LABEL_COLUMNS",

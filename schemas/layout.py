@@ -13,9 +13,13 @@ AWS_ENDPOINT_URL, as in the AWS SDKs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
+import socket
+import time
+import uuid
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
@@ -50,6 +54,14 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
+def _under(uri: str, rel: str) -> str:
+    """`uri`/`rel` with `..` resolved, for local paths and object-store URIs alike."""
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(rest, rel))}"
+    return os.path.normpath(os.path.join(uri, rel))
+
+
 def _read_json(fs: pafs.FileSystem, path: str, what: str) -> dict | None:
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
@@ -81,6 +93,22 @@ class CorpusVersion:
             return self.root
         return join(posixpath.dirname(self.root.rstrip("/")) if "://" in self.root
                     else os.path.dirname(self.root.rstrip(os.sep)), sid)
+
+    def sentence_files(self, organism: str | None = None, dataset_id: str | None = None) -> list[str]:
+        """URIs of the version's sentences parts (of one organism, or one dataset), wherever each lives: a
+        refresh reuses unchanged datasets' parts where an earlier version wrote them (`files[rel].version`)."""
+        out = []
+        for rel in sentence_parts(self.manifest):
+            org, ds = parse_sentence_rel(rel)
+            if (organism is None or org == organism) and (dataset_id is None or ds == dataset_id):
+                out.append(_under(self.sentences_root, rel))
+        return out
+
+    def versions_used(self) -> set[str]:
+        """Every version whose files this one reads (itself, its sentences version, reused datasets')."""
+        used = {self.version, self.manifest.get("sentences_version") or self.version}
+        used |= {info["version"] for info in self.manifest.get("files", {}).values() if info.get("version")}
+        return {v for v in used if v}
 
     def table_root(self, table: str) -> str:
         """The folder that holds `table` (sentences, vocab, stats, samples, knowledge)."""
@@ -118,6 +146,52 @@ def resolve(uri: str) -> CorpusVersion:
     raise CorpusNotFound(f"corpus {uri}: no {POINTER} or {MANIFEST} (not a built corpus)")
 
 
+LEASES = "leases"
+
+
+@contextlib.contextmanager
+def reader_lease(uri: str, version: str | None, ttl_hours: float = 72.0, what: str = "reader"):
+    """While the block runs, DIR/leases/<id>.json names `version` as being read: `--keep-versions` pruning
+    skips it (a trainer resolved `latest` at start and reads that version to the end, whatever a refresh
+    commits meanwhile). The lease is removed at the end; one a killed process leaves expires after
+    `ttl_hours`. No-op for a pinned version folder or a corpus written before versions."""
+    fs, base = filesystem(uri)
+    if version is None or fs.get_file_info(posixpath.join(base, POINTER)).type != pafs.FileType.File:
+        yield None
+        return
+    name = f"{uuid.uuid4().hex}.json"
+    path = posixpath.join(base, LEASES, name)
+    now = time.time()
+    body = {"version": version, "what": what, "host": socket.gethostname(), "pid": os.getpid(),
+            "created_at": now, "expires_at": now + ttl_hours * 3600}
+    fs.create_dir(posixpath.join(base, LEASES), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(body).encode())
+    try:
+        yield body
+    finally:
+        with contextlib.suppress(OSError):
+            fs.delete_file(path)
+
+
+def leased_versions(uri: str) -> set[str]:
+    """Versions named by unexpired leases under DIR/leases/ (an unreadable lease is ignored)."""
+    fs, base = filesystem(uri)
+    sel = pafs.FileSelector(posixpath.join(base, LEASES), allow_not_found=True)
+    out, now = set(), time.time()
+    for info in fs.get_file_info(sel):
+        if info.type != pafs.FileType.File or not info.path.endswith(".json"):
+            continue
+        try:
+            with fs.open_input_stream(info.path) as f:
+                lease = json.loads(f.read())
+            if float(lease["expires_at"]) > now:
+                out.add(str(lease["version"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
 # Table folders are plain names, not hive `key=value` folders: the files carry every column themselves, so
 # pandas, pyarrow, Spark and `datasets` read any folder or file alike (hive names made pyarrow add a
 # partition column that clashed with the one in the files).
@@ -133,11 +207,31 @@ def sentence_rel(organism: str, dataset_id: str, name: str) -> str:
     return f"sentences/{organism}/{dataset_id}/{name}"
 
 
+def gene_counts_rel(sentence_part: str) -> str:
+    """stats/genes/<org>/<ds>/<part>: the per-gene cell counts of the sentences part `sentence_part`."""
+    org, ds = parse_sentence_rel(sentence_part)
+    return f"stats/genes/{org}/{ds}/{posixpath.basename(sentence_part)}"
+
+
 def parse_sample_rel(rel: str) -> tuple[str, str]:
     """(task, split) of a samples part's relative path."""
     parts = rel.split("/")
     i = parts.index("samples")
     return parts[i + 1], parts[i + 2]
+
+
+def sentence_parts(manifest: dict) -> list[str]:
+    """The sentences parts of a manifest as paths relative to its sentences folder, sorted by their canonical
+    name: `sentences/<org>/<ds>/part-*.parquet`, or `../<version>/sentences/...` for a part an earlier
+    version wrote and this one reuses (Store.path and sentence_files normalise the `..`)."""
+    return [part_path(manifest, rel) for rel in sorted(manifest.get("files", {}))]
+
+
+def part_path(manifest: dict, rel: str) -> str:
+    """Where the sentences part `rel` (its canonical name) lives, relative to the sentences folder."""
+    own = manifest.get("sentences_version") or manifest.get("version")
+    where = manifest["files"][rel].get("version")
+    return rel if not where or where == own else f"../{where}/{rel}"
 
 
 def parse_sentence_rel(rel: str) -> tuple[str, str]:

@@ -73,6 +73,15 @@ VOCAB = pa.schema(
     ]
 )
 
+GENE_COUNTS = pa.schema(
+    [
+        _f("gene_symbol", pa.string(), "Gene symbol, as in the vocabulary."),
+        _f("n_cells", pa.int64(), "Written cells of this sentences part in which the symbol is expressed (before "
+           "--max-genes truncation). stats/genes/<organism>/<dataset_id>/part-*.parquet, one per sentences part: "
+           "a refresh that drops or rebuilds a dataset takes its share out of the vocabulary's n_cells."),
+    ]
+)
+
 INVERSE_TRANSFORM = pa.schema(
     [
         _f("organism", pa.string(), "Organism key."),
@@ -172,8 +181,9 @@ MANIFEST_FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "filters": (dict, "obs value filter, organisms, max_cells."),
     "options": (dict, "Every build option that shapes the output."),
     "counts": (dict, "Per organism and dataset: read, written, skipped by reason; totals."),
-    "files": (dict, "Every sentences part (path relative to the sentences' version folder) -> rows, bytes and "
-              "hash (the order-free sum of its rows' hashes, hex)."),
+    "files": (dict, "Every sentences part (path relative to the sentences' version folder) -> rows, bytes, "
+              "hash (the order-free sum of its rows' hashes, hex), and `version` where an earlier version "
+              "wrote the part and this one reuses it."),
     "content_hash": (str, "sha256 of the order-free sum of the sentence rows' hashes and the row count: a "
                      "function of the rows only (not of files, partitioning, master or executors)."),
     "timings_s": (dict, "Wall seconds per stage."),
@@ -187,6 +197,12 @@ MANIFEST_OPTIONAL_FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
                           "earlier one when only the samples were rebuilt (not copied)."),
     "formats": (dict, "Versions of what decides the output bytes: schema, encoder, row_hash, samples (they "
                 "enter the run keys)."),
+    "dataset_keys": (dict, "`organism/dataset_id` -> digest of what decides the dataset's rows (source version "
+                     "or file hash, planned cells, var words, options, formats): a refresh rebuilds the datasets "
+                     "whose key changed and reuses the rest."),
+    "gene_counts": (bool, "Each sentences part has its per-gene cell counts in stats/genes/ (what a refresh needs)."),
+    "refresh": (dict, "For a version a refresh made: base (the version refreshed), unchanged (datasets reused "
+                "where an earlier version wrote them; their `files` entries name it), rebuilt, removed."),
     "samples": (dict, "The samples stage: run_key, inputs, tasks built or skipped (with reasons), counts per "
                 "task and split, files (rows, bytes, hash), samples_hash (order-free)."),
 }
@@ -195,6 +211,7 @@ TABLES: dict[str, pa.Schema] = {
     "sentences": SENTENCES,
     "vocab": VOCAB,
     "inverse_transform": INVERSE_TRANSFORM,
+    "gene_counts": GENE_COUNTS,
     "samples": SAMPLES,
     "knowledge/biogrid": BIOGRID,
     "knowledge/ligand_receptor": LIGAND_RECEPTOR,
@@ -277,11 +294,14 @@ def markdown() -> str:
     ]
     out += ["A corpus directory `DIR` holds immutable versions, `DIR/versions/<id>/`, and `DIR/latest.json`, the "
             "pointer to the version readers see (written last: the commit). `V` below is a version folder; the "
-            "sentence tables may live in the version named by its manifest's `sentences_version`.", ""]
+            "sentence tables may live in the version named by its manifest's `sentences_version`, and a refreshed "
+            "version reads its unchanged datasets' parts where an earlier version wrote them (the `version` of "
+            "their entries in the manifest's `files`).", ""]
     where = {
         "sentences": "`V/sentences/<organism>/<dataset_id>/part-*.parquet`",
         "vocab": "`V/vocab/<organism>.parquet`",
         "inverse_transform": "`V/stats/inverse_transform.parquet`",
+        "gene_counts": "`V/stats/genes/<organism>/<dataset_id>/part-*.parquet` (one per sentences part)",
         "samples": "`V/samples/<task>/<split>/part-*.parquet` (split: train, val, test, test_ood)",
         "knowledge/biogrid": "`V/knowledge/biogrid.parquet` (the organism's BioGRID rows, as joined)",
         "knowledge/ligand_receptor": "`V/knowledge/ligand_receptor.parquet` (CellPhoneDB, resolved to symbols)",

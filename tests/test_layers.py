@@ -15,6 +15,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("etl.sources.base", "etl.jit", "etl.encode", "etl.inverse", "etl.storage", "etl.symbols", "etl.rowhash",
      "etl.cli", "etl.spark", "etl.card"),
     ("etl.sources", "etl.knowledge", "etl.demo", "etl.manifest", "etl.config", "etl.validate", "etl.versions",
+     "etl.incremental",
      "etl.inspect_corpus"),
     ("etl.tasks",),
     ("etl.stages",),

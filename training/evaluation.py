@@ -120,8 +120,9 @@ def _cell_types(corpus, keys: set[tuple[str, str]]) -> dict[tuple[str, str], str
 
     from schemas.layout import filesystem
 
-    fs, path = filesystem(corpus.version.path("sentences"))
-    ds = pads.dataset(path, filesystem=fs, format="parquet")
+    files = corpus.version.sentence_files()  # listed by the manifest: parts may live in earlier versions
+    fs = filesystem(files[0])[0]
+    ds = pads.dataset([filesystem(f)[1] for f in files], filesystem=fs, format="parquet")
     ids = sorted({c for _, c in keys})
     t = ds.to_table(columns=["dataset_id", "cell_id", "cell_type"], filter=pc.field("cell_id").isin(ids))
     return {(d, c): ct for d, c, ct in zip(t["dataset_id"].to_pylist(), t["cell_id"].to_pylist(),

@@ -460,7 +460,6 @@ def _cell_labels(corpus: Corpus, organism: str, rows: list[dict]) -> dict[tuple[
     """(dataset_id, cell_id) -> the cell's labels from the sentences table, for the cells of `rows`."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
-    import pyarrow.fs as pafs
 
     from schemas.layout import filesystem
 
@@ -469,10 +468,11 @@ def _cell_labels(corpus: Corpus, organism: str, rows: list[dict]) -> dict[tuple[
         wanted.setdefault(r["dataset_id"], set()).update(r["cell_ids"] or [])
     out: dict[tuple[str, str], dict] = {}
     for ds, ids in sorted(wanted.items()):
-        fs, path = filesystem(corpus.version.path("sentences", organism, ds))
-        if not ds or fs.get_file_info(path).type != pafs.FileType.Directory:
+        files = corpus.version.sentence_files(organism, ds) if ds else []
+        if not files:
             continue  # cells of another table (perturbation files): no labels here
-        data = pads.dataset(path, filesystem=fs, format="parquet")
+        fs = filesystem(files[0])[0]
+        data = pads.dataset([filesystem(f)[1] for f in files], filesystem=fs, format="parquet")
         cols = ["cell_id", *[c for c in LABELS if c in data.schema.names]]
         table = data.to_table(columns=cols, filter=pc.field("cell_id").isin(sorted(ids)))
         for rec in table.to_pylist():

@@ -156,7 +156,24 @@ class MetricsLog:
 
 
 def train(cfg: SFTConfig) -> TrainResult:
-    """Run SFT as configured; returns where things were written."""
+    """Run SFT as configured; returns where things were written.
+
+    A corpus DIR is resolved once: the run reads the version `latest` named at its start to the end (a refresh
+    committing meanwhile changes what new readers see, not this run), under a lease that keeps
+    `--keep-versions` pruning from deleting it."""
+    import dataclasses
+
+    from schemas.layout import reader_lease
+
+    version = td.open_corpus(cfg.corpus)
+    if version.version and os.path.normpath(str(version.root)) != os.path.normpath(str(cfg.corpus)):
+        log.info("corpus %s: reading version %s for the whole run", cfg.corpus, version.version)
+        with reader_lease(str(cfg.corpus), version.version, what="c2s train"):
+            return _train(dataclasses.replace(cfg, corpus=str(version.root)))
+    return _train(cfg)
+
+
+def _train(cfg: SFTConfig) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler

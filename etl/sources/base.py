@@ -107,6 +107,20 @@ class SourcePlan:
     vars: dict[str, VarTable]  # var_key -> table
     description: dict  # kind, URIs, versions: recorded in the manifest and the run key
     planned: dict[str, dict[str, int]]  # organism -> dataset_id -> cells planned
+    # "organism/dataset_id" -> what names that dataset's content (Census dataset_version_id, an h5ad's
+    # content hash); a dataset without one is identified by the whole source description
+    identities: dict[str, str] = field(default_factory=dict)
+
+
+def file_digest(path: str, chunk: int = 8 << 20) -> str:
+    """xxh3-128 of a file's bytes (an h5ad's identity: a file rewritten in place gets another)."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def split_sorted(joinids: np.ndarray, size: int) -> Iterator[np.ndarray]:

@@ -134,9 +134,11 @@ def plan(
         raise InputError(f"{source['uri']!r} is not a Census: no census_data collection")
     desc = dict(source)
     desc["summary"] = _summary(census)
+    versions = _dataset_versions(census)
     tasks: list[Task] = []
     vars_: dict[str, VarTable] = {}
     planned: dict[str, dict[str, int]] = {}
+    identities: dict[str, str] = {}
     for org_name in organisms:
         organism = normalise_organism(org_name)
         if organism not in census["census_data"]:
@@ -180,6 +182,8 @@ def plan(
             dataset_id = str(labels[code])
             ids = np.sort(joinids[codes == code])
             planned[organism][dataset_id] = len(ids)
+            if dataset_id in versions:
+                identities[f"{organism}/{dataset_id}"] = f"dataset_version_id:{versions[dataset_id]}"
             for i, chunk in enumerate(split_sorted(ids, cells_per_task)):
                 lo, hi = int(chunk[0]), int(chunk[-1])
                 # a range (re-filtered by the worker) when the plan took every matching cell; else the list
@@ -193,7 +197,17 @@ def plan(
                 ))  # fmt: skip
         log.info("%s: %d cells in %d datasets planned", organism, sum(planned[organism].values()),
                  len(planned[organism]))
-    return SourcePlan(tasks=tasks, vars=vars_, description=desc, planned=planned)
+    return SourcePlan(tasks=tasks, vars=vars_, description=desc, planned=planned, identities=identities)
+
+
+def _dataset_versions(census) -> dict[str, str]:
+    """dataset_id -> dataset_version_id from census_info/datasets ({} where the collection has none: its
+    datasets are then identified by the whole source, and any change rebuilds them all)."""
+    try:
+        t = census["census_info"]["datasets"].read(column_names=["dataset_id", "dataset_version_id"]).concat()
+    except Exception:  # no census_info/datasets, or no dataset_version_id column (older or custom collections)
+        return {}
+    return dict(zip(t["dataset_id"].to_pylist(), t["dataset_version_id"].to_pylist(), strict=True))
 
 
 OBS_READ = ["soma_joinid", "observation_joinid", "dataset_id", *LABEL_COLUMNS, "is_primary_data"]

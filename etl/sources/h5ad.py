@@ -23,6 +23,7 @@ from etl.sources.base import (
     SourcePlan,
     Task,
     VarTable,
+    file_digest,
     normalise_organism,
     safe_name,
     split_sorted,
@@ -204,6 +205,7 @@ def plan(
     tasks: list[Task] = []
     vars_: dict[str, VarTable] = {}
     planned: dict[str, dict[str, int]] = {organism: {}}
+    identities: dict[str, str] = {}
     files = []
     for k, path in enumerate(paths):
         path = str(Path(path).resolve())
@@ -249,7 +251,9 @@ def plan(
         if sampled:
             rows = np.sort(np.random.default_rng(seed).choice(n_obs, size=max_cells, replace=False))
         planned[organism][dataset_id] = len(rows)
-        files.append({"path": path, "bytes": os.path.getsize(path), "mtime": os.path.getmtime(path),
+        digest = file_digest(path)
+        identities[f"{organism}/{dataset_id}"] = f"xxh3_128:{digest}"
+        files.append({"path": path, "bytes": os.path.getsize(path), "mtime": os.path.getmtime(path), "xxh3_128": digest,
                       "dataset_id": dataset_id, "n_obs": n_obs, "labels": mapping, "spatial_key": spatial,
                       "duplicate_obs_names": len(renamed), "values": values})
         for i, chunk in enumerate(split_sorted(rows, cells_per_task)):
@@ -262,7 +266,7 @@ def plan(
                          "renamed": {r: n for r, n in renamed.items() if lo <= r <= hi}},
             ))  # fmt: skip
     desc = {"kind": "h5ad", "files": files, "organism": organism, "layer": layer or "X"}
-    return SourcePlan(tasks=tasks, vars=vars_, description=desc, planned=planned)
+    return SourcePlan(tasks=tasks, vars=vars_, description=desc, planned=planned, identities=identities)
 
 
 def _shape(el) -> tuple[int, ...]:

@@ -10,6 +10,7 @@ comes back to the driver.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
@@ -75,7 +76,8 @@ class PartWriter:
     def abort(self) -> None:
         """Drop every part this partition started: nothing half-written stays behind."""
         for w in self.writers.values():
-            w.close(ok=False)
+            with contextlib.suppress(Exception):  # the error being raised is the one that matters
+                w.close(ok=False)
 
 
 def cells_of(batch: pa.RecordBatch | pa.Table) -> Iterator[dict]:
@@ -108,10 +110,10 @@ def write_samples(staging: Store, part: str, rows_of: Callable[[Counts], Iterabl
     try:
         for row in rows_of(writer.counts):
             writer.add(row)
-    except BaseException:
+        return writer.close()
+    except BaseException:  # also a close that fails (a full disk at a footer): the other parts are dropped
         writer.abort()
         raise
-    return writer.close()
 
 
 def build_partition(cells: Iterable[dict], ctx: SampleContext, staging: Store, part: str) -> dict:

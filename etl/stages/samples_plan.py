@@ -23,6 +23,7 @@ from etl.tasks import DEFAULT_MIXTURE, NOT_BUILT_REASON, TASKS, spatial
 from etl.tasks import perturbation as pert_task
 from etl.tasks.budget import TokenBudget, load_tokenizer_json
 from etl.tasks.common import SampleContext, SplitConfig, choose_ood
+from schemas.layout import sentence_parts
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def _assign_splits(splits: SplitConfig, ood: frozenset, cfg: BuildConfig, src: S
     if cfg.split_key == "cell":
         return splits, None
     pairs: set[tuple[str, str]] = set()
-    for p in samples.map_files(spark, src.uri, sorted(manifest["files"]), _pairs, ["dataset_id", "donor_id"]):
+    for p in samples.map_files(spark, src.uri, sentence_parts(manifest), _pairs, ["dataset_id", "donor_id"]):
         pairs |= p
     keys = {splits.key_of(d, o) for d, o in pairs if d not in ood}
     if len(keys) < MIN_SPLIT_KEYS and any(f > 0 for f in splits.fractions[1:]):
@@ -137,7 +138,7 @@ def _spatial_extents(cfg: BuildConfig, src: Store, spark, manifest: dict) -> lis
     wanted = [t for t in (cfg.tasks or TASKS) if TASKS[t].family == "spatial" and mix.get(t, 0) > 0]
     if not wanted or not any(f.get("spatial_key") for f in manifest["source"].get("files", [])):
         return []
-    return samples.spatial_extents(spark, src, sorted(manifest["files"]))
+    return samples.spatial_extents(spark, src, sentence_parts(manifest))
 
 
 MULTI_CELL_FIXED_TOKENS = 160  # template text, labels and answer of a multi-cell sample, beside the cells
@@ -396,7 +397,7 @@ def run(cfg: BuildConfig, job: SamplesJob, out: Store, spark, manifest: dict) ->
         out.write_table(f"knowledge/{name}.parquet", schemas.conform(table, schemas.TABLES[f"knowledge/{name}"],
                                                                         f"knowledge/{name}"))
     n_cells = manifest["counts"]["totals"]["written"]
-    files = sorted(manifest["files"])
+    files = sentence_parts(manifest)
     results = []
     if any(TASKS[t].family in ("single", "multi", "spatial") for t in active):
         if session is not None:

@@ -11,6 +11,7 @@ once on the driver.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -28,7 +29,8 @@ from etl.inverse import FitStats
 from etl.sources import census, h5ad
 from etl.sources.base import InputError, Task, read_ahead
 from etl.storage import Store
-from schemas import SENTENCES
+from schemas import GENE_COUNTS, SENTENCES
+from schemas.layout import gene_counts_rel
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +186,9 @@ class TaskEncoder:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
     def abort(self) -> None:
-        self.writer.close(ok=False)
+        """Drop the unfinished part (its error is the one being raised; a second from the close is not)."""
+        with contextlib.suppress(Exception):
+            self.writer.close(ok=False)
 
     def finish(self) -> Summary:
         task, counts = self.task, self.counts
@@ -198,12 +202,17 @@ class TaskEncoder:
         file_info = {"rows": counts.written, "hash": f"{self.file_sum:016x}", "bytes": int(size or 0)}
         s = Summary({(task.organism, task.dataset_id): counts}, {task.organism: self.encoder.token_cells.copy()},
                     {task.rel_path: file_info}, 1, 0, time.perf_counter() - self.t0, self.peak / 2**20)
+        nz = np.flatnonzero(self.encoder.token_cells)
+        self.staging.write_table(gene_counts_rel(task.rel_path), pa.table(
+            {"gene_symbol": self.encoder.vocab.take(pa.array(nz)), "n_cells": self.encoder.token_cells[nz]},
+            schema=GENE_COUNTS))
         _save_result(self.staging, task, s, self.encoder.token_cells)
         return s
 
 
 def _done(staging: Store, task: Task) -> bool:
-    return staging.exists(_stats_rel(task)) and staging.exists(task.rel_path)
+    return staging.exists(_stats_rel(task)) and staging.exists(task.rel_path) and \
+        staging.exists(gene_counts_rel(task.rel_path))
 
 
 def _blocks(task: Task, opts: TaskOptions):
