@@ -9,7 +9,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export PYSPARK_PYTHON := $(abspath $(BIN))/python
 export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN))/python
 
-.PHONY: setup demo train eval-demo test test-quick lint bench gpu-wheels clean help
+.PHONY: setup demo train eval-demo test test-quick lint bench gpu-wheels pyfiles constraints images clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*## /\t/'
@@ -61,5 +61,18 @@ gpu-wheels: setup  ## wheels the GPU machine lacks (Python 3.12) into .whl/, for
 	    "datasets==5.2.0" "pyarrow==26.0.1" dill multiprocess xxhash fsspec
 	du -sh .whl
 
+pyfiles: setup  ## dist/c2s_corpus.zip: the project as `spark-submit --py-files` ships it to executors
+	rm -rf dist && $(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w dist .
+	cp dist/c2s_corpus-*.whl dist/c2s_corpus.zip && ls -l dist
+
+constraints: setup  ## docker/constraints.txt: the package versions of this environment, for the images
+	( echo "# The package versions the test suite ran on (make constraints); the images install with them."; \
+	  $(BIN)/python -m pip freeze --exclude-editable | sed -E 's/\+(cpu|cu[0-9]+)$$//' | grep -v "^cell2sentence" ) \
+	  > docker/constraints.txt
+
+images:  ## build the ETL and training images (needs a Docker engine)
+	docker build -f docker/Dockerfile -t c2s-etl .
+	docker build -f docker/Dockerfile.train -t c2s-train .
+
 clean:  ## remove what the project generated here (demo/, benchmark data, caches); never your corpora or data
-	rm -rf demo .bench .whl .pytest_cache .ruff_cache build inspect-*
+	rm -rf demo .bench .whl .pytest_cache .ruff_cache build dist inspect-*
