@@ -58,7 +58,8 @@ class BuildConfig:
     row_group_cells: int = _f(1024, "Rows per parquet row group (the unit of a streaming read).", metavar="N")
     compression: str = _f("zstd", "Parquet compression.", choices=["zstd", "snappy", "gzip", "none"])
     buffer_mib: int = _f(128, "TileDB buffer per column per task (soma.init_buffer_bytes).", metavar="MIB")
-    master: str | None = _f(None, "Spark master when not set by spark-submit (default local[*]).", metavar="URL")
+    master: str | None = _f(None, "Spark master when not set by spark-submit (default local[*,4]: all cores, a "
+                            "task retried up to 4 times as on a cluster).", metavar="URL")
     spark: bool = _f(True, "Run the tasks on Spark; false runs them in this process without a JVM (small inputs, "
                      "debugging).")
     log_level: str = _f("info", "Log level; debug also shows tracebacks and Spark's own logs.",

@@ -23,7 +23,8 @@ def get_spark(app: str = "c2s-corpus", master: str | None = None):
     SparkContext._ensure_initialized()
     conf = SparkConf()  # picks up spark-submit's settings
     if master or not conf.contains("spark.master"):
-        builder = builder.master(master or "local[*]")
+        # local[*, 4]: like a cluster, retry a task whose Python worker died (plain local[*] never retries)
+        builder = builder.master(master or "local[*,4]")
         builder = builder.config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
     builder = (
         builder.config("spark.python.worker.reuse", "true")
