@@ -29,6 +29,11 @@ def main() -> None:
     p.add_argument("--num-generations", type=int, default=4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", default="1e-5")
+    p.add_argument("--temperature", default="1.0")
+    p.add_argument("--beta", default=None, help="KL coefficient against the SFT model (default: c2s grpo's)")
+    p.add_argument("--rewards", default="", help="NAME=WEIGHT,... (default: c2s grpo's)")
+    p.add_argument("--aggregation", default="sum_then_normalize", choices=["sum_then_normalize", "normalize_then_sum"])
+    p.add_argument("--sft-model", help="reuse this SFT output (its final/ folder) instead of training one")
     a = p.parse_args()
     from c2s.api import build_corpus
     from training.config import SFTConfig
@@ -36,30 +41,35 @@ def main() -> None:
     from training.grpo import main as grpo
     from training.trainer import train
 
-    bench = os.path.join(ROOT, ".bench", f"grpo_{a.sft_steps}_{a.grpo_steps}")
+    bench = os.path.join(ROOT, ".bench", f"grpo_{a.sft_steps}_{a.grpo_steps}_{a.lr}_b{a.beta or 'default'}_{a.rewards.replace('=', '').replace(',', '_')}_{a.aggregation}")
     corpus = os.path.join(ROOT, ".bench", "demo", "corpus")
     build_corpus(corpus, demo=True, demo_dir=os.path.join(ROOT, ".bench", "demo", "data"))
     t0 = time.perf_counter()
-    sft = train(SFTConfig(model="tiny-pythia", corpus=corpus, output_dir=os.path.join(bench, "sft"),
+    sft_final = a.sft_model or train(SFTConfig(model="tiny-pythia", corpus=corpus, output_dir=os.path.join(bench, "sft"),
                           max_steps=a.sft_steps, tasks=a.sft_tasks.split(","),
                           eval_steps=0, save_steps=0, eval_cells=0, eval_samples_per_task=1, report_to="none",
-                          stream_close_wait_s=0, seed=a.seed, logging_steps=10))
+                          stream_close_wait_s=0, seed=a.seed, logging_steps=10)).final_dir
     sft_s = time.perf_counter() - t0
     out = os.path.join(bench, "grpo")
     if os.path.exists(os.path.join(out, "metrics.jsonl")):
         os.remove(os.path.join(out, "metrics.jsonl"))
     t0 = time.perf_counter()
-    assert grpo(["--model", sft.final_dir, "--max-steps", str(a.grpo_steps), "--output-dir", out,
+    assert grpo(["--model", sft_final, "--max-steps", str(a.grpo_steps), "--output-dir", out,
                  "--max-completion-length", "200", "--num-generations", str(a.num_generations),
-                 "--per-device-batch-size", str(a.batch), "--learning-rate", a.lr, "--seed", str(a.seed),
+                 "--per-device-batch-size", str(a.batch), "--learning-rate", a.lr, "--temperature", a.temperature, *(["--beta", a.beta] if a.beta is not None else []),
+                 *(["--rewards", a.rewards] if a.rewards else []), "--reward-aggregation", a.aggregation, "--seed", str(a.seed),
                  "--logging-steps", "1"]) == 0
     grpo_s = time.perf_counter() - t0
     lines = Path(out, "metrics.jsonl").read_text().splitlines()
     recs = [json.loads(x) for x in lines if '"reward"' in x]
     k = max(1, len(recs) // 5)
     mean = lambda rs, key: round(sum(r[key] for r in rs) / len(rs), 4)  # noqa: E731
-    result = {"sft_steps": a.sft_steps, "sft_tasks": a.sft_tasks, "grpo_steps": a.grpo_steps,
-              "num_generations": a.num_generations, "batch": a.batch, "lr": a.lr, "sft_seconds": round(sft_s, 1),
+    from scipy.stats import mannwhitneyu
+
+    rise_p = float(mannwhitneyu([r["reward"] for r in recs[-k:]], [r["reward"] for r in recs[:k]],
+                                alternative="greater").pvalue)  # per-step means, last vs first 20%
+    result = {"reward_rise_p": round(rise_p, 4), "sft_steps": a.sft_steps, "sft_tasks": a.sft_tasks, "grpo_steps": a.grpo_steps,
+              "num_generations": a.num_generations, "batch": a.batch, "lr": a.lr, "temperature": a.temperature, "beta": a.beta or "default", "rewards": a.rewards or "default", "aggregation": a.aggregation, "sft_seconds": round(sft_s, 1),
               "grpo_seconds": round(grpo_s, 1),
               "reward_first_20pct": mean(recs[:k], "reward"), "reward_last_20pct": mean(recs[-k:], "reward"),
               "gene_program_first_20pct": mean(recs[:k], "rewards/gene_program/mean"),
@@ -68,7 +78,10 @@ def main() -> None:
               "validity_last_20pct": mean(recs[-k:], "rewards/validity/mean"),
               "generation_s_per_step": mean(recs, "generation_s_per_step"),
               "training_s_per_step": mean(recs, "training_s_per_step")}
-    for name, model in (("before", sft.final_dir), ("after", os.path.join(out, "final"))):
+    keys = sorted(k for k in recs[0] if k.startswith("rewards/") and k.endswith("/mean"))
+    result["per_reward"] = {k.split("/")[1]: [mean(recs[:k2], k), mean(recs[-k2:], k)] for k in keys
+                            for k2 in [max(1, len(recs) // 5)]}
+    for name, model in (("before", sft_final), ("after", os.path.join(out, "final"))):
         report = os.path.join(bench, f"eval_{name}", "report.json")
         assert evaluate(["--model", model, "--split", "test", "--tasks", "perturbation_prediction",
                          "--tasks", "cell_type_prediction", "--n-per-condition", "8", "--no-plots",

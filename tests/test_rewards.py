@@ -151,6 +151,14 @@ def test_validity_shares():
             assert gene_validity([words], vocab)["unique_valid_fraction"] == pytest.approx(share)
 
 
+def test_validity_counts_a_short_generation_over_the_real_cells_length():
+    """Stopping early is not a way to be valid: with the real cell's length known, one right gene of ten is
+    0.1, not 1.0; a generation at least as long is scored over its own words, as without the column."""
+    (func,), _ = tr.make_reward_funcs({"validity": 1.0}, vocabulary={"A", "B", "C"})
+    got = func(completions=[" A.", " A B C.", " A A B X.", " A."], reference_length=[10, 3, 2, None])
+    assert got == pytest.approx([1 / 10, 1.0, 2 / 4, 1.0])
+
+
 def test_validity_per_organism():
     vocab = {"homo_sapiens": ["ACTB", "CD3E"], "mus_musculus": ["Actb"]}
     (func,), _ = tr.make_reward_funcs({"validity": 1.0}, vocabulary=vocab)

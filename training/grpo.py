@@ -49,7 +49,7 @@ class GRPORunConfig:
     corpus: str | None = _f(None, "Corpus (default: the model's, from its c2s.json).", metavar="DIR")
     tasks: list[str] = _f([], "Tasks whose prompts are used (default: perturbation_prediction where the corpus "
                           "has it, else cell_type_generation and cell_type_prediction).", metavar="TASK")
-    rewards: list[str] = _f([], "NAME=WEIGHT of training/rewards.py (default: gene_program=1,validity=0.5 for "
+    rewards: list[str] = _f([], "NAME=WEIGHT of training/rewards.py (default: gene_program=1,validity=1 for "
                             "perturbations; label=1 for prediction tasks; validity=1 for generation).",
                             metavar="NAME=W")
     gene_sets: list[str] = _f([], "FILE.gmt NAME: the program gene_program scores (default: each "
@@ -59,7 +59,14 @@ class GRPORunConfig:
     num_generations: int = _f(4, "Completions per prompt (GRPO's group).", metavar="N")
     max_completion_length: int = _f(256, "Tokens per completion.", metavar="N")
     temperature: float = _f(1.0, "Sampling temperature of the completions.", metavar="T")
-    beta: float = _f(0.0, "KL coefficient (0: no reference model is loaded, as TRL's default).", metavar="B")
+    reward_aggregation: str = _f("sum_then_normalize", "How several rewards combine: sum_then_normalize (TRL's "
+                                 "default: the weighted sum, then scaled within the group) or normalize_then_sum "
+                                 "(GDPO: each reward scaled first, so one with a small spread, like validity, "
+                                 "steers as much as the others; see BENCHMARKS.md for what that did here).",
+                                 choices=["sum_then_normalize", "normalize_then_sum"])
+    beta: float = _f(0.04, "KL coefficient against the starting model (the GRPO paper's 0.04; 0, TRL's default, "
+                     "loads no reference model but let the policy game the rewards here: BENCHMARKS.md).",
+                     metavar="B")
     learning_rate: float = _f(1e-6, "Learning rate (TRL's default; ~10x with LoRA).", metavar="LR")
     per_device_batch_size: int = _f(4, "Completions per device per step (a multiple of --num-generations).",
                                     metavar="N")
@@ -222,7 +229,7 @@ def build_rows(corpus, cfg: GRPORunConfig) -> tuple[list[dict], list[str]]:
 
 def default_rewards(tasks: list[str]) -> dict[str, float]:
     if PERTURBATION in tasks:
-        return {"gene_program": 1.0, "validity": 0.5}
+        return {"gene_program": 1.0, "validity": 1.0}
     if all(t.endswith("_prediction") for t in tasks):
         return {"label": 1.0}
     return {"validity": 1.0, **({"label": 1.0} if any(t.endswith("_prediction") for t in tasks) else {})}
@@ -313,7 +320,10 @@ def run(cfg: GRPORunConfig) -> dict:
     context: dict = {"vocabulary": vocab} if "validity" in weights else {}
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    columns = ["prompt", "task", "organism", "program_genes", "reference_ranks", "label", "label_id"]
+    for r in rows:  # validity scores a generation shorter than the real cell over the real cell's length
+        r["reference_length"] = len(r["real"]) if r.get("real") else None
+    columns = ["prompt", "task", "organism", "program_genes", "reference_ranks", "label", "label_id",
+               "reference_length"]
     if "expression_distance" in weights:
         context["embed"] = add_reference_embeddings(rows, corpus, cfg, out)
         columns.append("reference_embedding")
@@ -336,7 +346,8 @@ def run(cfg: GRPORunConfig) -> dict:
     args = GRPOConfig(output_dir=str(out), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_batch_size,
                       num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
                       temperature=cfg.temperature, beta=cfg.beta, learning_rate=cfg.learning_rate,
-                      reward_weights=wts, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps or cfg.max_steps,
+                      reward_weights=wts, multi_objective_aggregation=cfg.reward_aggregation,
+                      logging_steps=cfg.logging_steps, save_steps=cfg.save_steps or cfg.max_steps,
                       save_strategy="steps" if cfg.save_steps else "no", report_to=cfg.report_to, seed=cfg.seed,
                       use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(),
                       gradient_checkpointing=False, accelerator_config={"dispatch_batches": False}, **gen_opts)

@@ -35,8 +35,9 @@ Rewards (each function's docstring says more):
   ``reference_embedding``; context ``embed``.
 - ``label``: 1 for the right label, ontology partial credit for a less or more specific one, else 0; None for
   rows without a label. Column ``label`` (optional ``label_id``); context ``ontology`` (default "CL").
-- ``validity``: the share of generated words that are distinct genes of the organism. Context ``vocabulary``;
-  optional column ``organism``.
+- ``validity``: the share of generated words that are distinct genes of the organism (over the real cell's
+  length when the generation is shorter). Context ``vocabulary``; optional columns ``organism``,
+  ``reference_length``.
 """
 
 from __future__ import annotations
@@ -244,12 +245,16 @@ def label_reward(completions: Sequence[Any], label: Sequence[Any], label_id: Seq
 
 
 def validity_reward(completions: Sequence[Any], vocabulary: Mapping[str, Any] | Iterable[str],
-                    organism: Sequence[Any] | None = None, **_: Any) -> list[Reward]:
+                    organism: Sequence[Any] | None = None, reference_length: Sequence[Any] | None = None,
+                    **_: Any) -> list[Reward]:
     """The share of generated words that are distinct genes of the row's organism: (number of distinct valid
     genes) / (number of words), so repeats and non-genes both count against it (the per-sentence
     `metrics.gene_validity` unique_valid_fraction); 0.0 for an empty generation. Symbols match exactly.
     `vocabulary`: one set of symbols for every row, or {organism: symbols} chosen by the `organism` column
-    (it may be left out when the mapping has one organism); an organism the mapping lacks is an error."""
+    (it may be left out when the mapping has one organism); an organism the mapping lacks is an error.
+    `reference_length` (optional column): the length of the real cell the prompt asks for; a shorter
+    generation is scored over that length (its missing words count as invalid), so stopping early is not a
+    way to be valid (a policy otherwise learns to answer with one gene: BENCHMARKS.md, GRPO)."""
     vocab = _vocabularies(vocabulary)
     if organism is None:
         organism = [None] * len(completions)
@@ -257,7 +262,10 @@ def validity_reward(completions: Sequence[Any], vocabulary: Mapping[str, Any] | 
     for completion, org in zip(completions, organism, strict=True):
         genes = vocab if not isinstance(vocab, dict) else _organism_vocabulary(vocab, None if _missing(org) else org)
         words = completion_genes(completion)
-        out.append(len({w for w in words if w in genes}) / len(words) if words else 0.0)
+        floor = 0 if reference_length is None or _missing(reference_length[len(out)]) else \
+            int(reference_length[len(out)])
+        n = max(len(words), floor)
+        out.append(len({w for w in words if w in genes}) / n if n else 0.0)
     return out
 
 
@@ -309,8 +317,9 @@ REWARDS: dict[str, RewardSpec] = {
                    "1 for the right label (normalize_label), ontology partial credit via label_id, else 0; "
                    "None for rows without a label.", optional_columns=("label_id",), optional_context=("ontology",)),
         RewardSpec("validity", validity_reward, (),
-                   "Distinct valid genes of the organism / generated words (0 for an empty generation).",
-                   optional_columns=("organism",), context=("vocabulary",)),
+                   "Distinct valid genes of the organism / generated words, or / the real cell's length when "
+                   "the generation is shorter (0 for an empty generation).",
+                   optional_columns=("organism", "reference_length"), context=("vocabulary",)),
     )
 }
 
