@@ -180,3 +180,40 @@ def test_refresh_help_teaches(argv, capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "incrementally" in text and "content_hash" in text and "--keep-versions" in text
+
+
+def test_training_reads_the_version_it_resolved_under_a_lease(tmp_path, capsys, monkeypatch):
+    """`c2s train --corpus DIR` resolves latest once: the run reads that version folder, holds a lease on it
+    while it runs (so --keep-versions cannot delete it), and records the version it read."""
+    import schemas.layout as layout
+    from training.config import SFTConfig
+    from training.trainer import train
+
+    d = tmp_path / "in"
+    d.mkdir()
+    a, _ = write_h5ad(d / "a.h5ad", n_cells=120, n_genes=40, seed=1)
+    out = str(tmp_path / "corpus")
+    first = _refresh(capsys, [a], out)
+    seen = []
+    real = layout.leased_versions
+
+    def spy(uri):  # what a pruning refresh would see while the run trains
+        seen.append(real(uri))
+        return seen[-1]
+
+    import training.trainer as trainer_module
+
+    original = trainer_module._train
+
+    def during(cfg):
+        spy(out)
+        return original(cfg)
+
+    monkeypatch.setattr(trainer_module, "_train", during)
+    res = train(SFTConfig(model="tiny-pythia", corpus=out, output_dir=str(tmp_path / "sft"), max_steps=2,
+                          per_device_batch_size=2, max_length=256, eval_steps=0, save_steps=0, eval_cells=0,
+                          report_to="none", stream_close_wait_s=0, warmup_steps=1))
+    assert seen == [{first["version"]}]  # leased while training
+    assert real(out) == set()  # released at the end
+    prov = json.loads(Path(res.final_dir, "c2s.json").read_text())
+    assert first["version"] in json.dumps(prov)
