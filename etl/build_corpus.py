@@ -30,7 +30,15 @@ of the new source (same content_hash). An unchanged source commits nothing.
 Takes the build's options (the same source options as the build that made DIR). The last line on stdout is
 one JSON object: {"version", "committed", "rebuilt", "removed", "unchanged", "content_hash", "samples_hash"}.
 With --keep-versions N, old versions beyond the newest N are deleted after the commit (never one a kept
-version reuses parts of); a reader or trainer that resolved a version keeps reading it until then."""
+version reuses parts of); a reader or trainer that resolved a version keeps reading it until then.
+
+examples:
+  spark-submit jobs/refresh.py --census-version stable --organisms homo_sapiens \\
+      --output-dir s3://bucket/c2s/corpus --keep-versions 4                # weekly, from a scheduler
+  c2s refresh --h5ad data/a.h5ad --h5ad data/b.h5ad --organism human --output-dir corpus
+
+exit status: 0 done (or nothing to do); 2 bad input (one line naming it); 1 other failure. A failed or killed
+refresh leaves the corpus as it was; the next run resumes it."""
 
 EPILOG = """examples:
   c2s build --demo                                                  # the demo, into demo/corpus
@@ -84,10 +92,13 @@ def main(argv: list[str] | None = None, prog: str | None = None, refresh: bool =
 
     session, owned = None, False
     try:
-        cfg = parse(BuildConfig, argv, REFRESH_DESCRIPTION if refresh else DESCRIPTION, EPILOG, prog=prog,
+        cfg = parse(BuildConfig, argv, REFRESH_DESCRIPTION if refresh else DESCRIPTION, "" if refresh else EPILOG,
+                    prog=prog,
                     extra={"list-tasks": ("list the tasks with a description and a rendered example of each; then "
                                           "exit", _list_tasks)})
         if refresh:
+            if "--no-incremental" in argv:
+                raise InputError("c2s refresh is always incremental; for a full build run c2s build (or --force)")
             cfg.incremental = True
         setup_logging(cfg.log_level)
         from etl.pipeline import build

@@ -177,9 +177,9 @@ def build(cfg: BuildConfig, spark=None) -> dict:
 
             inputs = samples_plan.preflight(cfg, {d for ds in plan.planned.values() for d in ds}, {},
                                             samples_only=False)
-        key = mf.run_key(plan.description, _filters(cfg, plan), cfg.shaping_options())
+        key = mf.run_key(_identity(plan.description), _filters(cfg, plan), cfg.shaping_options())
         keys = incremental.dataset_keys(plan, cfg.shaping_options())
-        if latest is not None and latest.manifest.get("run_key") == key and not cfg.force:
+        if latest is not None and not cfg.force and _sentences_current(latest.manifest, key, keys, cfg.incremental):
             log.info("sentences are current (version %s; same inputs, options and formats); reused",
                      latest.manifest.get("sentences_version") or latest.version)
             manifest = latest.manifest
@@ -237,6 +237,26 @@ def build(cfg: BuildConfig, spark=None) -> dict:
     versions.remove_unfinished(keep=None)
     versions.prune(cfg.keep_versions)
     return manifest
+
+
+def _identity(description: dict) -> dict:
+    """The source description as it enters the run key: an h5ad file by its content hash, not by where it is
+    or when it was written (a copied or touched file is the same input)."""
+    if description.get("kind") != "h5ad":
+        return description
+    volatile = ("path", "mtime", "bytes")
+    return {**description, "files": [{k: v for k, v in f.items() if k not in volatile}
+                                      for f in description.get("files", [])]}
+
+
+def _sentences_current(manifest: dict, key: str, keys: dict[str, str], by_datasets: bool) -> bool:
+    """Whether the latest version's sentences are what this build would write. A refresh (`by_datasets`)
+    compares dataset keys, which name every dataset's rows by its published version (a copied or re-released
+    collection with the same datasets is current; one whose datasets changed behind the same URI is not); a
+    plain build compares run keys, which also see a local collection rewritten in place."""
+    if by_datasets and manifest.get("dataset_keys"):
+        return manifest["dataset_keys"] == keys
+    return manifest.get("run_key") == key
 
 
 def _reused_summary(reuse: incremental.Reuse, shared: dict) -> sentences.Summary:

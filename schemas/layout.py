@@ -150,26 +150,51 @@ LEASES = "leases"
 
 
 @contextlib.contextmanager
-def reader_lease(uri: str, version: str | None, ttl_hours: float = 72.0, what: str = "reader"):
+def reader_lease(uri: str, version: str | None, ttl_hours: float = 6.0, what: str = "reader"):
     """While the block runs, DIR/leases/<id>.json names `version` as being read: `--keep-versions` pruning
     skips it (a trainer resolved `latest` at start and reads that version to the end, whatever a refresh
-    commits meanwhile). The lease is removed at the end; one a killed process leaves expires after
-    `ttl_hours`. No-op for a pinned version folder or a corpus written before versions."""
+    commits meanwhile). A thread renews the lease every quarter of `ttl_hours`, so a run of any length keeps
+    it; it is removed at the end, and one a killed process leaves expires after `ttl_hours`. No-op for a
+    pinned version folder or a pre-versions corpus; a corpus the reader cannot write (read-only storage)
+    gets no lease, with a warning."""
+    import logging
+    import threading
+
     fs, base = filesystem(uri)
     if version is None or fs.get_file_info(posixpath.join(base, POINTER)).type != pafs.FileType.File:
         yield None
         return
-    name = f"{uuid.uuid4().hex}.json"
-    path = posixpath.join(base, LEASES, name)
-    now = time.time()
+    path = posixpath.join(base, LEASES, f"{uuid.uuid4().hex}.json")
     body = {"version": version, "what": what, "host": socket.gethostname(), "pid": os.getpid(),
-            "created_at": now, "expires_at": now + ttl_hours * 3600}
-    fs.create_dir(posixpath.join(base, LEASES), recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(json.dumps(body).encode())
+            "created_at": time.time()}
+
+    def write() -> None:
+        body["expires_at"] = time.time() + ttl_hours * 3600
+        with fs.open_output_stream(path) as f:
+            f.write(json.dumps(body).encode())
+
+    try:
+        fs.create_dir(posixpath.join(base, LEASES), recursive=True)
+        write()
+    except OSError as e:
+        logging.getLogger("schemas.layout").warning(
+            "%s: cannot write a lease under %s/ (%s); version %s is read without one, so a refresh with "
+            "--keep-versions could delete it meanwhile", uri, LEASES, str(e).splitlines()[0], version)
+        yield None
+        return
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(ttl_hours * 3600 / 4):
+            with contextlib.suppress(OSError):
+                write()
+
+    thread = threading.Thread(target=renew, name="lease", daemon=True)
+    thread.start()
     try:
         yield body
     finally:
+        stop.set()
         with contextlib.suppress(OSError):
             fs.delete_file(path)
 

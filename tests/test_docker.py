@@ -133,14 +133,16 @@ def test_systemd_and_cron_run_the_refresh_with_valid_options():
     unit = (ROOT / "jobs" / "systemd" / "c2s-refresh.service").read_text()
     exec_start = re.search(r"^ExecStart=(.+?)(?<!\\)$", unit, re.M | re.S).group(1).replace("\\\n", " ")
     argv = shlex.split(exec_start)
-    i = next(k for k, a in enumerate(argv) if a.endswith("jobs/refresh.py"))
-    assert argv[0].endswith("spark-submit")
-    assert _build_args(argv[i + 1:]).keep_versions == 4
+    assert argv[0].endswith("/.venv/bin/c2s") and argv[1] == "refresh"
+    cfg = _build_args(argv[2:])
+    assert cfg.keep_versions == 4 and cfg.master == "local[8,4]" and not cfg.max_cells
+    assert "CacheDirectory=c2s" in unit and "NUMBA_CACHE_DIR=/var/cache/c2s/" in unit
     timer = (ROOT / "jobs" / "systemd" / "c2s-refresh.timer").read_text()
     assert "OnCalendar=" in timer and "Persistent=true" in timer
     cron = next(ln for ln in (ROOT / "jobs" / "crontab.example").read_text().splitlines() if ln.startswith("0 "))
     argv = shlex.split(cron.split(" ", 5)[5].split(">>")[0])
-    i = argv.index("jobs/refresh.py")
+    i = argv.index("refresh")
+    assert argv[i - 1].endswith(".venv/bin/c2s") and "flock" in argv
     assert _build_args(argv[i + 1:]).output == "/srv/c2s/corpus"
 
 

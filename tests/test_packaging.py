@@ -53,3 +53,20 @@ def test_entry_files_do_not_edit_sys_path():
         uses = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "path"
                 and isinstance(n.value, ast.Name) and n.value.id == "sys"]
         assert not uses, f
+
+
+def test_every_data_file_the_code_reads_is_package_data():
+    """A wheel (the image, the --py-files zip) must hold what a checkout has: a data file left out of
+    package-data made the installed demo build without its abstracts, silently."""
+    import fnmatch
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["*"]
+    missing = []
+    for pkg in ("etl", "training", "schemas", "c2s"):
+        for path in (root / pkg).rglob("*"):
+            if path.is_dir() or "__pycache__" in path.parts or path.suffix == ".py" or path.name == "README.md":
+                continue
+            if not any(fnmatch.fnmatch(path.name, p) for p in patterns):
+                missing.append(str(path.relative_to(root)))
+    assert not missing, f"not in [tool.setuptools.package-data]: {missing}"

@@ -64,6 +64,11 @@ def test_refresh_rebuilds_only_changed_datasets_and_equals_a_full_build(tmp_path
 
     again = _refresh(capsys, [a, b, c], out)  # nothing changed: nothing committed
     assert again == {**first, "committed": False, "rebuilt": [], "removed": [], "unchanged": 3}
+    import os
+
+    for f in (a, b, c):  # touched (a re-sync): the same content, so still nothing to commit
+        os.utime(f, (1e9, 1e9))
+    assert _refresh(capsys, [a, b, c], out) == again
     assert Versions(out).committed() == [v1]
 
     # b rewritten with other counts, c withdrawn, d new (with genes no other file has)
@@ -217,3 +222,19 @@ def test_training_reads_the_version_it_resolved_under_a_lease(tmp_path, capsys, 
     assert real(out) == set()  # released at the end
     prov = json.loads(Path(res.final_dir, "c2s.json").read_text())
     assert first["version"] in json.dumps(prov)
+
+
+def test_a_lease_is_renewed_while_its_reader_runs(tmp_path, capsys):
+    import time
+
+    from schemas.layout import leased_versions, reader_lease
+
+    d = tmp_path / "in"
+    d.mkdir()
+    a, _ = write_h5ad(d / "a.h5ad", n_cells=60, n_genes=30, seed=1)
+    out = str(tmp_path / "corpus")
+    v = _refresh(capsys, [a], out)["version"]
+    with reader_lease(out, v, ttl_hours=0.5 / 3600):  # a 0.5 s lease, renewed every 0.125 s
+        time.sleep(1.2)
+        assert leased_versions(out) == {v}  # outlived its first expiry: renewed
+    assert leased_versions(out) == set()

@@ -1,8 +1,10 @@
 """Airflow: the weekly incremental refresh as a SparkSubmitOperator task (apache-airflow-providers-apache-spark).
 
 Copy into the DAGs folder; the `spark_default` connection names the cluster (spark://host:7077, yarn or
-k8s://...). Executors get the project as the zip `make pyfiles` builds (or run the ETL image). The task's
-last log line is the refresh's JSON result; `do_xcom_push` is not needed to read it from the logs.
+k8s://...). Executors get the project as the zip `make pyfiles` builds (or run the ETL image). The Airflow
+worker runs spark-submit, so it needs Java 17 and the project's dependencies (client deploy mode: the driver
+runs there too, and the task log ends with the refresh's JSON line; in cluster deploy mode that line is in the
+driver's log instead).
 """
 
 from __future__ import annotations
