@@ -101,3 +101,23 @@ def test_grpo_expression_distance_scores_against_condition_centroids(sft_model, 
     recs = [r for r in _records(out) if "rewards/expression_distance/mean" in r]
     assert len(recs) == 2 and all(r["rewards/expression_distance/mean"] <= 0 for r in recs)
     assert list(out.glob("pca_*.npz"))
+
+
+@pytest.mark.slow
+def test_grpo_on_two_processes(sft_model, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each process streams its own share of the prompts, one
+    metrics.jsonl and one final/ are written (by the main process), and the run ends at --max-steps."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "training/grpo.py",
+           "--model", sft_model, *ARGS, "--max-steps", "2", "--output-dir", str(out)]
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [rec for rec in _records(out) if "reward" in rec]
+    assert [rec["step"] for rec in steps] == [1, 2]
+    assert (out / "final" / "config.json").exists()
