@@ -55,7 +55,7 @@ def _list(uri: str) -> list[str]:
 def corpus_upload(uri: str) -> Upload:
     """The files of the version readers of `uri` see, with a card whose paths are the repo's."""
     from etl.card import dataset_card
-    from schemas.layout import SENTENCES_TABLES, gene_counts_rel
+    from schemas.layout import SENTENCES_TABLES, gene_counts_rel, part_path
 
     v = resolve(uri)
     up = Upload("dataset")
@@ -71,9 +71,9 @@ def corpus_upload(uri: str) -> Upload:
             if not rel.startswith("genes/"):
                 up.files[f"{table}/{rel}"] = posixpath.join(src, rel)
     # every sentences part (and its gene counts), wherever it lives: the repo holds one self-contained version
-    for rel, where in zip(sorted(v.manifest["files"]), v.sentence_files(), strict=True):
-        up.files[rel] = where
-        up.files[gene_counts_rel(rel)] = _sibling(where, rel, gene_counts_rel(rel))
+    for rel in v.manifest["files"]:
+        up.files[rel] = v.sentences_uri(part_path(v.manifest, rel))
+        up.files[gene_counts_rel(rel)] = v.sentences_uri(part_path(v.manifest, rel, gene_counts_rel(rel)))
     manifest = {**v.manifest, "sentences_version": v.manifest.get("version"),
                 "files": {rel: {k: x for k, x in info.items() if k != "version"}
                           for rel, info in v.manifest["files"].items()}}
@@ -83,11 +83,6 @@ def corpus_upload(uri: str) -> Upload:
     up.files[MANIFEST] = json.dumps(manifest, indent=2).encode()
     up.files["README.md"] = dataset_card(manifest).encode()
     return up
-
-
-def _sibling(uri: str, rel: str, other: str) -> str:
-    """The URI of `other` in the version folder that holds `rel` at `uri`."""
-    return uri[: len(uri) - len(rel)] + other
 
 
 def model_upload(folder: str, datasets: list[str] | None = None) -> Upload:

@@ -18,13 +18,13 @@ parts' `stats/genes` counts), plus what the rebuilt tasks counted: again what a 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from etl import manifest as mf
 from etl.inverse import FitStats
@@ -81,7 +81,11 @@ class Reuse:
     removed: list[str] = field(default_factory=list)  # datasets of the base that are gone
 
     def reused(self, task: Task) -> bool:
-        return dataset_name(task.organism, task.dataset_id) in set(self.unchanged)
+        return dataset_name(task.organism, task.dataset_id) in self._unchanged
+
+    @functools.cached_property
+    def _unchanged(self) -> frozenset[str]:
+        return frozenset(self.unchanged)
 
 
 def plan_reuse(base: CorpusVersion | None, keys: dict[str, str]) -> Reuse | None:
@@ -115,7 +119,7 @@ def reused_files(reuse: Reuse) -> dict[str, dict]:
 def reused_counts(reuse: Reuse) -> dict[tuple[str, str], tuple[dict, FitStats]]:
     """(organism, dataset) -> (its counts entry, its fit statistics) from the base, for unchanged datasets."""
     m = reuse.base.manifest
-    fits = pq.read_table(_open(Store(reuse.base.sentences_root), "stats/inverse_transform.parquet")).to_pylist()
+    fits = Store(reuse.base.sentences_root).read_table("stats/inverse_transform.parquet").to_pylist()
     fit = {(r["organism"], r["dataset_id"]): FitStats(int(r["n_cells"]), float(r["n_points"]), r["sum_x"], r["sum_y"],
                                                        r["sum_xx"], r["sum_xy"], r["sum_yy"]) for r in fits}
     out = {}
@@ -123,11 +127,6 @@ def reused_counts(reuse: Reuse) -> dict[tuple[str, str], tuple[dict, FitStats]]:
         org, ds = name.split("/", 1)
         out[(org, ds)] = (m["counts"]["organisms"][org]["datasets"][ds], fit[(org, ds)])
     return out
-
-
-def _open(store: Store, rel: str):
-    fs, _ = store.fs_root
-    return fs.open_input_file(store.path(rel))
 
 
 def reused_token_cells(reuse: Reuse, organism: str, symbols: list[str]) -> np.ndarray:
@@ -138,16 +137,14 @@ def reused_token_cells(reuse: Reuse, organism: str, symbols: list[str]) -> np.nd
     if organism not in m["counts"]["organisms"]:
         return out
     root = Store(reuse.base.sentences_root)
-    vocab = pq.read_table(_open(root, f"vocab/{organism}.parquet"), columns=["gene_symbol", "n_cells"])
+    vocab = root.read_table(f"vocab/{organism}.parquet", columns=["gene_symbol", "n_cells"])
     counts = dict(zip(vocab["gene_symbol"].to_pylist(), vocab["n_cells"].to_numpy(), strict=True))
     keep = set(reuse.unchanged)
     for rel in m["files"]:
         org, ds = parse_sentence_rel(rel)
         if org != organism or dataset_name(org, ds) in keep:
             continue
-        path = part_path(m, rel)
-        prefix = path[: len(path) - len(rel)]  # "" or "../<version>/"
-        t = pq.read_table(_open(root, prefix + gene_counts_rel(rel)))
+        t = root.read_table(part_path(m, rel, gene_counts_rel(rel)))
         for sym, n in zip(t["gene_symbol"].to_pylist(), t["n_cells"].to_numpy(), strict=True):
             counts[sym] -= n
     index = {s: i for i, s in enumerate(symbols)}

@@ -9,6 +9,7 @@ version folder, and commits by writing one small pointer (etl/versions.py).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -31,8 +32,6 @@ class OutputFull(InputError):
 
 
 def _is_full(e: BaseException) -> bool:
-    import errno
-
     return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e) or \
         "Disk quota exceeded" in str(e)
 
@@ -120,6 +119,11 @@ class Store:
         fs, _ = self.fs_root
         with fs.open_input_stream(self.path(rel)) as f:
             return f.read()
+
+    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        fs, _ = self.fs_root
+        with fs.open_input_file(self.path(rel)) as f:
+            return pq.read_table(f, columns=columns)
 
     def read_json(self, rel: str) -> dict:
         return json.loads(self.read_bytes(rel))

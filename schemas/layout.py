@@ -101,14 +101,12 @@ class CorpusVersion:
         for rel in sentence_parts(self.manifest):
             org, ds = parse_sentence_rel(rel)
             if (organism is None or org == organism) and (dataset_id is None or ds == dataset_id):
-                out.append(_under(self.sentences_root, rel))
+                out.append(self.sentences_uri(rel))
         return out
 
-    def versions_used(self) -> set[str]:
-        """Every version whose files this one reads (itself, its sentences version, reused datasets')."""
-        used = {self.version, self.manifest.get("sentences_version") or self.version}
-        used |= {info["version"] for info in self.manifest.get("files", {}).values() if info.get("version")}
-        return {v for v in used if v}
+    def sentences_uri(self, path: str) -> str:
+        """The URI of `path` relative to the sentences folder (`..` resolved: see part_path)."""
+        return _under(self.sentences_root, path)
 
     def table_root(self, table: str) -> str:
         """The folder that holds `table` (sentences, vocab, stats, samples, knowledge)."""
@@ -252,11 +250,13 @@ def sentence_parts(manifest: dict) -> list[str]:
     return [part_path(manifest, rel) for rel in sorted(manifest.get("files", {}))]
 
 
-def part_path(manifest: dict, rel: str) -> str:
-    """Where the sentences part `rel` (its canonical name) lives, relative to the sentences folder."""
+def part_path(manifest: dict, rel: str, name: str | None = None) -> str:
+    """Where the sentences part `rel` (its canonical name) lives, relative to the sentences folder; with
+    `name`, where that file of the same version folder lives (the part's gene counts)."""
     own = manifest.get("sentences_version") or manifest.get("version")
     where = manifest["files"][rel].get("version")
-    return rel if not where or where == own else f"../{where}/{rel}"
+    name = name or rel
+    return name if not where or where == own else f"../{where}/{name}"
 
 
 def parse_sentence_rel(rel: str) -> tuple[str, str]:
