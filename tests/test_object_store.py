@@ -128,3 +128,28 @@ def test_cli_on_spark_writes_to_s3_and_reports_input_errors_in_one_line(s3, demo
     errors = [ln for ln in bad.stderr.splitlines() if "ERROR" in ln]
     assert len(errors) == 1 and "--max-cells must be at least 1" in errors[0] and "Traceback" not in bad.stderr
     assert resolve(out).version == m["version"]
+
+
+def test_refresh_in_a_bucket_reads_reused_parts_across_versions(s3, tmp_path):
+    """A refresh into S3: the unchanged dataset's parts stay in the first version's prefix and are read
+    through `../<version>/` (normalised for S3 keys) by validation, the samples stage, the API and pruning."""
+    from conftest import write_h5ad
+
+    from c2s.api import read_table
+
+    a, _ = write_h5ad(tmp_path / "a.h5ad", n_cells=120, n_genes=40, seed=1)
+    b, _ = write_h5ad(tmp_path / "b.h5ad", n_cells=100, n_genes=40, seed=2)
+    out = f"s3://{BUCKET}/corpora/refresh"
+    opts = {"organism": "human", "cell_type_column": "celltype", "tasks": ["cell_type_prediction"],
+            "cells_per_task": 50, "incremental": True}
+    first = build(BuildConfig(output=out, h5ad=[a, b], **opts), None)
+    write_h5ad(tmp_path / "b.h5ad", n_cells=100, n_genes=40, seed=3)
+    second = build(BuildConfig(output=out, h5ad=[a, b], keep_versions=1, **opts), None)
+    assert second["refresh"]["unchanged"] == ["homo_sapiens/a"] and second["refresh"]["rebuilt"] == ["homo_sapiens/b"]
+    assert {i["version"] for r, i in second["files"].items() if "/a/" in r} == {first["version"]}
+    assert set(Versions(out).committed()) == {first["version"], second["version"]}  # a's parts are needed
+    assert validate(out, deep=True)["content_hash"] == second["content_hash"]
+    full = build(BuildConfig(output=str(tmp_path / "full"), h5ad=[a, b], **opts), None)
+    assert second["content_hash"] == full["content_hash"]
+    assert second["samples"]["samples_hash"] == full["samples"]["samples_hash"]
+    assert len(read_table(out, "sentences", columns=["cell_id"])) == full["counts"]["totals"]["written"]
