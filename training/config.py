@@ -9,9 +9,10 @@ from typing import ClassVar
 from schemas.cli import option as _f  # a config field: default, --help text, option metadata
 
 PEFT = ("none", "lora", "qlora")
-ATTENTION = ("auto", "varlen", "4d", "flash", "padded")
+ATTENTION = ("auto", "varlen", "flex", "4d", "flash", "padded")
+FUSED_LOSS = ("auto", "on", "off")
 REPORT_TO = ("tensorboard", "wandb", "none")
-TINY = ("tiny-pythia", "tiny-gemma2")  # small random models built here (training/models.py)
+TINY = ("tiny-pythia", "tiny-gemma2", "tiny-llama")  # small random models built here (training/models.py)
 
 
 @dataclass
@@ -24,16 +25,19 @@ class SFTConfig:
                           metavar="TASK[=W]")
     max_length: int = _f(1024, "Tokens per packed sequence (and the longest sample kept).", metavar="N")
     packing: bool = _f(True, "Pack several samples per sequence (attention kept within each sample).")
-    attention: str = _f("auto", "How packed samples are kept apart: varlen (padding-free: causal sdpa on each "
-                        "sample's slice, no mask; any device), flash (padding-free flash-attention-2, GPU), 4d "
-                        "(block-diagonal mask over the packed row), padded (one sample per row). auto: flash on "
-                        "GPU with flash_attn, else varlen (4d for Gemma-2, whose soft-capping needs eager).",
-                        choices=list(ATTENTION))
+    attention: str = _f("auto", "How packed samples are kept apart: varlen (padding-free: on CUDA torch's variable-"
+                        "length flash kernel, one call per layer; on CPU causal sdpa on each sample's slice), flash "
+                        "(padding-free flash-attention-2; needs the flash_attn package), flex (flex_attention with a "
+                        "per-sample block mask; keeps Gemma-2's soft-capping), 4d (block-diagonal mask over each row, "
+                        "eager/sdpa), padded (one sample per row). auto: flash where flash_attn is installed, else "
+                        "varlen; Gemma-2: flex on CUDA, 4d on CPU.", choices=list(ATTENTION))
     shuffle_buffer: int = _f(1000, "Samples in the shuffle buffer of the stream (kept in checkpoints).",
                              metavar="N")
-    stream_close_wait_s: float | None = _f(None, "Seconds `datasets` waits for Arrow's reader threads when a pass "
-                                           "over the corpus ends (default: its 5 s guard against apache/arrow"
-                                           "#45214); 0 makes passes over a small corpus cheap.", metavar="S")
+    token_cache: str | None = _f(None, "Where the corpus is kept tokenised for this tokenizer (made once, reused "
+                                 "by every later run; default $C2S_CACHE_DIR or ~/.cache/c2s).", metavar="DIR")
+    dataloader_workers: int | None = _f(None, "Processes that read, pack and collate batches ahead of the step "
+                                        "(0: in the training process; default 1 with CUDA, 0 on CPU).",
+                                        metavar="N")
     # model
     model: str | None = _f(None, "Required. A hub id (EleutherAI/pythia-410m, google/gemma-2-2b), a local "
                            "folder, or tiny-pythia / tiny-gemma2 (small random models with a tokenizer trained "
@@ -73,7 +77,15 @@ class SFTConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay.", metavar="W")
     max_grad_norm: float = _f(1.0, "Gradient clipping (0: off).", metavar="X")
     bf16: bool | None = _f(None, "bf16 mixed precision (default: on with CUDA, off on CPU).")
-    gradient_checkpointing: bool | None = _f(None, "Recompute activations in backward (default: on with CUDA).")
+    gradient_checkpointing: bool | None = _f(None, "Recompute activations in backward (default: on only when the "
+                                             "step would not fit the GPU's free memory without it; the log says "
+                                             "which and why; off on CPU).")
+    fused_loss: str = _f("auto", "LM head and cross-entropy as one chunked kernel (torch's linear_cross_entropy: no "
+                         "full-vocabulary logits in memory). auto: on with CUDA (off on CPU, where the head at the "
+                         "response positions is faster); not for soft-capped logits (Gemma-2) or LoRA on the head.",
+                         choices=list(FUSED_LOSS))
+    torch_compile: bool = _f(False, "Compile each decoder layer with torch.compile (dynamic shapes; the first "
+                             "steps are slow while it compiles).")
     seed: int = _f(0, "Seed of the model init, the stream order and dropout.")
     # evaluation
     eval_steps: float | None = _f(None, "Evaluate every N steps, or a fraction of --max-steps when below 1, as "
@@ -122,6 +134,9 @@ class SFTConfig:
                 raise CorpusError(f"--tiny-config takes KEY=VALUE, got {item!r}")
         if self.learning_rate <= 0:
             raise CorpusError("--learning-rate must be > 0")
+        if self.dataloader_workers not in (None, 0, 1):
+            raise CorpusError(f"--dataloader-workers takes 0 or 1, got {self.dataloader_workers}: one worker makes "
+                              "batches faster than any one GPU takes them (BENCHMARKS.md)")
 
     @property
     def tiny(self) -> bool:

@@ -15,6 +15,8 @@ import pyarrow.parquet as pq
 from training import data as td
 from training.answers import answer_budget, predicted_label
 from training.losses import collate_mode, model_inputs, response_loss
+from training.packing import collate, sample_from_tokens
+from training.stream import Sample
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ def _head(paths: list[str], n: int, columns: list[str]) -> list[dict]:
 
 @dataclass
 class EvalSet:
-    sequences: dict[str, list[dict]] = field(default_factory=dict)  # task -> one-sample sequences
+    sequences: dict[str, list[list[Sample]]] = field(default_factory=dict)  # task -> one-sample sequences
     cells: list[tuple[str, str]] = field(default_factory=list)  # (prompt, cell type)
     texts: list[str] = field(default_factory=list)  # prompt + response, for the tokenizer check
 
@@ -66,7 +68,7 @@ class EvalSet:
                 out.texts.append(r["prompt"] + r["completion"])
                 tok = td.tokenize_sample(tokenizer, r["prompt"], r["completion"], max_length)
                 if tok is not None:
-                    seqs.append({"input_ids": tok[0], "labels": tok[1], "seq_lens": [len(tok[0])], "tasks": [task]})
+                    seqs.append([sample_from_tokens(tok[0], tok[1], task)])
             if seqs:
                 out.sequences[task] = seqs
             if task == CELL_TYPE_TASK and cells:
@@ -90,19 +92,17 @@ def cell_type_accuracy(model, tokenizer, cells: list[tuple[str, str]], max_new_t
 
 
 def loss_per_task(model, evalset: EvalSet, pad_id: int, device, mode: str, dtype, task_index: dict,
-                  batch_size: int) -> dict[str, tuple[float, int]]:
+                  batch_size: int, *, fused: bool = False) -> dict[str, tuple[float, int]]:
     """task -> (mean response-token NLL, response tokens), one sample per row (no packing needed)."""
-
+    config = getattr(getattr(model, "module", model), "config", None)
     out = {}
     for task, seqs in evalset.sequences.items():
         total, n = 0.0, 0
         for i in range(0, len(seqs), batch_size):
-            batch = td.collate(seqs[i : i + batch_size], pad_id=pad_id, attention=collate_mode(mode), dtype=dtype,
-                               task_index=task_index)
-            inputs, labels = model_inputs(batch, mode, device)
-            nll_sum, k = response_loss(model, inputs, labels, mode)
-            total += float(nll_sum)
-            n += k
+            batch = collate(seqs[i : i + batch_size], pad_id=pad_id, mode=collate_mode(mode), task_index=task_index)
+            inputs, loss = model_inputs(batch, mode, device, dtype, config)
+            total += float(response_loss(model, inputs, loss, mode, fused=fused))
+            n += batch["n_labels"]
         out[task] = (total / max(n, 1), n)
     return out
 

@@ -1,7 +1,8 @@
 """The loss of a collated batch: response tokens only, packed samples kept apart.
 
-`response_loss` is what the trainer and the evaluation both call. Summed next-token NLL with a one-pass
-backward (`sum_nll`):
+`response_loss` is what the trainer and the evaluation both call. On CUDA the LM head and the loss are one
+fused, chunked kernel (torch's `linear_cross_entropy`: no full-vocabulary logits in memory); elsewhere the
+head runs at the response positions only and the summed next-token NLL has a one-pass backward (`sum_nll`):
 
 F.cross_entropy on [N, V] logits saves log_softmax's output; in backward nll_loss zero-fills an [N, V]
 gradient and scatters into it, and log_softmax's backward makes another pass with a row reduction. The
@@ -13,6 +14,8 @@ the largest remaining cost of a small model's step besides the linear layers (BE
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import types
 
 import torch
 import torch.nn.functional as F
@@ -48,20 +51,40 @@ def sum_nll(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | N
 
 
 def collate_mode(mode: str) -> str:
-    return "flash" if mode == "varlen" else mode  # both take one flattened row with restarting positions
+    """The collate mode of an attention mode: the padding-free ones take one flattened row."""
+    return "flat" if mode in ("varlen", "flash", "flex") else mode
 
 
-def model_inputs(batch: dict, mode: str, device) -> tuple[dict, torch.Tensor]:
-    """Collated batch -> (forward kwargs, labels). Padding-free modes get the sample boundaries
-    (cu_seq_lens) that flash-attention and sdpa_varlen split the packed row by."""
-    batch = dict(batch)
-    batch.pop("token_task", None)
-    labels = batch.pop("labels").to(device)
-    inputs = {k: v.to(device) for k, v in batch.items()}
-    if mode in ("flash", "varlen"):
-        cu, longest = ta.cu_seq_lens(inputs["position_ids"])
-        inputs |= {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
-    return inputs, labels
+def model_inputs(batch: dict, mode: str, device, dtype: torch.dtype = torch.float32, config=None
+                 ) -> tuple[dict, dict]:
+    """A collated batch (training.packing.collate) -> (forward kwargs, what the loss needs), on `device`.
+
+    Copies are non-blocking from pinned memory on CUDA; nothing here reads a device value back. Flattened
+    rows get the sample boundaries flash-attention and sdpa_varlen split by (cu_seq_lens and the longest
+    sample, from collate), or with --attention flex the BlockMasks built from them on the device; 4d rows
+    get their block-diagonal masks built on the device from segment ids (no [B,1,L,L] tensor on the host)."""
+    device = torch.device(device)
+    nb = device.type == "cuda"
+
+    def mv(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, non_blocking=nb)
+
+    inputs = {"input_ids": mv(batch["input_ids"]), "position_ids": mv(batch["position_ids"])}
+    if "cu_seq_lens" in batch:
+        cu, longest = mv(batch["cu_seq_lens"]), int(batch["max_seqlen"])
+        if mode == "flex":
+            inputs["attention_mask"] = ta.block_masks(cu, inputs["input_ids"].shape[1], config)
+        else:
+            inputs |= {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+        loss = {"index": mv(batch["loss_index"]), "target": mv(batch["loss_target"]),
+                "weight": mv(batch["loss_weight"]) if "loss_weight" in batch else None}
+        return inputs, loss
+    if "segment_ids" in batch:
+        inputs["attention_mask"] = ta.dense_masks(mv(batch["segment_ids"]), dtype, config)
+    else:
+        inputs["attention_mask"] = mv(batch["attention_mask"])
+    return inputs, {"labels": mv(batch["labels"]),
+                    "weights": mv(batch["loss_weights"]) if "loss_weights" in batch else None}
 
 
 def forward(model, inputs: dict, mode: str):
@@ -69,22 +92,75 @@ def forward(model, inputs: dict, mode: str):
         return model(**inputs, use_cache=False).logits
 
 
-def response_loss(model, inputs: dict, labels: torch.Tensor, mode: str,
-                  weights: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """(summed NLL of the response tokens, their number). On a flattened packed row the LM head runs only
-    at the positions that predict a response token (transformers' logits_to_keep with indices): prompts
-    are most of a cell-sentence sample, and the head is most of a small model's, or a 256k-vocabulary
-    model's, compute. Through the model's own forward, so DDP/FSDP hooks still run."""
-    if mode in ("flash", "varlen"):
-        target = labels[0, 1:]
-        keep = torch.nonzero(target != IGNORE_INDEX).view(-1)
-        logits = forward(model, {**inputs, "logits_to_keep": keep}, mode).squeeze(0)  # a view: select() would
-        # zero-fill an [1, N, V] gradient in backward
-        w = None if weights is None else weights[0, 1:][keep]
-        return sum_nll(logits, target[keep], w), int(keep.numel())
-    nll, mask = token_loss(forward(model, inputs, mode), labels)
-    w = mask if weights is None else weights[:, 1:] * mask
-    return (nll * w).sum(), int(mask.sum())
+# ------------------------------------------------------------------ the fused LM head + loss
+
+_FUSED: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("c2s_fused_loss", default=None)
+
+
+def _fused_head_forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head's forward: plain logits, or inside response_loss(fused=True) the summed (weighted) NLL of
+    the targets, through torch's chunked linear_cross_entropy (no [N, V] logits kept for backward)."""
+    spec = _FUSED.get()
+    if spec is None:
+        return F.linear(hidden, self.weight, self.bias)
+    target, weight = spec
+    h = hidden.reshape(-1, hidden.shape[-1])
+    if target.numel() == 0:
+        return (h.sum() * 0.0).float()
+    w, b = self.weight, self.bias
+    kind = h.device.type
+    with contextlib.ExitStack() as stack:
+        if torch.is_autocast_enabled(kind):  # the chunked path takes half-precision inputs with fp32 sums
+            dt = torch.get_autocast_dtype(kind)
+            h, w, b = h.to(dt), w.to(dt), None if b is None else b.to(dt)
+            stack.enter_context(torch.autocast(kind, enabled=False))
+        nll = F.linear_cross_entropy(h, w, target, linear_bias=b, reduction="sum" if weight is None else "none",
+                                     options=torch.nn.LinearCrossEntropyOptions())
+    return nll.float() if weight is None else (nll.float() * weight).sum()
+
+
+def install_fused_head(model) -> str | None:
+    """Let the model's LM head compute the loss itself (fused linear + cross-entropy) when response_loss asks
+    for it; elsewhere (generation, evaluation) it stays a plain Linear. Returns None when installed, else
+    why it cannot be: LoRA on the head, soft-capped logits (Gemma-2), or a torch without
+    linear_cross_entropy. The head's parameters and their names are untouched."""
+    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return "this torch has no torch.nn.functional.linear_cross_entropy (torch >= 2.13)"
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None):
+        return "the model soft-caps its logits (Gemma-2), which the fused kernel does not"
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return f"the LM head is a {type(head).__name__}, not a plain Linear (LoRA on the head?)"
+    head.forward = types.MethodType(_fused_head_forward, head)
+    return None
+
+
+# ------------------------------------------------------------------ the loss
+
+
+def response_loss(model, inputs: dict, loss: dict, mode: str, *, fused: bool = False) -> torch.Tensor:
+    """Σ (weight ×) NLL of the response tokens, in float32, through the model's own forward (so DDP/FSDP
+    hooks run).
+
+    Flattened rows: the LM head runs only at the positions that predict a response token (loss["index"],
+    transformers' logits_to_keep): prompts are most of a cell-sentence sample, and the head is most of a
+    small model's, or a 256k-vocabulary model's, compute. fused=True (the head installed by
+    install_fused_head): the head returns the loss itself, without [N, V] logits. Rows with masks: the
+    logits of every position, masked to the response tokens."""
+    if "index" in loss:
+        if fused:
+            token = _FUSED.set((loss["target"], loss["weight"]))
+            try:
+                return forward(model, {**inputs, "logits_to_keep": loss["index"]}, mode)
+            finally:
+                _FUSED.reset(token)
+        logits = forward(model, {**inputs, "logits_to_keep": loss["index"]}, mode).squeeze(0)  # a view: select()
+        # would zero-fill an [1, N, V] gradient in backward
+        return sum_nll(logits, loss["target"], loss["weight"])
+    nll, mask = token_loss(forward(model, inputs, mode), loss["labels"])
+    w = mask if loss["weights"] is None else loss["weights"][:, 1:] * mask
+    return (nll * w).sum()
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

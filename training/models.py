@@ -242,9 +242,10 @@ def _load_tokenizer(path: str):
 
 
 def tiny_config(model: str, tokenizer, overrides: dict | None = None):
-    """The config of a tiny random model ("tiny-pythia": GPT-NeoX; "tiny-gemma2": Gemma-2), sized to the
-    tokenizer; `overrides` replaces config fields (e.g. a Pythia-410M shape for the GPU benchmark)."""
-    from transformers import Gemma2Config, GPTNeoXConfig
+    """The config of a tiny random model ("tiny-pythia": GPT-NeoX; "tiny-gemma2": Gemma-2; "tiny-llama": Llama,
+    the shape of Llama/Qwen/Mistral with grouped-query attention and a gated MLP), sized to the tokenizer;
+    `overrides` replaces config fields (e.g. a Pythia-410M shape for the GPU benchmark)."""
+    from transformers import Gemma2Config, GPTNeoXConfig, LlamaConfig
 
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     ids = {"vocab_size": len(tokenizer), "bos_token_id": bos,
@@ -256,14 +257,16 @@ def tiny_config(model: str, tokenizer, overrides: dict | None = None):
         head_dim = TINY_SHAPE["hidden_size"] // TINY_SHAPE["num_attention_heads"]
         config = Gemma2Config(**TINY_SHAPE, **ids, num_key_value_heads=2, head_dim=head_dim,
                               query_pre_attn_scalar=head_dim)
+    elif model == "tiny-llama":
+        config = LlamaConfig(**TINY_SHAPE, **ids, num_key_value_heads=2, tie_word_embeddings=False)
     else:
         raise ModelError(f"model {model!r}: not a tiny model (one of {TINY_MODELS})")
     for key, value in (overrides or {}).items():
         if not hasattr(config, key):
             raise ModelError(f"tiny_overrides: {model} config has no field {key!r}")
         setattr(config, key, value)
-    if model == "tiny-gemma2":  # keep head_dim = hidden / heads when the overrides reshape the model
-        for key in ("head_dim", "query_pre_attn_scalar"):
+    if model in ("tiny-gemma2", "tiny-llama"):  # keep head_dim = hidden / heads when the overrides reshape it
+        for key in ("head_dim", "query_pre_attn_scalar") if model == "tiny-gemma2" else ("head_dim",):
             if key not in (overrides or {}):
                 setattr(config, key, config.hidden_size // config.num_attention_heads)
     return config

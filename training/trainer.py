@@ -1,8 +1,9 @@
 """The SFT loop: streaming packed batches -> causal LM with the loss on response tokens only.
 
-A thin accelerate loop rather than HF Trainer, because the parts that matter here are ours: packed
-sequences with a block-diagonal mask (or padding-free flash attention), a stream whose exact position goes
-into every checkpoint, and loss per task. accelerate handles devices, DDP/FSDP, mixed precision, gradient
+A thin accelerate loop rather than HF Trainer, because the parts that matter here are ours: the corpus
+tokenised once (training/tokens.py), packed batches made in a worker ahead of the step (training/loader.py),
+padding-free attention (training/attention.py), the LM head and loss fused (training/losses.py), a step
+with no host sync, a stream whose exact position goes into every checkpoint, and loss per task. accelerate handles devices, DDP/FSDP, mixed precision, gradient
 accumulation, trackers and the model/optimizer/scheduler/RNG state; the stream is sharded once, by
 training.data (split_dataset_by_node), and never handed to accelerate to shard again.
 """
@@ -25,7 +26,9 @@ from training import data as td
 from training import models as tm
 from training.config import SFTConfig
 from training.evaluate import EvalSet, cell_type_accuracy, loss_per_task
-from training.losses import collate_mode, model_inputs, response_loss
+from training.loader import BatchSpec, make_loader
+from training.losses import collate_mode, install_fused_head, model_inputs, response_loss
+from training.tokens import pretokenize
 
 log = logging.getLogger(__name__)
 
@@ -41,35 +44,74 @@ class TrainResult:
 
 
 def resolve_attention(cfg: SFTConfig, device: torch.device, model_name: str) -> tuple[str, str | None]:
-    """(collate mode, attn_implementation). Gemma-2's soft-capping needs eager (4d) or flash."""
+    """(attention mode, attn_implementation). Gemma-2's soft-capping needs flash-attn, flex or eager (4d)."""
     gemma = "gemma" in model_name.lower()
+    cuda = device.type == "cuda"
     mode = cfg.attention
     if mode == "auto":
         if not cfg.packing:
             mode = "padded"
-        elif device.type == "cuda" and _has_flash_attn():
+        elif cuda and _has_flash_attn():
             mode = "flash"
+        elif gemma:
+            mode = "flex" if cuda else "4d"
         else:
-            mode = "4d" if gemma else "varlen"
+            mode = "varlen"
     if mode == "flash":
-        if device.type != "cuda" or not _has_flash_attn():
+        if not cuda or not _has_flash_attn():
             raise td.CorpusError("--attention flash needs CUDA and the flash_attn package; use --attention varlen")
         return mode, "flash_attention_2"
     if mode == "varlen":
         if gemma:
-            raise td.CorpusError("--attention varlen runs sdpa, which has no soft-capping (Gemma-2): use 4d")
+            raise td.CorpusError("--attention varlen runs sdpa, which has no soft-capping (Gemma-2): use flex "
+                                 "(or 4d)")
         return mode, ta.register()
+    if mode == "flex":
+        return mode, "flex_attention"
     if mode == "padded" and cfg.packing:
         raise td.CorpusError("--attention padded holds one sample per row: add --packing false")
     return mode, ("eager" if gemma else "sdpa")
 
 
 def _has_flash_attn() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def step_memory_estimate(model, cfg: SFTConfig, *, fused: bool, bf16: bool) -> int:
+    """Bytes one training step needs without activation checkpointing (an estimate, logged beside the
+    choice it makes): fp32 weights, and for the trainable ones gradients and AdamW's two moments, plus the
+    activations autograd keeps (Korthikanti et al. 2022 without the attention scores, which a fused kernel
+    never stores: per token and layer 18·hidden + 4·intermediate elements of 2 bytes, twice that in fp32),
+    plus the logits at the response positions when the loss is not fused."""
+    c = model.config
+    hidden = getattr(c, "hidden_size", 0) or 0
+    inter = getattr(c, "intermediate_size", 4 * hidden) or 4 * hidden
+    layers = getattr(c, "num_hidden_layers", 0) or 0
+    if getattr(c, "hidden_act", "") in ("silu", "swiglu") or getattr(c, "hidden_activation", None):
+        inter = int(inter * 1.5)  # gated MLPs keep a third projection's output
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    tokens = cfg.per_device_batch_size * cfg.max_length
+    act = tokens * layers * (18 * hidden + 4 * inter) * (2 if bf16 else 4)
+    logits = 0 if fused else tokens * (getattr(c, "vocab_size", 0) or 0) * 10
+    return 4 * params + 12 * trainable + act + logits
+
+
+def checkpointing_choice(cfg: SFTConfig, model, device: torch.device, *, fused: bool, bf16: bool
+                         ) -> tuple[bool, str]:
+    """(recompute activations?, why): as asked; else off on CPU, and on CUDA on only when the step would
+    not fit 85% of the GPU's free memory without it."""
+    if cfg.gradient_checkpointing is not None:
+        return cfg.gradient_checkpointing, "as asked (--gradient-checkpointing)"
+    if device.type != "cuda":
+        return False, "off on CPU"
+    free, _total = torch.cuda.mem_get_info(device)
+    need = step_memory_estimate(model, cfg, fused=fused, bf16=bf16)
+    fits = need < 0.85 * free
+    return (not fits, f"the step needs ~{need / 2**30:.1f} GiB without it and {free / 2**30:.1f} GiB are free"
+            f"{'' if fits else ': recomputing activations to fit'}")
 
 
 def checkpoints(output_dir: str, complete: bool = True) -> list[Path]:
@@ -180,7 +222,6 @@ def _train(cfg: SFTConfig) -> TrainResult:
 
     cuda = torch.cuda.is_available()
     bf16 = cuda if cfg.bf16 is None else cfg.bf16
-    grad_ckpt = cuda if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
     out = Path(cfg.output_dir)
     report = None if cfg.report_to == "none" else cfg.report_to
     if report:
@@ -195,12 +236,19 @@ def _train(cfg: SFTConfig) -> TrainResult:
     # accelerate keeps one AcceleratorState per process; a second train() in the same process (a notebook,
     # the tests, the benchmark) with another precision needs it cleared. The process group is kept.
     AcceleratorState._reset_state()
+    dynamo = None
+    if cfg.torch_compile:
+        from accelerate.utils import TorchDynamoPlugin
+
+        # each decoder layer compiled once and reused (regional compilation); packed rows change length
+        # every step, hence dynamic shapes
+        dynamo = TorchDynamoPlugin(backend="inductor", dynamic=True, use_regional_compilation=True)
     # step_scheduler_with_optimizer=False: accelerate would otherwise step a prepared scheduler once per
     # process per optimizer step (it assumes a schedule sized for one process's batches), so on N processes
     # the rate would run N times too fast. Ours is sized in optimizer steps and stepped once per one.
     acc = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                       mixed_precision="bf16" if bf16 else "no", log_with=report, project_dir=str(out / "runs"),
-                      cpu=not cuda, step_scheduler_with_optimizer=False)
+                      cpu=not cuda, step_scheduler_with_optimizer=False, dynamo_plugin=dynamo)
     set_seed(cfg.seed)
 
     # ---- everything that can be wrong with the inputs fails here, before any training
@@ -225,6 +273,9 @@ def _train(cfg: SFTConfig) -> TrainResult:
     if cfg.peft in ("lora", "qlora"):
         model = tm.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                               targets=cfg.lora_targets or None)
+    fused = _fused_loss(cfg, model, acc.device, collate_mode(mode))
+    grad_ckpt, why = checkpointing_choice(cfg, model, acc.device, fused=fused, bf16=bf16)
+    log.info("gradient checkpointing %s: %s", "on" if grad_ckpt else "off", why)
     if grad_ckpt:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -235,12 +286,22 @@ def _train(cfg: SFTConfig) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
         (out / "sft_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
-    stream = td.SampleStream(train_files, tok, max_length=cfg.max_length, weights=mixture, seed=cfg.seed,
-                             shuffle_buffer=cfg.shuffle_buffer, rank=acc.process_index,
-                             world_size=acc.num_processes, close_wait_s=cfg.stream_close_wait_s)
-    packer = td.Packer(stream, cfg.max_length, pack=cfg.packing)
+    # ---- data: the corpus tokenised once for this tokenizer (the local main process makes what is missing)
+    with acc.local_main_process_first():
+        shards, tok_key = pretokenize(train_files, tok, cache_dir=cfg.token_cache, manifest=manifest,
+                                      progress=acc.is_local_main_process)
+    task_index = {t: i for i, t in enumerate(sorted(set(mixture) | set(evalset.tasks)))}
+    workers = (1 if cuda else 0) if cfg.dataloader_workers is None else cfg.dataloader_workers
+    spec = BatchSpec(shards=shards, weights=mixture, max_length=cfg.max_length,
+                     batch_size=cfg.per_device_batch_size, pad_id=tok.pad_token_id, mode=collate_mode(mode),
+                     task_index=task_index, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+                     rank=acc.process_index, world_size=acc.num_processes, pack=cfg.packing,
+                     loss_weights=cfg.loss_normalization == "sample", tokenizer_key=tok_key,
+                     pad_multiple=128 if cfg.torch_compile else None)
+    loader = make_loader(spec, workers=workers, pin_memory=cuda)
+
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = _adamw(params, cfg, acc.device)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=cfg.max_steps)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
@@ -256,8 +317,10 @@ def _train(cfg: SFTConfig) -> TrainResult:
                                  f"resume with {saved_n}")
         acc.load_state(str(resume))
         start, tokens_seen = state["step"], state["tokens_seen"]
+        data_state = json.loads((resume / f"data_state_{acc.process_index}.json").read_text())
         try:
-            packer.load_state_dict(json.loads((resume / f"data_state_{acc.process_index}.json").read_text()))
+            _check_data_state(data_state, spec)
+            loader.load_state_dict(data_state)
         except ValueError as e:  # the stream state names what differs (files, weights, seed, max_length, ...)
             raise td.CorpusError(f"--resume-from-checkpoint {resume}: {e}") from None
         log.info("resumed from %s at step %d", resume, start)
@@ -265,74 +328,42 @@ def _train(cfg: SFTConfig) -> TrainResult:
         acc.init_trackers(cfg.run_name or out.name, config={k: (v if isinstance(v, int | float | str | bool) else
                                                                str(v)) for k, v in cfg.to_dict().items()})
     metrics = MetricsLog(out / "metrics.jsonl", acc, resumed_at=start if resume is not None else None)
-    task_index = {t: i for i, t in enumerate(sorted(set(mixture) | set(evalset.tasks)))}
     dtype = torch.bfloat16 if bf16 else torch.float32
-    batches = td.batches(packer, cfg.per_device_batch_size)
-    log.info("training %s on %s: tasks %s, %d steps, %s attention, packing %s, %s", cfg.model, cfg.corpus,
-             ", ".join(f"{t}={w:.2f}" for t, w in mixture.items()), cfg.max_steps, mode, cfg.packing,
-             "LoRA" if cfg.peft != "none" else "full")
+    log.info("training %s on %s: tasks %s, %d steps, %s attention, packing %s, %s, loss %s, %d dataloader "
+             "worker(s)%s", cfg.model, cfg.corpus, ", ".join(f"{t}={w:.2f}" for t, w in mixture.items()),
+             cfg.max_steps, mode, cfg.packing, "LoRA" if cfg.peft != "none" else "full",
+             "fused linear+cross-entropy" if fused else "on logits at response positions", workers,
+             ", torch.compile" if cfg.torch_compile else "")
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.max_steps, initial=start, desc="sft", disable=not acc.is_main_process)
-    window = {"nll": 0.0, "n": 0, "tokens": 0, "pad": 0, "t0": time.perf_counter()}
+    step_fn = StepRunner(acc, model, optimizer, scheduler, params, cfg, mode, dtype, fused)
+    window = _Window()
     model.train()
     step = start
-    while step < cfg.max_steps:
-        micro = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
-        # Every response token of the optimizer step weighs the same, however the tokens fall into
-        # micro-batches and processes: the loss is Σ NLL / (response tokens of the whole step, all processes).
-        # acc.backward divides by the accumulation steps and DDP averages over processes; the scale undoes both.
-        # With --loss-normalization sample, each sample's mean token NLL weighs the same instead: Σ over
-        # samples / (samples of the whole step, all processes).
-        per_sample = cfg.loss_normalization == "sample"
-        if per_sample:
-            n_step = _reduce_sum(acc, sum(td.samples_with_labels(seqs) for seqs in micro))
-        else:
-            n_step = _reduce_sum(acc, sum(label != td.IGNORE_INDEX for seqs in micro for q in seqs
-                                          for label in q["labels"]))
-        scale = cfg.gradient_accumulation_steps * acc.num_processes / max(n_step, 1)
-        for seqs in micro:
-            real = sum(len(q["input_ids"]) for q in seqs)
-            batch = td.collate(seqs, pad_id=tok.pad_token_id, attention=collate_mode(mode), dtype=dtype,
-                               task_index=task_index, loss_weights=per_sample)
-            weights = batch.pop("loss_weights", None)
-            inputs, labels = model_inputs(batch, mode, acc.device)
-            with acc.accumulate(model):
-                nll_sum, n = response_loss(model, inputs, labels, mode,
-                                           None if weights is None else weights.to(acc.device))
-                if per_sample:  # the logged loss is then the mean over samples of their mean token loss
-                    n = td.samples_with_labels(seqs)
-                acc.backward(nll_sum * scale)
-                if acc.sync_gradients and cfg.max_grad_norm > 0:
-                    acc.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                if acc.sync_gradients:  # once per optimizer step, on every process alike
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            window["nll"] += float(nll_sum.detach())
-            window["n"] += n
-            window["tokens"] += real
-            window["pad"] += inputs["input_ids"].numel() - real
-        step += 1
-        tokens_seen += window["tokens"]
-        bar.update(1)
-        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
-            dt = time.perf_counter() - window["t0"]
-            rec = {"step": step, "loss": window["nll"] / max(window["n"], 1), "learning_rate": scheduler.get_last_lr()[0],
-                   "tokens_per_s": window["tokens"] * acc.num_processes / dt,
-                   "padding_share": window["pad"] / max(window["pad"] + window["tokens"], 1),
-                   "tokens_seen": tokens_seen * acc.num_processes}
-            metrics.log(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            window = {"nll": 0.0, "n": 0, "tokens": 0, "pad": 0, "t0": time.perf_counter()}
-        if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps:
-            metrics.log({"step": step, **_evaluate(model, tok, evalset, acc, mode, dtype, task_index,
-                                                   cfg.per_device_batch_size)})
-            window["t0"] = time.perf_counter()
-        if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
-            save_checkpoint(acc, packer, out, step, tokens_seen, cfg.save_total_limit)
-            window["t0"] = time.perf_counter()
+    batches = iter(loader)
+    try:
+        while step < cfg.max_steps:
+            micro = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
+            step_fn(micro, window)
+            step += 1
+            tokens_seen += sum(b["n_tokens"] for b in micro)
+            bar.update(1)
+            if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+                rec = {"step": step, **window.record(acc), "learning_rate": scheduler.get_last_lr()[0],
+                       "tokens_seen": tokens_seen * acc.num_processes}
+                metrics.log(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps:
+                metrics.log({"step": step, **_evaluate(model, tok, evalset, acc, mode, dtype, task_index,
+                                                       cfg.per_device_batch_size, fused)})
+                window.restart()
+            if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
+                save_checkpoint(acc, loader, out, step, tokens_seen, cfg.save_total_limit)
+                window.restart()
+    finally:
+        del batches  # stops the worker process
     bar.close()
 
     final = None
@@ -355,6 +386,97 @@ def _train(cfg: SFTConfig) -> TrainResult:
     return TrainResult(str(out), step, final, metrics.records)
 
 
+def _fused_loss(cfg: SFTConfig, model, device: torch.device, collate: str) -> bool:
+    """Whether the step computes the loss with the fused LM head (and installs it when so)."""
+    want = cfg.fused_loss == "on" or (cfg.fused_loss == "auto" and device.type == "cuda")
+    if not want:
+        return False
+    why_not = "the head runs per position on 4d/padded rows" if collate != "flat" else install_fused_head(model)
+    if why_not is None:
+        return True
+    (log.warning if cfg.fused_loss == "on" else log.info)("fused loss not used: %s", why_not)
+    return False
+
+
+def _adamw(params: list, cfg: SFTConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with torch's fused kernel (one launch for all parameters) where every parameter is a float
+    tensor on CUDA or the CPU; its foreach form otherwise."""
+    fused = device.type in ("cuda", "cpu") and all(p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+class _Window:
+    """What is logged over the steps since the last record: the loss sum stays on the device (read once,
+    when logged), counts and timings are host values."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self) -> None:
+        self.nll: torch.Tensor | float = 0.0
+        self.n = self.tokens = self.slots = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, nll: torch.Tensor, n: int, tokens: int, slots: int) -> None:
+        self.nll = self.nll + nll.detach()
+        self.n += n
+        self.tokens += tokens
+        self.slots += slots
+
+    def record(self, acc) -> dict:
+        loss = float(self.nll) / max(self.n, 1)  # the one device read of the window
+        dt = time.perf_counter() - self.t0
+        rec = {"loss": loss, "tokens_per_s": self.tokens * acc.num_processes / dt,
+               "padding_share": (self.slots - self.tokens) / max(self.slots, 1)}
+        self.restart()
+        return rec
+
+
+class StepRunner:
+    """One optimizer step over its micro-batches: the loss normalised over the whole step, backward,
+    clipping, the optimizer and the schedule. No host sync on one process (the counts come from collate)."""
+
+    def __init__(self, acc, model, optimizer, scheduler, params: list, cfg: SFTConfig, mode: str, dtype,
+                 fused: bool):
+        self.acc, self.model, self.optimizer, self.scheduler, self.params = acc, model, optimizer, scheduler, params
+        self.cfg, self.mode, self.dtype, self.fused = cfg, mode, dtype, fused
+        self.per_sample = cfg.loss_normalization == "sample"
+        self.config = acc.unwrap_model(model).config
+
+    def __call__(self, micro: list[dict], window: _Window) -> None:
+        acc, cfg = self.acc, self.cfg
+        # Every response token of the optimizer step weighs the same, however the tokens fall into
+        # micro-batches and processes: the loss is Σ NLL / (response tokens of the whole step, all processes).
+        # acc.backward divides by the accumulation steps and DDP averages over processes; the scale undoes both.
+        # With --loss-normalization sample, each sample's mean token NLL weighs the same instead: Σ over
+        # samples / (samples of the whole step, all processes).
+        key = "n_samples" if self.per_sample else "n_labels"
+        n_step = _reduce_sum(acc, sum(b[key] for b in micro))
+        scale = cfg.gradient_accumulation_steps * acc.num_processes / (n_step.clamp(min=1) if torch.is_tensor(n_step)
+                                                                        else max(n_step, 1))
+        for batch in micro:
+            inputs, loss = model_inputs(batch, self.mode, acc.device, self.dtype, self.config)
+            with acc.accumulate(self.model):
+                nll_sum = response_loss(self.model, inputs, loss, self.mode, fused=self.fused)
+                acc.backward(nll_sum * scale)
+                if acc.sync_gradients and cfg.max_grad_norm > 0:
+                    acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                self.optimizer.step()
+                if acc.sync_gradients:  # once per optimizer step, on every process alike
+                    self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            window.add(nll_sum, batch[key], batch["n_tokens"], batch["n_slots"])
+
+
+def _check_data_state(state: dict, spec: BatchSpec) -> None:
+    """A checkpoint's data state from this trainer's loader, or ValueError saying it is not (an older
+    trainer's stream position cannot be resumed exactly)."""
+    if not isinstance(state, dict) or not any(k.startswith("_") for k in state):
+        raise ValueError("its data state was written by an earlier version of the trainer (before the "
+                         "pre-tokenised stream); it cannot be resumed exactly: start afresh in another "
+                         "--output-dir")
+
+
 def training_provenance(cfg: SFTConfig, manifest: dict, mixture: dict, steps: int) -> dict:
     """What generation, evaluation and annotation need to speak to the model in its own words: the corpus
     version it was trained on, how cells were encoded (symbols, gene cap, seed) and how prompts were cut
@@ -370,18 +492,21 @@ def training_provenance(cfg: SFTConfig, manifest: dict, mixture: dict, steps: in
             "max_length": cfg.max_length}
 
 
-def _reduce_sum(acc, value: int) -> int:
+def _reduce_sum(acc, value: int) -> int | torch.Tensor:
+    """The sum over processes: the int itself on one process; on several a device tensor (never read back,
+    so the step does not wait on it)."""
     if acc.num_processes == 1:
         return int(value)
-    return int(acc.reduce(torch.tensor(value, device=acc.device), reduction="sum").item())
+    return acc.reduce(torch.tensor(float(value), device=acc.device), reduction="sum")
 
 
-def _evaluate(model, tok, evalset: EvalSet, acc, mode: str, dtype, task_index: dict, batch_size: int) -> dict:
+def _evaluate(model, tok, evalset: EvalSet, acc, mode: str, dtype, task_index: dict, batch_size: int,
+              fused: bool = False) -> dict:
     model.eval()
     out = {}
     with torch.no_grad():
         per_task = loss_per_task(model, evalset, tok.pad_token_id, acc.device, mode, dtype, task_index,
-                                 batch_size)
+                                 batch_size, fused=fused)
         if per_task:
             tot = sum(n for _, n in per_task.values())
             out["eval_loss"] = sum(loss * n for loss, n in per_task.values()) / max(tot, 1)
@@ -399,9 +524,10 @@ def _last_metrics(records: list[dict]) -> dict:
     return last
 
 
-def save_checkpoint(acc, packer: td.Packer, out: Path, step: int, tokens_seen: int, keep: int) -> Path:
+def save_checkpoint(acc, loader, out: Path, step: int, tokens_seen: int, keep: int) -> Path:
     """OUTPUT/checkpoint-<step>: accelerate state (model, optimizer, scheduler, RNG) + each process's stream
-    position + the step. Written under a temporary name and renamed, so a crash never leaves a checkpoint
+    position after the last batch the loop took (the loader's state: prefetched batches are made again) + the
+    step. Written under a temporary name and renamed, so a crash never leaves a checkpoint
     that looks complete."""
     final = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.tmp"
@@ -409,7 +535,7 @@ def save_checkpoint(acc, packer: td.Packer, out: Path, step: int, tokens_seen: i
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
-    (tmp / f"data_state_{acc.process_index}.json").write_text(json.dumps(packer.state_dict()))
+    (tmp / f"data_state_{acc.process_index}.json").write_text(json.dumps(loader.state_dict()))
     acc.wait_for_everyone()
     if acc.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, "tokens_seen": tokens_seen,

@@ -1,0 +1,112 @@
+"""The batches a training step takes, made off the critical path: token shards -> stream -> packer -> collate,
+in a DataLoader worker process when asked, with pinned memory and batches prefetched ahead of the step.
+
+torchdata's StatefulDataLoader carries each worker's position back with every batch, so a checkpoint holds
+exactly the position after the last batch the loop consumed (never a prefetched one) and a resume with
+workers continues token for token.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from training.packing import Packer, batches, collate
+from training.stream import TokenStream
+from training.tokens import Shard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchSpec:
+    """Everything that makes the batches of one process: picklable, so a worker process rebuilds them."""
+
+    shards: dict[str, list[Shard]]
+    weights: dict[str, float]
+    max_length: int
+    batch_size: int
+    pad_id: int
+    mode: str  # collate mode: flat / 4d / padded
+    task_index: dict[str, int]
+    seed: int = 0
+    shuffle_buffer: int = 1000
+    rank: int = 0
+    world_size: int = 1
+    pack: bool = True
+    loop: bool = True
+    loss_weights: bool = False
+    pad_multiple: int | None = None
+    tokenizer_key: str = ""
+    window: int = 64
+    extra: dict = field(default_factory=dict)
+
+
+class PackedBatches(torch.utils.data.IterableDataset):
+    """Collated micro-batches of one process (its own iterator), stateful in torchdata's sense: state_dict()
+    is the packer's and the stream's position after the last batch it made."""
+
+    def __init__(self, spec: BatchSpec):
+        super().__init__()
+        self.spec = spec
+        self._packer: Packer | None = None
+        self._groups = None
+        self._pending: dict | None = None
+
+    def _build(self) -> None:
+        s = self.spec
+        stream = TokenStream(s.shards, max_length=s.max_length, weights=s.weights, seed=s.seed,
+                             shuffle_buffer=s.shuffle_buffer, rank=s.rank, world_size=s.world_size, loop=s.loop,
+                             tokenizer_key=s.tokenizer_key)
+        self._packer = Packer(stream, s.max_length, pack=s.pack, window=s.window)
+        if self._pending is not None:
+            self._packer.load_state_dict(self._pending)
+            self._pending = None
+        self._groups = batches(self._packer, s.batch_size)
+
+    def __iter__(self) -> PackedBatches:
+        return self
+
+    def __next__(self) -> dict:
+        if self._packer is None:
+            self._build()
+        seqs = next(self._groups)
+        s = self.spec
+        return collate(seqs, pad_id=s.pad_id, mode=s.mode, task_index=s.task_index, loss_weights=s.loss_weights,
+                       pad_multiple=s.pad_multiple)
+
+    @property
+    def stream(self) -> TokenStream:
+        if self._packer is None:
+            self._build()
+        return self._packer.stream
+
+    def state_dict(self) -> dict:
+        if self._packer is None:
+            if self._pending is not None:
+                return self._pending
+            self._build()
+        return self._packer.state_dict()
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self._pending = dict(state)
+        self._packer = self._groups = None
+
+
+def make_loader(spec: BatchSpec, *, workers: int, pin_memory: bool, prefetch: int = 4):
+    """A StatefulDataLoader over PackedBatches: `workers` processes (0: in this process), each batch pinned
+    when `pin_memory`, `prefetch` batches per worker made ahead. One worker is one stream: more than one
+    would each need a shard of the process's samples, which changes the order with the worker count."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    if workers not in (0, 1):
+        raise ValueError(f"dataloader workers must be 0 or 1 (got {workers}): one worker makes well over a "
+                         "GPU's tokens per second (BENCHMARKS.md)")
+    kw = {}
+    if workers:
+        kw = {"prefetch_factor": prefetch, "persistent_workers": True, "multiprocessing_context": "spawn"}
+    return StatefulDataLoader(PackedBatches(spec), batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                              snapshot_every_n_steps=1, **kw)
