@@ -51,7 +51,7 @@ def train_model(corpus: str, steps: int, seed: int) -> str:
         train(SFTConfig(model="tiny-pythia", corpus=corpus, output_dir=out, max_steps=steps, per_device_batch_size=8,
                         max_length=1024, learning_rate=3e-3, logging_steps=25, eval_steps=0, save_steps=0,
                         eval_cells=0, eval_samples_per_task=1, report_to="none", seed=seed,
-                        tasks=["cell_type_generation=2", "cell_lm=1"], stream_close_wait_s=0))
+                        tasks=["cell_type_generation=2", "cell_lm=1"]))
     return final
 
 

@@ -47,8 +47,7 @@ def main() -> None:
     t0 = time.perf_counter()
     sft_final = a.sft_model or train(SFTConfig(model="tiny-pythia", corpus=corpus, output_dir=os.path.join(bench, "sft"),
                           max_steps=a.sft_steps, tasks=a.sft_tasks.split(","),
-                          eval_steps=0, save_steps=0, eval_cells=0, eval_samples_per_task=1, report_to="none",
-                          stream_close_wait_s=0, seed=a.seed, logging_steps=10)).final_dir
+                          eval_steps=0, save_steps=0, eval_cells=0, eval_samples_per_task=1, report_to="none", seed=a.seed, logging_steps=10)).final_dir
     sft_s = time.perf_counter() - t0
     out = os.path.join(bench, "grpo")
     if os.path.exists(os.path.join(out, "metrics.jsonl")):

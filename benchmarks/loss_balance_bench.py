@@ -50,8 +50,7 @@ def run(corpus: str, norm: str, a) -> dict:
     out = os.path.join(ROOT, ".bench", f"loss_{norm}")
     cfg = SFTConfig(model="tiny-pythia", corpus=corpus, output_dir=out, max_steps=a.steps, seed=a.seed,
                     tasks=a.tasks.split(","), loss_normalization=norm, eval_steps=0, save_steps=0,
-                    eval_cells=0, eval_samples_per_task=1, report_to="none", logging_steps=10,
-                    stream_close_wait_s=0)
+                    eval_cells=0, eval_samples_per_task=1, report_to="none", logging_steps=10)
     t0 = time.perf_counter()
     res = train(cfg)
     seconds = time.perf_counter() - t0

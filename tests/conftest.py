@@ -14,6 +14,18 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _token_cache(tmp_path_factory):
+    """The trainer's token cache (training/tokens.py) in a folder of this test run, never ~/.cache."""
+    old = os.environ.get("C2S_CACHE_DIR")
+    os.environ["C2S_CACHE_DIR"] = str(tmp_path_factory.mktemp("c2s_cache"))
+    yield
+    if old is None:
+        os.environ.pop("C2S_CACHE_DIR", None)
+    else:
+        os.environ["C2S_CACHE_DIR"] = old
+
+
 def corpus_path(out: str, table: str = "") -> str:
     """Where `table` (sentences, vocab, stats, samples, knowledge) of the version readers of `out` see lives;
     with no table, that version's folder (it holds its manifest.json)."""

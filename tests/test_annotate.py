@@ -41,7 +41,7 @@ def model_dir(train_corpus, tmp_path_factory) -> str:
     res = train(SFTConfig(corpus=train_corpus, output_dir=str(out), model="tiny-pythia", max_steps=3,
                           per_device_batch_size=4, max_length=512, shuffle_buffer=64, learning_rate=3e-3,
                           warmup_steps=1, save_steps=0, eval_steps=0, eval_cells=0, eval_samples_per_task=0,
-                          report_to="none", logging_steps=1, stream_close_wait_s=0,
+                          report_to="none", logging_steps=1,
                           tasks=["cell_type_prediction"]))
     assert (Path(res.final_dir) / "c2s.json").is_file()
     return res.final_dir

@@ -153,7 +153,7 @@ def test_push_model_card_front_matter_and_hub_commit(train_corpus, tmp_path, mon
 
     res = train(SFTConfig(model="tiny-pythia", corpus=train_corpus, output_dir=str(tmp_path / "sft"), max_steps=2,
                           per_device_batch_size=2, max_length=512, shuffle_buffer=16, eval_steps=0, save_steps=0,
-                          eval_cells=0, eval_samples_per_task=1, report_to="none", stream_close_wait_s=0))
+                          eval_cells=0, eval_samples_per_task=1, report_to="none"))
     hub = tmp_path / "hub"
     assert main(["push-to-hub", res.final_dir, "me/model", "--dataset", "me/cells", "--local-dir", str(hub)]) == 0
     repo = hub / "me" / "model"

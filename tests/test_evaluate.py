@@ -21,8 +21,7 @@ def tiny_model(train_corpus, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("eval_model")
     res = train(SFTConfig(model="tiny-pythia", corpus=train_corpus, output_dir=str(out), max_steps=4,
                           per_device_batch_size=4, max_length=512, shuffle_buffer=32, eval_steps=0,
-                          save_steps=0, eval_cells=0, eval_samples_per_task=1, report_to="none",
-                          stream_close_wait_s=0, logging_steps=1))
+                          save_steps=0, eval_cells=0, eval_samples_per_task=1, report_to="none", logging_steps=1))
     return res.final_dir
 
 

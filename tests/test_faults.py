@@ -117,7 +117,7 @@ def test_kill_a_training_run_mid_step_and_resume(train_corpus, tmp_path):
     base = [sys.executable, "-m", "training.sft", "--corpus", train_corpus, "--model", "tiny-pythia",
             "--save-steps", "6", "--eval-steps", "0", "--eval-cells", "0", "--report-to", "none",
             "--logging-steps", "1", "--max-length", "512", "--per-device-batch-size", "2",
-            "--stream-close-wait-s", "0", "--warmup-steps", "2", "--max-steps", "18", "--learning-rate", "3e-3"]
+            "--warmup-steps", "2", "--max-steps", "18", "--learning-rate", "3e-3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref = tmp_path / "uninterrupted"
     r = subprocess.run([*base, "--output-dir", str(ref)], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -20,7 +20,7 @@ from schemas.errors import ConfigError, InputError
 from training.generate import GenerateError, generate_texts, main, parse_args, parse_cells, run
 
 QUICK = {"per_device_batch_size": 4, "max_length": 512, "shuffle_buffer": 64, "eval_samples_per_task": 4,
-         "eval_cells": 0, "report_to": "none", "logging_steps": 5, "warmup_steps": 2, "stream_close_wait_s": 0,
+         "eval_cells": 0, "report_to": "none", "logging_steps": 5, "warmup_steps": 2,
          "model": "tiny-pythia"}
 
 

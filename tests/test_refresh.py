@@ -217,7 +217,7 @@ def test_training_reads_the_version_it_resolved_under_a_lease(tmp_path, capsys, 
     monkeypatch.setattr(trainer_module, "_train", during)
     res = train(SFTConfig(model="tiny-pythia", corpus=out, output_dir=str(tmp_path / "sft"), max_steps=2,
                           per_device_batch_size=2, max_length=256, eval_steps=0, save_steps=0, eval_cells=0,
-                          report_to="none", stream_close_wait_s=0, warmup_steps=1))
+                          report_to="none", warmup_steps=1))
     assert seen == [{first["version"]}]  # leased while training
     assert real(out) == set()  # released at the end
     prov = json.loads(Path(res.final_dir, "c2s.json").read_text())

@@ -16,14 +16,15 @@ import torch.nn.functional as F
 
 from training import data as td
 from training import models as tm
+from training.attention import register
 from training.config import SFTConfig
-from training.losses import model_inputs, response_loss, token_loss
+from training.losses import collate_mode, install_fused_head, model_inputs, response_loss
 from training.sft import main
 from training.trainer import train
 
 QUICK = {"per_device_batch_size": 4, "max_length": 512, "shuffle_buffer": 64, "eval_samples_per_task": 4,
          "eval_cells": 4, "report_to": "none", "logging_steps": 1, "warmup_steps": 2,
-         "stream_close_wait_s": 0, "model": "tiny-pythia"}
+         "model": "tiny-pythia"}
 
 
 def _cfg(corpus, out, **kw) -> SFTConfig:
@@ -94,78 +95,111 @@ def test_lora_loss_falls_and_saves_adapter_and_merged(train_corpus, tmp_path):
     assert merged.config.vocab_size > 0
 
 
-def _packed_rows(train_corpus: str, tasks: list[str]):
+def _packed_rows(train_corpus: str, tasks: list[str], model_name: str = "tiny-pythia"):
     """The tiny model (sdpa, eval mode), the first two train rows of each task, and those rows packed into one
-    sequence, as the trainer packs them."""
-    model, tok = tm.load_model_and_tokenizer("tiny-pythia", corpus=train_corpus, attn_implementation="sdpa")
+    sequence of Samples, as the trainer packs them."""
+    model, tok = tm.load_model_and_tokenizer(model_name, corpus=train_corpus, attn_implementation="sdpa")
     model.eval()
     rows = []
     for paths in td.corpus_files(train_corpus, "train", tasks).values():
         rows += pq.read_table(paths[0], columns=["prompt", "completion"]).slice(0, 2).to_pylist()
-    samples = [td.tokenize_sample(tok, r["prompt"], r["completion"], 10**6) for r in rows]
-    packed = {"input_ids": [i for s in samples for i in s[0]], "labels": [i for s in samples for i in s[1]],
-              "seq_lens": [len(s[0]) for s in samples], "tasks": ["a"] * len(samples)}
-    return model, tok, rows, packed
+    return model, tok, rows, _pack(tok, rows)
 
 
-def test_loss_is_response_only_and_packed_samples_stay_apart(train_corpus):
-    """The trainer's batch loss on a packed row (4D mask, and padding-free varlen) equals the response-token
-    NLL of each sample run alone, computed here directly from the model's logits."""
-    model, tok, rows, packed = _packed_rows(train_corpus, ["cell_type_prediction", "tissue_prediction"])
-    batch = td.collate([packed], pad_id=tok.pad_token_id, attention="4d", task_index={"a": 0})
-    batch.pop("token_task")
-    labels = batch.pop("labels")
+def _pack(tok, rows: list[dict]) -> list:
+    """The rows as one packed sequence, tokenised as training tokenises them."""
+    from training.packing import sample_from_tokens
+
+    return [sample_from_tokens(*td.tokenize_sample(tok, r["prompt"], r["completion"], 10**6), "a") for r in rows]
+
+
+def _alone(model, tok, rows: list[dict], reduction: str) -> tuple[float, int]:
+    """The truth: each row's response-token NLL from the model's logits on that row alone (summed, or the
+    sum of each row's mean), and the number of response tokens."""
+    want, n_want = 0.0, 0
     with torch.no_grad():
-        nll, mask = token_loss(model(**batch).logits, labels)
-        got = float((nll * mask).sum())
-        want, n_want = 0.0, 0
         for r in rows:
             p = tok(r["prompt"], add_special_tokens=False).input_ids
             resp = [*tok(r["completion"], add_special_tokens=False).input_ids, tok.eos_token_id]
             logits = model(torch.tensor([p + resp])).logits[0]
             # response token k is predicted at position len(p) - 1 + k
             pred = logits[len(p) - 1 : len(p) - 1 + len(resp)]
-            want += float(F.cross_entropy(pred, torch.tensor(resp), reduction="sum"))
+            want += float(F.cross_entropy(pred, torch.tensor(resp), reduction=reduction))
             n_want += len(resp)
-    assert int(mask.sum()) == n_want
-    assert got == pytest.approx(want, rel=1e-4)
-    # the padding-free path (sdpa per sample slice, LM head only where a response token is predicted)
-    from training.attention import register
+    return want, n_want
 
-    model.config._attn_implementation = register()
-    flat = td.collate([packed], pad_id=tok.pad_token_id, attention="flash", task_index={"a": 0})
-    inputs, labels = model_inputs(flat, "varlen", "cpu")
+
+def _ours(model, tok, packed, mode: str, *, fused=False, weights=False) -> tuple[torch.Tensor, dict]:
+    """response_loss on the packed sequence through `mode` (4d, or varlen on the flattened row)."""
+    from training.packing import collate
+
+    if mode == "varlen":
+        model.config._attn_implementation = register()
+    batch = collate([packed], pad_id=tok.pad_token_id, mode=collate_mode(mode), task_index={"a": 0},
+                    loss_weights=weights)
+    inputs, loss = model_inputs(batch, mode, "cpu")
+    return response_loss(model, inputs, loss, mode, fused=fused), batch
+
+
+def test_loss_is_response_only_and_packed_samples_stay_apart(train_corpus):
+    """The trainer's batch loss on a packed row (4D mask; padding-free varlen with the head at the response
+    positions; and with the fused head + cross-entropy) equals the response-token NLL of each sample run
+    alone, computed here directly from the model's logits."""
+    model, tok, rows, packed = _packed_rows(train_corpus, ["cell_type_prediction", "tissue_prediction"])
+    want, n_want = _alone(model, tok, rows, "sum")
     with torch.no_grad():
-        got_varlen, n = response_loss(model, inputs, labels, "varlen")
-    assert n == n_want and float(got_varlen) == pytest.approx(want, rel=1e-4)
+        got, batch = _ours(model, tok, packed, "4d")
+        assert batch["n_labels"] == n_want and float(got) == pytest.approx(want, rel=1e-4)
+        got, batch = _ours(model, tok, packed, "varlen")
+        assert batch["n_labels"] == n_want and float(got) == pytest.approx(want, rel=1e-4)
+        assert install_fused_head(model) is None
+        got, _ = _ours(model, tok, packed, "varlen", fused=True)
+        assert float(got) == pytest.approx(want, rel=1e-4)
 
 
 def test_per_sample_loss_is_the_sum_of_each_samples_mean_token_loss(train_corpus):
     """--loss-normalization sample: one-word answers weigh as much as long gene lists. Checked against each
-    sample scored alone, on the 4d and the padding-free paths, values and gradients' presence."""
-    from training.attention import register
-
+    sample scored alone, on the 4d, the padding-free and the fused paths."""
     model, tok, rows, packed = _packed_rows(train_corpus, ["cell_type_prediction", "cell_lm"])
-    assert td.samples_with_labels([packed]) == len(rows)
-    want = 0.0
+    want, _ = _alone(model, tok, rows, "mean")
     with torch.no_grad():
-        for r in rows:
-            p = tok(r["prompt"], add_special_tokens=False).input_ids
-            resp = [*tok(r["completion"], add_special_tokens=False).input_ids, tok.eos_token_id]
-            pred = model(torch.tensor([p + resp])).logits[0][len(p) - 1 : len(p) - 1 + len(resp)]
-            want += float(F.cross_entropy(pred, torch.tensor(resp), reduction="mean"))
-        batch = td.collate([packed], pad_id=tok.pad_token_id, attention="4d", task_index={"a": 0},
-                           loss_weights=True)
-        weights = batch.pop("loss_weights")
-        inputs, labels = model_inputs(batch, "4d", "cpu")
-        got_4d, _ = response_loss(model, inputs, labels, "4d", weights)
-        model.config._attn_implementation = register()
-        flat = td.collate([packed], pad_id=tok.pad_token_id, attention="flash", task_index={"a": 0},
-                          loss_weights=True)
-        weights = flat.pop("loss_weights")
-        inputs, labels = model_inputs(flat, "varlen", "cpu")
-        got_varlen, _ = response_loss(model, inputs, labels, "varlen", weights)
-    assert float(got_4d) == pytest.approx(want, rel=1e-4) and float(got_varlen) == pytest.approx(want, rel=1e-4)
+        got_4d, batch = _ours(model, tok, packed, "4d", weights=True)
+        assert batch["n_samples"] == len(rows)
+        got_varlen, _ = _ours(model, tok, packed, "varlen", weights=True)
+        install_fused_head(model)
+        got_fused, _ = _ours(model, tok, packed, "varlen", weights=True, fused=True)
+    for got in (got_4d, got_varlen, got_fused):
+        assert float(got) == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("weights", [False, True], ids=["token", "sample"])
+def test_fused_head_gives_the_losses_and_gradients_of_the_logits_path(train_corpus, weights):
+    """The fused linear + cross-entropy (torch's chunked kernel) against the head at the response positions:
+    the same loss and the same gradient for every parameter; outside response_loss the head is a plain
+    Linear again (generation is untouched), and its parameters keep their names."""
+    model, tok, _, packed = _packed_rows(train_corpus, ["cell_type_prediction", "cell_lm", "tissue_prediction"])
+    names = [n for n, _ in model.named_parameters()]
+    got = {}
+    for fused in (False, True):
+        if fused:
+            assert install_fused_head(model) is None
+        model.zero_grad()
+        loss, _ = _ours(model, tok, packed, "varlen", fused=fused, weights=weights)
+        loss.backward()
+        got[fused] = (float(loss), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert got[True][0] == pytest.approx(got[False][0], rel=1e-5)
+    for n in got[False][1]:
+        torch.testing.assert_close(got[True][1][n], got[False][1][n], rtol=1e-4, atol=1e-6)
+    assert [n for n, _ in model.named_parameters()] == names
+    x = torch.randn(2, 3, model.config.hidden_size)
+    head = model.get_output_embeddings()
+    torch.testing.assert_close(head(x), F.linear(x, head.weight, head.bias))
+    # where it cannot apply, it says why
+    gemma, _ = tm.load_model_and_tokenizer("tiny-gemma2", corpus=train_corpus)
+    assert "soft-caps" in install_fused_head(gemma)
+    lora = tm.apply_lora(tm.load_model_and_tokenizer("tiny-pythia", corpus=train_corpus)[0],
+                         targets=["query_key_value", "lm_head"])
+    assert "not a plain Linear" in install_fused_head(lora)
 
 
 def test_resume_reproduces_the_uninterrupted_run(full_run, train_corpus, tmp_path):
@@ -306,7 +340,7 @@ def test_two_processes_ddp_on_cpu_checkpoint_and_resume(train_corpus, tmp_path):
     base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "training/sft.py",
             "--corpus", train_corpus, "--model", "tiny-pythia", "--output-dir", str(out), "--save-steps", "3", "--eval-steps", "0",
             "--eval-cells", "2", "--eval-samples-per-task", "2", "--report-to", "none", "--logging-steps", "1",
-            "--max-length", "512", "--per-device-batch-size", "2", "--stream-close-wait-s", "0",
+            "--max-length", "512", "--per-device-batch-size", "2",
             "--warmup-steps", "2", "--lr-scheduler", "linear"]
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([*base, "--max-steps", "3"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
@@ -411,8 +445,6 @@ def test_our_loss_equals_trl_sft_trainers_on_the_same_packed_batch(train_corpus,
     from trl import SFTConfig as TRLConfig
     from trl import SFTTrainer
 
-    from training.attention import register
-
     model, tok = tm.load_model_and_tokenizer("tiny-pythia", corpus=train_corpus, attn_implementation="sdpa")
     model.config.use_cache = False
     rows = []
@@ -427,15 +459,15 @@ def test_our_loss_equals_trl_sft_trainers_on_the_same_packed_batch(train_corpus,
     model.eval()
     with torch.no_grad():
         trl_loss = float(trainer.compute_loss(model, dict(batch)))
-    # ours: the same rows, tokenised and packed our way, through our padding-free attention and loss
-    samples = [td.tokenize_sample(tok, r["prompt"], r["completion"], 10**6) for r in rows]
-    packed = {"input_ids": [i for s in samples for i in s[0]], "labels": [i for s in samples for i in s[1]],
-              "seq_lens": [len(s[0]) for s in samples], "tasks": ["a"] * len(samples)}
-    assert sorted(packed["input_ids"]) == sorted(batch["input_ids"][0].tolist())  # the same tokens, other order
-    model.config._attn_implementation = register()
-    inputs, labels = model_inputs(td.collate([packed], pad_id=tok.pad_token_id, attention="flash",
-                                             task_index={"a": 0}), "varlen", "cpu")
+    # ours: the same rows, tokenised and packed our way, through our padding-free attention and loss, with the
+    # head at the response positions and with the fused head + cross-entropy
+    packed = _pack(tok, rows)
+    assert sorted(i for smp in packed for i in smp.ids.tolist()) == sorted(batch["input_ids"][0].tolist())
+    n_trl = int((batch["labels"] != -100).sum())
     with torch.no_grad():
-        nll, n = response_loss(model, inputs, labels, "varlen")
-    assert n == int((batch["labels"] != -100).sum())
-    assert float(nll) / n == pytest.approx(trl_loss, rel=1e-5)
+        nll, ours = _ours(model, tok, packed, "varlen")
+        assert ours["n_labels"] == n_trl
+        assert float(nll) / n_trl == pytest.approx(trl_loss, rel=1e-5)
+        assert install_fused_head(model) is None
+        nll, _ = _ours(model, tok, packed, "varlen", fused=True)
+        assert float(nll) / n_trl == pytest.approx(trl_loss, rel=1e-5)

@@ -1,5 +1,6 @@
-"""training/data.py on the real small corpus: files and errors, mixture, tokenising, sharding, exact resume,
-packing, and attention isolation of packed samples in a tiny GPT-NeoX."""
+"""The SFT data path on the real small corpus: files and errors, mixture, tokenising, the token cache, the
+stream (sharding, mixture, exact resume), packing, collation, attention isolation of packed samples in a tiny
+GPT-NeoX, and the loader with a worker process."""
 
 from __future__ import annotations
 
@@ -8,12 +9,18 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from training import data as td
+from training.attention import dense_masks
+from training.loader import BatchSpec, make_loader
+from training.packing import Packer, batches, collate
+from training.stream import Sample, TokenStream
+from training.tokens import pretokenize
 
 SPLITS = ("train", "val", "test", "test_ood")
 
@@ -45,12 +52,6 @@ def _truth(tok, row: dict) -> tuple[list[int], int]:
     """(input_ids, number of prompt tokens) for a row, straight from the tokenizer."""
     p, r = tok(row["prompt"]).input_ids, tok(row["completion"]).input_ids
     return p + r + [tok.eos_token_id], len(p)
-
-
-def _stream(files, tok, **kw) -> td.SampleStream:
-    kw.setdefault("max_length", 512)
-    kw.setdefault("weights", td.parse_mixture(None, files))
-    return td.SampleStream(files, tok, close_wait_s=0, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -182,32 +183,101 @@ def test_tokenize_sample_masks_exactly_the_prompt(tok, train_files):
         td.tokenize_sample(tok, r["prompt"], r["completion"], 10_000) for r in rows]
 
 
+# ------------------------------------------------------------------ the corpus tokenised once
+
+
+def test_pretokenized_shards_hold_the_tokenizers_ids_and_are_made_once(tok, train_files, tmp_path):
+    """Every sample of a token shard is the tokenizer's own encoding (prompt + response + eos, the prompt's
+    length beside it), in uint16 for a small vocabulary; a second call reuses the shards; another tokenizer
+    gets its own; a part that changed gets a new shard."""
+    rows = _rows(train_files)
+    manifest = td.open_corpus(str(Path(train_files["cell_lm"][0]).parents[3])).manifest
+    shards, key = pretokenize(train_files, tok, cache_dir=tmp_path, manifest=manifest, progress=False)
+    assert set(shards) == set(train_files) and all(len(shards[t]) == len(train_files[t]) for t in train_files)
+    seen = 0
+    for task, items in shards.items():
+        for sh, src in zip(items, train_files[task], strict=True):
+            assert sh.key == "/".join(Path(src).parts[-3:]) and sh.rows == pq.ParquetFile(src).metadata.num_rows
+            t = pq.read_table(sh.path)
+            assert t.schema.field("input_ids").type == pa.list_(pa.uint16())
+            for sid, ids, plen in zip(t["sample_id"].to_pylist(), t["input_ids"].to_pylist(),
+                                      t["prompt_len"].to_pylist(), strict=True):
+                assert (ids, plen) == _truth(tok, rows[sid])
+                seen += 1
+    assert seen == len(rows)
+    stamps = {sh.path: Path(sh.path).stat().st_mtime_ns for items in shards.values() for sh in items}
+    again, key2 = pretokenize(train_files, tok, cache_dir=tmp_path, manifest=manifest, progress=False)
+    assert key2 == key and again == shards
+    assert {p: Path(p).stat().st_mtime_ns for p in stamps} == stamps  # reused, not rewritten
+    other = _bos_tokenizer(tok)
+    shards_b, key_b = pretokenize({"cell_lm": train_files["cell_lm"]}, other, cache_dir=tmp_path, manifest=manifest,
+                                  progress=False)
+    assert key_b != key and Path(shards_b["cell_lm"][0].path).parent != Path(shards["cell_lm"][0].path).parent
+    changed = {"cell_lm": train_files["cell_lm"]}
+    changed_manifest = json.loads(json.dumps(manifest))
+    for rel, entry in changed_manifest["samples"]["files"].items():
+        if rel.startswith("samples/cell_lm/train/"):
+            entry["hash"] = "0" * 16
+    moved, _ = pretokenize(changed, tok, cache_dir=tmp_path, manifest=changed_manifest, progress=False)
+    assert moved["cell_lm"][0].path != shards["cell_lm"][0].path
+
+
+def test_token_cache_errors_name_the_folder(tok, train_files, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with pytest.raises(td.CorpusError, match=r"token cache .*file.*--token-cache"):
+        pretokenize({"cell_lm": train_files["cell_lm"]}, tok, cache_dir=blocked, progress=False)
+    shards, key = pretokenize({"cell_lm": train_files["cell_lm"]}, tok, cache_dir=tmp_path / "c", progress=False)
+    Path(shards["cell_lm"][0].path).write_bytes(b"garbage")
+    stream = TokenStream(shards, max_length=512, weights={"cell_lm": 1.0}, tokenizer_key=key)
+    with pytest.raises(td.CorpusError, match=r"token shard .*cell_lm/train/part-00000.parquet.*delete it"):
+        next(iter(stream))
+
+
 # ------------------------------------------------------------------ the stream: once, shards, mixture
 
 
+@pytest.fixture(scope="module")
+def shards(tok, train_files, tmp_path_factory):
+    return pretokenize(train_files, tok, cache_dir=tmp_path_factory.mktemp("tokens"), progress=False)
+
+
+def _stream(shards, **kw) -> TokenStream:
+    sh, key = shards
+    kw.setdefault("max_length", 512)
+    kw.setdefault("weights", {t: float(len(v)) for t, v in sh.items()})
+    return TokenStream(sh, tokenizer_key=key, **kw)
+
+
+def _sid(stream: TokenStream, s) -> str:
+    """The sample_id of a Sample, read back from its shard with pyarrow (the test's own lookup)."""
+    t, f, row = s.ref
+    path = stream.shards[stream.tasks[t]][f].path
+    return pq.read_table(path, columns=["sample_id"])["sample_id"][row].as_py()
+
+
 def _ids(stream) -> list[str]:
-    with stream:
-        return [s["sample_id"] for s in stream]
+    return [_sid(stream, s) for s in stream]
 
 
-def test_loop_false_yields_every_sample_once_tokenised(tok, train_files):
+def test_loop_false_yields_every_sample_once_tokenised(tok, train_files, shards):
     rows = _rows(train_files)
     long = {sid for sid, r in rows.items() if len(_truth(tok, r)[0]) > 256}
     assert long  # the multi-cell samples are longer than 256 words
-    stream = _stream(train_files, tok, max_length=256, loop=False, shuffle_buffer=50)
+    weights = td.parse_mixture(None, train_files)
+    stream = _stream(shards, max_length=256, loop=False, shuffle_buffer=50, weights=weights)
     got = Counter()
-    with stream:
-        for s in stream:
-            ids, n_prompt = _truth(tok, rows[s["sample_id"]])
-            assert s["input_ids"] == ids and s["labels"] == [-100] * n_prompt + ids[n_prompt:]
-            assert s["task"] == rows[s["sample_id"]]["task"]
-            got[s["sample_id"]] += 1
+    for s in stream:
+        sid = _sid(stream, s)
+        ids, n_prompt = _truth(tok, rows[sid])
+        assert s.ids.tolist() == ids and s.prompt_len == n_prompt and s.task == rows[sid]["task"]
+        got[sid] += 1
     assert set(got) == set(rows) - long and set(got.values()) == {1}
     assert stream.skipped == {"longer_than_max_length": len(long)}
 
 
 def _two_part_copy(files: dict[str, list[str]], dest: Path) -> dict[str, list[str]]:
-    """Each task's train part cut in two files: the shard-by-file path of split_dataset_by_node."""
+    """Each task's train part cut in two files: the shard-by-file path."""
     out = {}
     for t, (f,) in files.items():
         table = pq.read_table(f)
@@ -224,8 +294,8 @@ def _two_part_copy(files: dict[str, list[str]], dest: Path) -> dict[str, list[st
 def test_ranks_see_disjoint_shards_covering_the_split(tok, train_files, tmp_path, by_file):
     files = _two_part_copy(train_files, tmp_path) if by_file else train_files
     everything = set(_rows(files))
-    seen = [_ids(_stream(files, tok, max_length=10_000, loop=False, rank=r, world_size=2, seed=5))
-            for r in (0, 1)]
+    sh = pretokenize(files, tok, cache_dir=tmp_path / "tokens", progress=False)
+    seen = [_ids(_stream(sh, max_length=10_000, loop=False, rank=r, world_size=2, seed=5)) for r in (0, 1)]
     assert len(seen[0]) == len(set(seen[0])) and len(seen[1]) == len(set(seen[1]))
     assert not set(seen[0]) & set(seen[1])
     assert set(seen[0]) | set(seen[1]) == everything and len(seen[0]) + len(seen[1]) == len(everything)
@@ -236,82 +306,84 @@ def test_ranks_see_disjoint_shards_covering_the_split(tok, train_files, tmp_path
             assert mine in parts, t
 
 
-def test_mixture_frequencies_follow_the_weights_and_the_stream_loops(tok, train_files):
+def test_mixture_frequencies_follow_the_weights_and_the_stream_loops(train_files, shards):
     weights = td.parse_mixture("cell_type_prediction=3,cell_lm=1,gene_set_naming=1", train_files)
-    stream = _stream(train_files, tok, weights=weights, shuffle_buffer=50, seed=11)
+    stream = _stream(shards, weights=weights, shuffle_buffer=50, seed=11)
     n = 3000
-    with stream:
-        tasks = Counter(s["task"] for _, s in zip(range(n), stream, strict=False))
+    tasks = Counter(s.task for _, s in zip(range(n), stream, strict=False))
     assert set(tasks) == set(weights)
     for t, w in weights.items():
         assert abs(tasks[t] / n - w) < 0.04, (t, tasks[t] / n, w)
-    assert stream.epoch >= 2  # ~920 draws per epoch here: it went round several times
+    rows = {t: sum(pq.ParquetFile(f).metadata.num_rows for f in train_files[t]) for t in weights}
+    assert stream.epoch >= 2 and n * weights["gene_set_naming"] > 2 * rows["gene_set_naming"]  # went round
 
 
 # ------------------------------------------------------------------ exact resume
 
 
-def _packer(files, tok, weights, *, rank=0, world_size=2, max_length=512, window=16, seed=7):
-    stream = _stream(files, tok, weights=weights, max_length=max_length, seed=seed, shuffle_buffer=64, rank=rank,
+def _packer(shards, weights, *, rank=0, world_size=2, max_length=512, window=16, seed=7):
+    stream = _stream(shards, weights=weights, max_length=max_length, seed=seed, shuffle_buffer=64, rank=rank,
                      world_size=world_size)
-    return td.Packer(stream, max_length, window=window)
+    return Packer(stream, max_length, window=window)
 
 
 def _take(packer, n):
     it = iter(packer)
-    return [next(it) for _ in range(n)]
+    return [[(s.ref, s.ids.tolist(), s.prompt_len) for s in next(it)] for _ in range(n)]
 
 
 @pytest.mark.parametrize("case", ["all_tasks_rank1_of_2", "short_epochs"])
-def test_resume_continues_token_for_token(tok, train_files, case):
-    if case == "short_epochs":  # 80 short samples per epoch: the resumed part crosses several epochs
-        files = {t: train_files[t] for t in ("gene_set_naming", "gene_set_enumeration")}
+def test_resume_continues_token_for_token(train_files, shards, case):
+    if case == "short_epochs":  # 80 short samples per pass: the resumed part crosses several passes
+        tasks = ("gene_set_naming", "gene_set_enumeration")
+        sh = ({t: shards[0][t] for t in tasks}, shards[1])
         kw = {"rank": 0, "world_size": 1, "max_length": 128}
         n, m = 8, 40
     else:
-        files, kw, n, m = train_files, {"rank": 1}, 25, 25
-    weights = td.parse_mixture(None, files)
-    with _packer(files, tok, weights, **kw) as ref:
-        expected = _take(ref, n + m)
-        epochs = ref.stream.epoch
-    with _packer(files, tok, weights, **kw) as first:
-        head = _take(first, n)
-        state = json.loads(json.dumps(first.state_dict()))
+        sh, kw, n, m = shards, {"rank": 1}, 25, 25
+    weights = td.parse_mixture(None, {t: train_files[t] for t in sh[0]})
+    ref = _packer(sh, weights, **kw)
+    expected = _take(ref, n + m)
+    passes = ref.stream.epoch
+    first = _packer(sh, weights, **kw)
+    head = _take(first, n)
+    state = json.loads(json.dumps(first.state_dict()))
     assert head == expected[:n]
-    with _packer(files, tok, weights, **kw) as resumed:
-        resumed.load_state_dict(state)
-        assert _take(resumed, m) == expected[n:]
+    assert len(json.dumps(state)) < 50_000  # references, not tokens: cheap enough to take at every batch
+    resumed = _packer(sh, weights, **kw)
+    resumed.load_state_dict(state)
+    assert _take(resumed, m) == expected[n:]
     if case == "short_epochs":
-        assert epochs >= 2 and state["stream"]["epoch"] < epochs
-    with _packer(files, tok, weights, seed=8, **kw) as other, pytest.raises(ValueError, match="different seed"):
-        other.load_state_dict(state)
+        assert passes >= 2 and min(r[0] for r in state["stream"]["readers"]) < passes
+    with pytest.raises(ValueError, match="different seed"):
+        _packer(sh, weights, seed=8, **kw).load_state_dict(state)
+    other = (sh[0], "another-tokenizer")
+    with pytest.raises(ValueError, match="different tokenizer"):
+        _packer(other, weights, **kw).load_state_dict(state)
 
 
 # ------------------------------------------------------------------ packing
 
 
-def test_packing_keeps_every_sample_whole_and_cuts_padding(tok, train_files):
+def test_packing_keeps_every_sample_whole_and_cuts_padding(tok, train_files, shards):
     rows = _rows(train_files)
     seqs = {}
     for pack in (True, False):
-        with td.Packer(_stream(train_files, tok, loop=False, seed=2), 512, pack=pack, window=32) as packer:
-            seqs[pack] = list(packer)
+        packer = Packer(_stream(shards, loop=False, seed=2), 512, pack=pack, window=32)
+        seqs[pack] = list(packer)
     for pack, out in seqs.items():
         seen = Counter()
         for q in out:
-            assert len(q["input_ids"]) <= 512 and sum(q["seq_lens"]) == len(q["input_ids"]) == len(q["labels"])
-            assert pack or len(q["seq_lens"]) == 1
-            off = 0
-            for sid, n, task in zip(q["sample_ids"], q["seq_lens"], q["tasks"], strict=True):
-                ids, n_prompt = _truth(tok, rows[sid])
-                assert q["input_ids"][off:off + n] == ids and task == rows[sid]["task"]
-                assert q["labels"][off:off + n] == [-100] * n_prompt + ids[n_prompt:]
+            assert sum(len(s) for s in q) <= 512
+            assert pack or len(q) == 1
+            for s in q:
+                sid = _sid(packer.stream, s)
+                assert (s.ids.tolist(), s.prompt_len) == _truth(tok, rows[sid]) and s.task == rows[sid]["task"]
                 seen[sid] += 1
-                off += n
         assert set(seen) == set(rows) and set(seen.values()) == {1}
     share = {}  # batches of 8 padded to their longest sequence, as collate pads them
     for pack, out in seqs.items():
-        lens = [len(q["input_ids"]) for q in out]
+        lens = [sum(len(s) for s in q) for q in out]
         slots = sum(len(lens[i:i + 8]) * max(lens[i:i + 8]) for i in range(0, len(lens), 8))
         share[pack] = 1 - sum(lens) / slots
     print(f"padding share: packed {share[True]:.3f} ({len(seqs[True])} sequences), "
@@ -334,83 +406,122 @@ def _tiny_neox(vocab: int, impl: str):
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_4d_mask_isolates_packed_samples(tok, train_files, impl):
-    files = {t: train_files[t] for t in ("cell_lm", "gene_set_naming", "tissue_prediction")}
-    with td.Packer(_stream(files, tok, max_length=256, seed=4), 256, window=8) as packer:
-        packed = next(q for q in packer if len(q["seq_lens"]) >= 3)
-    single = {k: packed[k][: packed["seq_lens"][0]] for k in ("input_ids", "labels")}
-    single.update(seq_lens=packed["seq_lens"][:1], tasks=packed["tasks"][:1])
-    batch = td.collate([packed, single], pad_id=tok.pad_token_id)
+def test_4d_mask_isolates_packed_samples(tok, train_files, shards, impl):
+    sh = ({t: shards[0][t] for t in ("cell_lm", "gene_set_naming", "tissue_prediction")}, shards[1])
+    packed = next(q for q in Packer(_stream(sh, max_length=256, seed=4), 256, window=8) if len(q) >= 3)
+    index = {t: i for i, t in enumerate(sorted(sh[0]))}
+    batch = collate([packed, packed[:1]], pad_id=tok.pad_token_id, mode="4d", task_index=index)
     model = _tiny_neox(len(tok), impl)
     row = batch["input_ids"][:1]
+    mask = dense_masks(batch["segment_ids"], torch.float32)
     with torch.no_grad():  # use_cache=False, as in training (with the cache on, transformers builds no packed mask)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], use_cache=False).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
+                       use_cache=False).logits
         # transformers 5 builds a block-diagonal mask itself from position ids that restart per sample
         positions_only = model(input_ids=row, position_ids=batch["position_ids"][:1], use_cache=False).logits[0]
         # the negative control: no mask and positions that run on, nothing keeps the samples apart
         running = model(input_ids=row, position_ids=torch.arange(row.shape[1])[None], use_cache=False).logits[0]
         off = 0
-        for n in packed["seq_lens"]:
-            alone = model(input_ids=torch.tensor([packed["input_ids"][off:off + n]]), use_cache=False).logits[0]
+        for s in packed:
+            n = len(s)
+            alone = model(input_ids=torch.tensor([s.ids.tolist()]), use_cache=False).logits[0]
             torch.testing.assert_close(logits[0, off:off + n], alone, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(positions_only[off:off + n], alone, atol=1e-5, rtol=1e-5)
             if off:
                 assert (running[off:off + n] - alone).abs().max() > 1e-3
             off += n
-        first = packed["seq_lens"][0]
+        first = len(packed[0])
         torch.testing.assert_close(logits[1, :first], logits[0, :first], atol=1e-5, rtol=1e-5)
     assert not torch.isnan(logits).any()  # the padding row positions see themselves: finite
-    from schemas.tasks import TASKS
-
-    order = list(TASKS)  # the default task index
-    want = [order.index(t) for t, n in zip(packed["tasks"], packed["seq_lens"], strict=True) for _ in range(n)]
+    want = [index[s.task] for s in packed for _ in range(len(s))]
     assert batch["token_task"][0].tolist() == want
     assert batch["token_task"][1].tolist() == want[:first] + [-1] * (len(want) - first)
 
 
+def _sample(ids, prompt_len, task):
+    return Sample(np.array(ids, np.uint16), prompt_len, task, (0, 0, 0))
+
+
 def test_collate_fields_and_modes():
     index = {"cell_lm": 0, "gene_set_naming": 1, "tissue_prediction": 2}
-    a = {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, -100, 9], "seq_lens": [3, 2],
-         "tasks": ["cell_lm", "tissue_prediction"]}
-    b = {"input_ids": [11, 12], "labels": [-100, 12], "seq_lens": [2], "tasks": ["gene_set_naming"]}
-    out = td.collate([a, b], pad_id=0, task_index=index)
+    a = [_sample([5, 6, 7], 1, "cell_lm"), _sample([8, 9], 1, "tissue_prediction")]
+    b = [_sample([11, 12], 1, "gene_set_naming")]
+    out = collate([a, b], pad_id=0, mode="4d", task_index=index, loss_weights=True)
     assert out["input_ids"].tolist() == [[5, 6, 7, 8, 9], [11, 12, 0, 0, 0]]
     assert out["labels"].tolist() == [[-100, 6, 7, -100, 9], [-100, 12, -100, -100, -100]]
-    assert out["position_ids"].tolist()[0] == [0, 1, 2, 0, 1] and out["position_ids"].tolist()[1][:2] == [0, 1]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
     assert out["token_task"].tolist() == [[0, 0, 0, 2, 2], [1, 1, -1, -1, -1]]
-    see = (out["attention_mask"][:, 0] == 0).int().tolist()
+    assert (out["n_tokens"], out["n_labels"], out["n_samples"], out["n_slots"]) == (7, 4, 3, 10)
+    assert out["loss_weights"].tolist() == [[0, 0.5, 0.5, 0, 1], [0, 1, 0, 0, 0]]
+    see = (dense_masks(out["segment_ids"], torch.float32)[:, 0] == 0).int().tolist()
     assert see[0] == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]
     assert see[1] == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 1]]
-    assert out["attention_mask"].dtype == torch.float32
-    assert td.collate([a], pad_id=0, task_index=index, dtype=torch.bfloat16)["attention_mask"].dtype == torch.bfloat16
-    assert td.collate([a, b], pad_id=0, task_index=index, pad_to=8)["input_ids"].shape == (2, 8)
+    assert dense_masks(out["segment_ids"], torch.bfloat16).dtype == torch.bfloat16
+    assert collate([a, b], pad_id=0, mode="4d", task_index=index, pad_to=8)["input_ids"].shape == (2, 8)
 
-    flat = td.collate([a, b], pad_id=0, attention="flash", task_index=index)
+    flat = collate([a, b], pad_id=0, mode="flat", task_index=index, loss_weights=True)
     assert "attention_mask" not in flat and flat["input_ids"].tolist() == [[5, 6, 7, 8, 9, 11, 12]]
     assert flat["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1]]
     assert flat["token_task"].tolist() == [[0, 0, 0, 2, 2, 1, 1]]
+    assert flat["cu_seq_lens"].tolist() == [0, 3, 5, 7] and flat["max_seqlen"] == 3
+    # positions t whose next token is a response token: 0->6, 1->7, 3->9, 5->12 (never across a boundary)
+    assert flat["loss_index"].tolist() == [0, 1, 3, 5] and flat["loss_target"].tolist() == [6, 7, 9, 12]
+    assert flat["loss_weight"].tolist() == [0.5, 0.5, 1.0, 1.0]
+    padded_flat = collate([a, b], pad_id=0, mode="flat", task_index=index, pad_multiple=4)
+    assert padded_flat["input_ids"].tolist() == [[5, 6, 7, 8, 9, 11, 12, 0]]
+    assert padded_flat["cu_seq_lens"].tolist() == [0, 3, 5, 7, 8] and padded_flat["n_tokens"] == 7
+    assert padded_flat["loss_index"].tolist() == [0, 1, 3, 5]
+    # a sample with no prompt: its first token is still never a label (nothing before it may predict it)
+    bare = collate([[_sample([5, 6], 0, "cell_lm"), _sample([7, 8], 0, "cell_lm")]], pad_id=0, mode="flat",
+                   task_index=index)
+    assert bare["loss_index"].tolist() == [0, 2] and bare["loss_target"].tolist() == [6, 8]
 
-    padded = td.collate([b, {**b, "input_ids": [3], "labels": [3], "seq_lens": [1]}], pad_id=0, attention="padded",
-                        task_index=index)
+    padded = collate([b, [_sample([3], 0, "gene_set_naming")]], pad_id=0, mode="padded", task_index=index)
     assert padded["attention_mask"].tolist() == [[1, 1], [1, 0]]
     with pytest.raises(ValueError, match=r"one sample per row.*\[0\]"):
-        td.collate([a, b], pad_id=0, attention="padded", task_index=index)
+        collate([a, b], pad_id=0, mode="padded", task_index=index)
     with pytest.raises(ValueError, match="pad_to=3"):
-        td.collate([a], pad_id=0, task_index=index, pad_to=3)
-    with pytest.raises(ValueError, match="attention='2d'"):
-        td.collate([a], pad_id=0, attention="2d")
+        collate([a], pad_id=0, mode="4d", task_index=index, pad_to=3)
+    with pytest.raises(ValueError, match="mode='2d'"):
+        collate([a], pad_id=0, mode="2d", task_index=index)
     with pytest.raises(ValueError, match="task 'cell_lm' is not in task_index"):
-        td.collate([a], pad_id=0, task_index={"tissue_prediction": 0})
+        collate([a], pad_id=0, task_index={"tissue_prediction": 0})
 
 
-def test_batches_keep_a_last_partial_group_of_a_finite_stream(tok, train_files):
-    files = {"gene_set_naming": train_files["gene_set_naming"]}
-    with td.Packer(_stream(files, tok, loop=False), 512, pack=False) as packer:
-        groups = list(td.batches(packer, 16))
+def test_batches_keep_a_last_partial_group_of_a_finite_stream(shards):
+    sh = ({"gene_set_naming": shards[0]["gene_set_naming"]}, shards[1])
+    groups = list(batches(Packer(_stream(sh, loop=False), 512, pack=False), 16))
     assert [len(g) for g in groups] == [16, 16, 8]  # 40 samples
-    with td.Packer(_stream(files, tok, loop=False), 512, pack=False) as packer:
-        assert [len(g) for g in td.batches(packer, 16, drop_last=True)] == [16, 16]
+    assert [len(g) for g in batches(Packer(_stream(sh, loop=False), 512, pack=False), 16, drop_last=True)] == [16, 16]
+
+
+# ------------------------------------------------------------------ the loader: a worker, exact resume
+
+
+def test_a_worker_makes_the_same_batches_and_resumes_after_the_last_one_taken(tok, train_files, shards):
+    """Batches from a worker process equal those made in this process; the loader's state after k batches
+    (with more prefetched by the worker) resumes at batch k+1, in a worker or not."""
+    sh, key = shards
+    spec = BatchSpec(shards=sh, weights=td.parse_mixture(None, train_files), max_length=512, batch_size=4,
+                     pad_id=tok.pad_token_id, mode="flat", task_index={t: i for i, t in enumerate(sorted(sh))},
+                     seed=3, shuffle_buffer=64, loss_weights=True, tokenizer_key=key)
+
+    def take(loader, n):
+        it = iter(loader)
+        got = [next(it) for _ in range(n)]
+        return got, json.loads(json.dumps(loader.state_dict()))
+
+    def same(x, y):
+        return all(torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k] for k in x) and x.keys() == y.keys()
+
+    want, _ = take(make_loader(spec, workers=0, pin_memory=False), 10)
+    head, state = take(make_loader(spec, workers=1, pin_memory=False, prefetch=4), 4)
+    assert all(same(a, b) for a, b in zip(head, want[:4], strict=True))
+    for workers in (1, 0):
+        tail, _ = take(make_loader(spec, workers=workers, pin_memory=False, state=state), 6)
+        assert all(same(a, b) for a, b in zip(tail, want[4:], strict=True)), workers
+    with pytest.raises(ValueError, match="0 or 1"):
+        make_loader(spec, workers=2, pin_memory=False)
 
 
 def _bos_tokenizer(tok):

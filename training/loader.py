@@ -96,17 +96,51 @@ class PackedBatches(torch.utils.data.IterableDataset):
         self._packer = self._groups = None
 
 
-def make_loader(spec: BatchSpec, *, workers: int, pin_memory: bool, prefetch: int = 4):
-    """A StatefulDataLoader over PackedBatches: `workers` processes (0: in this process), each batch pinned
-    when `pin_memory`, `prefetch` batches per worker made ahead. One worker is one stream: more than one
-    would each need a shard of the process's samples, which changes the order with the worker count."""
-    from torchdata.stateful_dataloader import StatefulDataLoader
+class BatchLoader:
+    """torchdata's StatefulDataLoader over PackedBatches, with the state reduced to the stream's own position
+    after the last batch taken: a checkpoint then resumes with or without a worker, whatever it was written
+    with (the loader's own state differs between the two)."""
 
-    if workers not in (0, 1):
-        raise ValueError(f"dataloader workers must be 0 or 1 (got {workers}): one worker makes well over a "
-                         "GPU's tokens per second (BENCHMARKS.md)")
-    kw = {}
-    if workers:
-        kw = {"prefetch_factor": prefetch, "persistent_workers": True, "multiprocessing_context": "spawn"}
-    return StatefulDataLoader(PackedBatches(spec), batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                              snapshot_every_n_steps=1, **kw)
+    def __init__(self, spec: BatchSpec, *, workers: int, pin_memory: bool, prefetch: int = 4,
+                 state: Mapping | None = None):
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        if workers not in (0, 1):
+            raise ValueError(f"dataloader workers must be 0 or 1 (got {workers}): one worker makes well over a "
+                             "GPU's tokens per second (BENCHMARKS.md)")
+        self.dataset = PackedBatches(spec)
+        if state is not None:  # travels to the worker with the dataset
+            self.dataset.load_state_dict(state)
+        self.workers = workers
+        kw = {}
+        if workers:
+            kw = {"prefetch_factor": prefetch, "persistent_workers": True, "multiprocessing_context": "spawn"}
+        self.loader = StatefulDataLoader(self.dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                                         snapshot_every_n_steps=1, **kw)
+        self._taken = 0
+
+    def __iter__(self):
+        for batch in self.loader:
+            self._taken += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        """The packer's and stream's position after the last batch this loader yielded."""
+        if self._taken == 0:
+            return self.dataset.state_dict()
+        state = self.loader.state_dict()
+        if not self.workers:
+            return state["fetcher_state"]["dataset_iter_state"]
+        if state.get("_steps_since_snapshot", 0) != 0:
+            raise RuntimeError("the data loader's last snapshot is behind the last batch taken")
+        snap = state["_snapshot"]["_worker_snapshots"]
+        return snap[f"worker_{state['_snapshot']['_last_yielded_worker_id']}"]["fetcher_state"]["dataset_iter_state"]
+
+
+def make_loader(spec: BatchSpec, *, workers: int, pin_memory: bool, prefetch: int = 4,
+                state: Mapping | None = None) -> BatchLoader:
+    """The step's batches: `workers` processes (0: in this process) making them ahead, `prefetch` per worker,
+    pinned when `pin_memory`; `state` (a BatchLoader.state_dict()) continues where it was taken. One worker is
+    one stream: more than one would each need a shard of the process's samples, which changes the order with
+    the worker count."""
+    return BatchLoader(spec, workers=workers, pin_memory=pin_memory, prefetch=prefetch, state=state)

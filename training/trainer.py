@@ -298,8 +298,6 @@ def _train(cfg: SFTConfig) -> TrainResult:
                      rank=acc.process_index, world_size=acc.num_processes, pack=cfg.packing,
                      loss_weights=cfg.loss_normalization == "sample", tokenizer_key=tok_key,
                      pad_multiple=128 if cfg.torch_compile else None)
-    loader = make_loader(spec, workers=workers, pin_memory=cuda)
-
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _adamw(params, cfg, acc.device)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
@@ -318,12 +316,14 @@ def _train(cfg: SFTConfig) -> TrainResult:
         acc.load_state(str(resume))
         start, tokens_seen = state["step"], state["tokens_seen"]
         data_state = json.loads((resume / f"data_state_{acc.process_index}.json").read_text())
-        try:
-            _check_data_state(data_state, spec)
-            loader.load_state_dict(data_state)
+        try:  # the stream checks it against its own settings before the first batch
+            check_data_state(data_state, spec)
         except ValueError as e:  # the stream state names what differs (files, weights, seed, max_length, ...)
             raise td.CorpusError(f"--resume-from-checkpoint {resume}: {e}") from None
         log.info("resumed from %s at step %d", resume, start)
+    else:
+        data_state = None
+    loader = make_loader(spec, workers=workers, pin_memory=cuda, state=data_state)
     if report:
         acc.init_trackers(cfg.run_name or out.name, config={k: (v if isinstance(v, int | float | str | bool) else
                                                                str(v)) for k, v in cfg.to_dict().items()})
@@ -468,13 +468,18 @@ class StepRunner:
             window.add(nll_sum, batch[key], batch["n_tokens"], batch["n_slots"])
 
 
-def _check_data_state(state: dict, spec: BatchSpec) -> None:
-    """A checkpoint's data state from this trainer's loader, or ValueError saying it is not (an older
-    trainer's stream position cannot be resumed exactly)."""
-    if not isinstance(state, dict) or not any(k.startswith("_") for k in state):
-        raise ValueError("its data state was written by an earlier version of the trainer (before the "
-                         "pre-tokenised stream); it cannot be resumed exactly: start afresh in another "
-                         "--output-dir")
+def check_data_state(state: dict, spec: BatchSpec) -> None:
+    """ValueError naming what differs when a checkpoint's data state cannot continue this run's stream
+    exactly (another trainer version, other files, weights, seed, world size, tokenizer, ...); checked here,
+    before a worker process would meet it."""
+    from training.packing import Packer
+    from training.stream import TokenStream
+
+    s = spec
+    stream = TokenStream(s.shards, max_length=s.max_length, weights=s.weights, seed=s.seed,
+                         shuffle_buffer=s.shuffle_buffer, rank=s.rank, world_size=s.world_size, loop=s.loop,
+                         tokenizer_key=s.tokenizer_key)
+    Packer(stream, s.max_length, pack=s.pack, window=s.window).load_state_dict(state)
 
 
 def training_provenance(cfg: SFTConfig, manifest: dict, mixture: dict, steps: int) -> dict:
