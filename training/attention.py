@@ -33,16 +33,19 @@ def _varlen_kernel():
     return varlen_attn
 
 
-def use_varlen_kernel(query: torch.Tensor, dropout: float) -> bool:
-    """The fused kernel applies: CUDA, half precision (or autocast to it), no attention dropout."""
+def kernel_dtype(query: torch.Tensor, dropout: float) -> torch.dtype | None:
+    """The half precision the fused kernel runs in here (the query's, or autocast's), None where it does not
+    apply: off CUDA, in fp32 without autocast, with attention dropout, or in a torch without it."""
     if query.device.type != "cuda" or dropout > 0 or _varlen_kernel() is None:
-        return False
-    return query.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cuda")
+        return None
+    if query.dtype in (torch.bfloat16, torch.float16):
+        return query.dtype
+    return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
 
 
-def _kernel_attention(query, key, value, cu: torch.Tensor, longest: int, scaling, groups: int) -> torch.Tensor:
+def _kernel_attention(query, key, value, cu: torch.Tensor, longest: int, scaling, groups: int,
+                      dtype: torch.dtype) -> torch.Tensor:
     """[1, H, T, D] q/k/v -> [1, T, H, D] through varlen_attn (q/k/v as [T, H, D] in half precision)."""
-    dtype = query.dtype if query.dtype in (torch.bfloat16, torch.float16) else torch.get_autocast_dtype("cuda")
     q, k, v = (x[0].transpose(0, 1).to(dtype) for x in (query, key, value))
     out = _varlen_kernel()(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=(-1, 0),
                            enable_gqa=groups > 1)
@@ -74,11 +77,12 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
         raise ValueError("sdpa_varlen takes one packed row (batch size 1)")
     p = dropout if module.training else 0.0
     groups = query.shape[1] // key.shape[1]
-    if use_varlen_kernel(query, p):
+    dtype = kernel_dtype(query, p)
+    if dtype is not None:
         longest = kwargs.get("max_length_q")
         if longest is None:  # only callers that did not collate with ours: one sync to find it
             longest = int((cu[1:] - cu[:-1]).max())
-        return _kernel_attention(query, key, value, cu, int(longest), scaling, groups), None
+        return _kernel_attention(query, key, value, cu, int(longest), scaling, groups, dtype), None
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     return _loop_attention(query, key, value, cu, scaling, p), None

@@ -9,6 +9,7 @@ workers continues token for token.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -19,6 +20,8 @@ from training.stream import TokenStream
 from training.tokens import Shard
 
 log = logging.getLogger(__name__)
+# torchdata 0.11 calls a torch API that torch >= 2.9 deprecates, at every iterator; nothing for a user to do
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 
 @dataclass
