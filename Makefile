@@ -54,12 +54,15 @@ bench: setup  ## the benchmarks (see BENCHMARKS.md)
 	$(BIN)/python benchmarks/samples_bench.py --cells 20000
 	$(BIN)/python benchmarks/train_bench.py --cells 2000 --steps 40
 
-gpu-wheels: setup  ## wheels the GPU machine lacks (Python 3.12) into .whl/, for benchmarks/gpu_bench.sh
+gpu-wheels: setup  ## .whl/: the Python 3.12 wheels a GPU machine without network may lack (never torch or pyarrow; <= 40 MiB), for benchmarks/gpu_bench.sh
 	rm -rf .whl && mkdir -p .whl
 	$(BIN)/python -m pip download -q --dest .whl --python-version 3.12 --only-binary=:all: --no-deps \
-	    --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
-	    "datasets==5.2.0" "pyarrow==26.0.1" dill multiprocess xxhash fsspec
+	    --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any \
+	    "transformers==5.24.0" "accelerate==1.16.0" "peft==0.21.2" "trl==1.16.0" "datasets==5.2.0" \
+	    "torchdata==0.11.0" "liger-kernel==0.8.5" "huggingface_hub==2.3.0" dill multiprocess xxhash fsspec \
+	    pytest pluggy iniconfig
 	du -sh .whl
+	@test $$(du -sm .whl | cut -f1) -le 40 || { echo ".whl is over 40 MiB"; exit 1; }
 
 pyfiles: setup  ## dist/c2s_corpus.zip: the project as `spark-submit --py-files` ships it to executors
 	rm -rf dist && $(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w dist .

@@ -7,9 +7,9 @@ steps; runs alternated, medians reported, and the loss curves of all three.
 
 Builds a demo corpus once (cached under .bench/), trains the tiny GPT-NeoX (tokenizer trained from the
 corpus) with both, and prints one JSON line. "Useful" tokens are the non-padding tokens a step processes;
-the first --warmup steps of each run are not timed. With --gpu-shape pythia410m on a CUDA machine it
-instead measures a Pythia-410M-shaped model (random init, bf16): tokens/s, model FLOPs utilisation
-(6·params + 6·layers·seq·d_model FLOPs per token, against --peak-tflops) and peak memory.
+the first --warmup steps of each run are not timed. It also times the data path alone (no model):
+`data_path_tokens_per_s`, the useful tokens/s it delivers into the batch tensors a step takes, beside peers
+on HF `datasets` (--data-path-only: that alone). The GPU figures come from benchmarks/gpu_bench.sh.
 """
 
 from __future__ import annotations
@@ -122,12 +122,14 @@ def _rows(corpus: str, tok, max_length: int) -> list[tuple[str, str, list[int], 
     return rows
 
 
-def trl_peer(corpus: str, a, out: str, packing: bool = True) -> dict:
+def trl_peer(corpus: str, a, out: str, packing: bool = True, *, model_name: str = "tiny-pythia",
+             shape: dict | None = None, liger: bool = False, cuda: bool = False) -> dict:
     """TRL's SFTTrainer for this data: prompt/completion rows (loss on the completion only); with `packing`,
     the bfd strategy and padding-free batches (transformers' own packed-position attention on CPU, use_cache
     off; same tokens per step as ours: batch x max_length), without it padded batches of `batch` samples.
     Same model, tokenizer, learning rate, schedule and steps. TRL tokenises (and packs) the whole dataset
-    before its first step (not timed)."""
+    before its first step (not timed). On a GPU (cuda=True, benchmarks/gpu_bench.py): bf16, `shape` overrides
+    of the tiny model's config, and liger=True for TRL's `use_liger_kernel` (Liger's fused kernels)."""
     import datasets
     from transformers import TrainerCallback
     from trl import SFTConfig as TRLConfig
@@ -135,16 +137,17 @@ def trl_peer(corpus: str, a, out: str, packing: bool = True) -> dict:
 
     from training import models as tm
 
-    model, tok = tm.load_model_and_tokenizer("tiny-pythia", corpus=corpus, attn_implementation="sdpa",
-                                             seed=a.seed)
+    model, tok = tm.load_model_and_tokenizer(model_name, corpus=corpus, attn_implementation="sdpa",
+                                             seed=a.seed, tiny_overrides=shape)
     model.config.use_cache = False
     ds = datasets.Dataset.from_list([{"prompt": p, "completion": r} for p, r, _, _ in _rows(corpus, tok,
                                                                                             a.max_length)])
     args = TRLConfig(output_dir=out, max_steps=a.steps, per_device_train_batch_size=a.batch, max_length=a.max_length,
                      packing=packing, packing_strategy="bfd", padding_free=packing, completion_only_loss=True,
                      learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=5, logging_steps=1, report_to=[],
-                     save_strategy="no", use_cpu=True, bf16=False, gradient_checkpointing=False, seed=a.seed,
-                     dataloader_num_workers=0, eos_token=tok.eos_token, pad_token=tok.pad_token)
+                     save_strategy="no", use_cpu=not cuda, bf16=cuda, gradient_checkpointing=False, seed=a.seed,
+                     dataloader_num_workers=0, eos_token=tok.eos_token, pad_token=tok.pad_token,
+                     use_liger_kernel=liger)
     marks: dict[int, float] = {}
 
     class Clock(TrainerCallback):
@@ -174,34 +177,104 @@ def trl_peer(corpus: str, a, out: str, packing: bool = True) -> dict:
             "loss_first": losses[0], "loss_last": losses[-1], "loss_curve": [round(x, 4) for x in losses]}
 
 
-def gpu_shape(corpus: str, a) -> dict:
-    """A Pythia-410M-shaped model (random init) in bf16 through our trainer: tokens/s, MFU, peak memory."""
-    import torch
+def data_path(corpus: str, a) -> dict:
+    """Useful tokens/s delivered into the batch tensors a step takes (8 x 1,024 packed, flattened, with the
+    loss positions and per-sample weights), no model: ours in this process and from a worker process, the
+    one-time tokenisation of the corpus into the token cache, and two peers built on `datasets`' streaming
+    parquet reader feeding the same packer and collator: tokenising on the fly (what this trainer did
+    before) and reading our token shards (the reader alone)."""
+    import tempfile
 
+    import numpy as np
+
+    from training import data as td
     from training import models as tm
-    from training.config import SFTConfig
-    from training.trainer import train
+    from training.loader import BatchSpec, PackedBatches, make_loader
+    from training.packing import Packer, batches, collate
+    from training.stream import Sample
+    from training.tokens import pretokenize
 
-    # Pythia-410M: 24 layers, d_model 1024, 16 heads, vocab 50,304 (rows past the corpus tokenizer's are unused)
-    shape = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
-             "vocab_size": 50304}
-    torch.cuda.reset_peak_memory_stats()
-    cfg = SFTConfig(model="tiny-pythia", corpus=corpus, output_dir=os.path.join(ROOT, ".bench", "train_gpu"),
-                    max_steps=a.steps,
-                    per_device_batch_size=a.batch, max_length=a.max_length, logging_steps=1, eval_steps=0,
-                    save_steps=0, eval_cells=0, eval_samples_per_task=1, report_to="none", bf16=True,
-                    gradient_checkpointing=False, learning_rate=3e-4,
-                    tiny_config=[f"{k}={v}" for k, v in shape.items()])
-    res = train(cfg)
-    steps = [r for r in res.metrics if "tokens_per_s" in r and r["step"] > a.warmup]
-    tps = sum(r["tokens_per_s"] for r in steps) / len(steps)
-    model, _ = tm.load_model_and_tokenizer("tiny-pythia", corpus=corpus, tiny_overrides=shape)
-    params = sum(p.numel() for p in model.parameters())
-    flops_per_token = 6 * params + 6 * shape["num_hidden_layers"] * a.max_length * shape["hidden_size"]
-    return {"model": "pythia-410m-shaped", "params": params, "tokens_per_s": round(tps),
-            "mfu": round(tps * flops_per_token / (a.peak_tflops * 1e12), 4),
-            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "device": torch.cuda.get_device_name()}
+    _, tok = tm.load_model_and_tokenizer("tiny-pythia", corpus=corpus)
+    files = td.corpus_files(corpus, "train")
+    mixture = td.parse_mixture(None, files)
+    index = {t: i for i, t in enumerate(sorted(mixture))}
+    manifest = td.open_corpus(corpus).manifest
+    rows = sum(pq_rows(f) for fs in files.values() for f in fs)
+    with tempfile.TemporaryDirectory() as cache:
+        t0 = time.perf_counter()
+        shards, key = pretokenize(files, tok, cache_dir=cache, manifest=manifest, progress=False)
+        pre_s = time.perf_counter() - t0
+        pre_tokens = sum(sh_tokens(s.path) for ss in shards.values() for s in ss)
+        spec = BatchSpec(shards=shards, weights=mixture, max_length=a.max_length, batch_size=a.batch,
+                         pad_id=tok.pad_token_id, mode="flat", task_index=index, loss_weights=True, tokenizer_key=key)
+
+        def rate(batch_iter) -> float:
+            next(batch_iter)  # first batch: opening files, filling the shuffle buffer
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < a.data_seconds:
+                n += next(batch_iter)["n_tokens"]
+            return n / (time.perf_counter() - t0)
+
+        ours_in = rate(iter(PackedBatches(spec)))
+        ours_worker = rate(iter(make_loader(spec, workers=1, pin_memory=False)))
+
+        def peer(read_tokens: bool) -> float:
+            import datasets
+            import datasets.config as dc
+            from datasets import interleave_datasets, load_dataset
+
+            dc.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0  # its 5 s guard at every pass end would dominate this small corpus
+            datasets.disable_progress_bars()
+            tasks = list(mixture)
+            if read_tokens:
+                data = {t: [s.path for s in shards[t]] for t in tasks}
+                cols = ["input_ids", "prompt_len"]
+            else:
+                data = {t: files[t] for t in tasks}
+                cols = ["prompt", "completion"]
+            parts = load_dataset("parquet", data_files=data, streaming=True, columns=cols)
+            ds = interleave_datasets([parts[t] for t in tasks], probabilities=[mixture[t] for t in tasks], seed=0,
+                                     stopping_strategy="all_exhausted").shuffle(seed=0, buffer_size=1000)
+
+            def samples():
+                while True:
+                    for b in ds.iter(batch_size=64):
+                        if read_tokens:
+                            pairs = zip(b["input_ids"], b["prompt_len"], strict=True)
+                        else:
+                            toks = td.tokenize_batch(tok, b["prompt"], b["completion"], a.max_length)
+                            pairs = ((x[0], sum(v == td.IGNORE_INDEX for v in x[1])) for x in toks if x)
+                        for ids, plen in pairs:
+                            if len(ids) <= a.max_length:
+                                yield Sample(np.asarray(ids), int(plen), "t", (0, 0, 0))
+
+            class Source:
+                def __iter__(self):
+                    return samples()
+
+            groups = batches(Packer(Source(), a.max_length), a.batch)
+            return rate(collate(g, pad_id=tok.pad_token_id, mode="flat", task_index={"t": 0}, loss_weights=True)
+                        for g in groups)
+
+        peer_tokenise = peer(False)
+        peer_reader = peer(True)
+    return {"data_path_tokens_per_s": round(ours_in), "data_path_worker_tokens_per_s": round(ours_worker),
+            "pretokenize_tokens_per_s": round(pre_tokens / pre_s), "pretokenize_seconds": round(pre_s, 2),
+            "corpus_train_samples": rows, "corpus_train_tokens": pre_tokens,
+            "peer_datasets_tokenise_on_the_fly_tokens_per_s": round(peer_tokenise),
+            "peer_datasets_reading_token_shards_tokens_per_s": round(peer_reader)}
+
+
+def pq_rows(path: str) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def sh_tokens(path: str) -> int:
+    import pyarrow.parquet as pq
+
+    return len(pq.read_table(path, columns=["input_ids"]).column(0).combine_chunks().values)
 
 
 def main() -> None:
@@ -214,20 +287,22 @@ def main() -> None:
     p.add_argument("--attention", default="auto", help="our trainer's --attention (auto: varlen on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3, help="runs of each, alternated; the medians are reported")
-    p.add_argument("--gpu-shape", choices=["pythia410m"], default=None)
+    p.add_argument("--data-seconds", type=float, default=5.0, help="seconds each data path is timed")
+    p.add_argument("--data-path-only", action="store_true", help="measure the data path alone (no model)")
     p.add_argument("--skip-trl", action="store_true", help="leave out the TRL SFTTrainer peer")
-    p.add_argument("--corpus", default=None, help="a built corpus to use instead of building the demo one "
-                   "(e.g. .bench/train_corpus_2000 carried to a GPU machine that lacks the ETL's dependencies)")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100/H200)")
+    p.add_argument("--corpus", default=None, help="a built corpus to use instead of building the demo one")
     a = p.parse_args()
     import logging
 
     logging.basicConfig(level=logging.WARNING)
     corpus = a.corpus or build_corpus(a.cells)
-    if a.gpu_shape:
-        print(json.dumps({**gpu_shape(corpus, a), "steps": a.steps, "batch": a.batch, "max_length": a.max_length}))
-        return
     import torch
+
+    dp = data_path(corpus, a)
+    if a.data_path_only:
+        print(json.dumps({**dp, "batch": a.batch, "max_length": a.max_length, "cells": a.cells,
+                          "torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count()}))
+        return
 
     torch.set_num_threads(os.cpu_count() or 1)
     runs_o, runs_t, runs_b = [], [], []
@@ -244,7 +319,7 @@ def main() -> None:
     t = med(runs_t) if runs_t else None
     # per-round ratios: each round's runs ran back to back
     vs_trl = sorted(x["useful_tokens_per_s"] / y["useful_tokens_per_s"] for x, y in zip(runs_o, runs_t, strict=False))
-    print(json.dumps({"ours": o, "trl_sft_trainer_best": t, "baseline_hf_trainer_padded": b,
+    print(json.dumps({"ours": o, "trl_sft_trainer_best": t, "baseline_hf_trainer_padded": b, **dp,
                       "useful_tokens_speedup_vs_trl": round(vs_trl[len(vs_trl) // 2], 2) if vs_trl else None,
                       "useful_tokens_speedup": round(o["useful_tokens_per_s"] / b["useful_tokens_per_s"], 2),
                       "all_runs": {"ours": [r["useful_tokens_per_s"] for r in runs_o],

@@ -6,9 +6,7 @@ import os
 import sys
 
 import numpy as np
-import pandas as pd
 import pytest
-import scipy.sparse as sp
 
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -61,10 +59,12 @@ def demo_census(tmp_path_factory) -> str:
 
 
 def write_h5ad(path, n_cells=300, n_genes=120, seed=0, *, symbols=None, obs_extra=None, dense=False,
-               values=None, obsm=None) -> tuple[str, sp.csr_matrix]:
+               values=None, obsm=None) -> tuple:
     """An AnnData file with Poisson counts, a cell type column `celltype` and a donor column `patient`
     (`obsm`: e.g. {"spatial": n x 2 coordinates})."""
     import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
 
     rng = np.random.default_rng(seed)
     x = values if values is not None else sp.csr_matrix(rng.poisson(1.2, size=(n_cells, n_genes)).astype(np.float32))
@@ -87,6 +87,8 @@ def write_h5ad(path, n_cells=300, n_genes=120, seed=0, *, symbols=None, obs_extr
 def train_corpus(tmp_path_factory) -> str:
     """A small real samples corpus (every built task, demo knowledge files), built in-process without Spark
     in ~3 s: the input of the training tests."""
+    if os.environ.get("C2S_TEST_CORPUS"):  # a corpus built elsewhere (the GPU machine has no ETL)
+        return corpus_path(os.environ["C2S_TEST_CORPUS"])
     from pathlib import Path
 
     from etl.config import BuildConfig

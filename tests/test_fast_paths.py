@@ -244,3 +244,30 @@ def test_gpu_defaults_train_and_resume_exactly(train_corpus, tmp_path):
         assert got[s] == pytest.approx(losses[s], rel=1e-4), s
     cfg = json.loads((Path(full.output_dir) / "sft_config.json").read_text())
     assert cfg["attention"] == "auto"
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["token", "sample"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_chunked_linear_ce_fallback_matches_cross_entropy(monkeypatch, weighted, bias):
+    """Where torch has no linear_cross_entropy (< 2.13), the fused head uses our chunked function: its value
+    and gradients (input, weight, bias) are F.cross_entropy's on the full logits, whatever the chunk size."""
+    from training import losses as tl
+
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(101, 16, requires_grad=True)
+    b = torch.randn(101, requires_grad=True) if bias else None
+    t = torch.randint(0, 101, (37,))
+    w = torch.rand(37) if weighted else None
+    leaves = [x for x in (h, weight, b) if x is not None]
+    want = F.cross_entropy(F.linear(h, weight, b), t, reduction="none")
+    want = (want * w).sum() if weighted else want.sum()
+    g_want = torch.autograd.grad(want * 0.5, leaves)
+    for chunk in (5, 37, 1000):
+        got = tl._ChunkedLinearCE.apply(h, weight, b, t, w, chunk)
+        assert float(got) == pytest.approx(float(want), rel=1e-5)
+        for a, c in zip(torch.autograd.grad(got * 0.5, leaves), g_want, strict=True):
+            torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+    monkeypatch.delattr(F, "linear_cross_entropy")  # the dispatch picks it on such a torch
+    got = tl.linear_nll(h, weight, b, t, w)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)

@@ -1,7 +1,8 @@
 """The loss of a collated batch: response tokens only, packed samples kept apart.
 
 `response_loss` is what the trainer and the evaluation both call. On CUDA the LM head and the loss are one
-fused, chunked kernel (torch's `linear_cross_entropy`: no full-vocabulary logits in memory); elsewhere the
+fused, chunked kernel (torch's `linear_cross_entropy` where torch has it, else a chunked function of ours: no
+full-vocabulary logits in memory); elsewhere the
 head runs at the response positions only and the summed next-token NLL has a one-pass backward (`sum_nll`):
 
 F.cross_entropy on [N, V] logits saves log_softmax's output; in backward nll_loss zero-fills an [N, V]
@@ -97,9 +98,58 @@ def forward(model, inputs: dict, mode: str):
 _FUSED: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("c2s_fused_loss", default=None)
 
 
+class _ChunkedLinearCE(torch.autograd.Function):
+    """Σ w·NLL of linear(h) for torches without linear_cross_entropy: the logits of a chunk of rows at a time,
+    their gradients computed at once in forward (softmax − onehot, times w), so no [N, V] tensor outlives a
+    chunk. Backward only scales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, target, w, chunk: int):
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_b = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            hc, t = h[s : s + chunk], target[s : s + chunk]
+            logits = F.linear(hc, weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            nll = lse - logits.gather(1, t[:, None]).squeeze(1)
+            g = logits.sub_(lse[:, None]).exp_()
+            g[torch.arange(len(t), device=g.device), t] -= 1
+            if w is not None:
+                wc = w[s : s + chunk].float()
+                nll = nll * wc
+                g.mul_(wc[:, None])
+            total += nll.sum()
+            g = g.to(h.dtype)
+            grad_h[s : s + chunk] = g @ weight.to(h.dtype)
+            grad_w += (g.t() @ hc).float()
+            if grad_b is not None:
+                grad_b += g.float().sum(0)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), None if grad_b is None else grad_b.to(bias.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gh, gw, gb = ctx.saved_tensors
+        return gh * grad_out, gw * grad_out, None if gb is None else gb * grad_out, None, None, None
+
+
+def linear_nll(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+               w: torch.Tensor | None) -> torch.Tensor:
+    """Σ (w ×) −log softmax(h·Wᵀ + b)[target] in float32 without keeping [N, V] logits: torch's chunked
+    linear_cross_entropy where this torch has it (>= 2.13), else the chunked function above."""
+    if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        nll = F.linear_cross_entropy(h, weight, target, linear_bias=bias, reduction="sum" if w is None else "none",
+                                     options=torch.nn.LinearCrossEntropyOptions())
+        return nll.float() if w is None else (nll.float() * w).sum()
+    chunk = max(1, (1 << 26) // max(weight.shape[0], 1))  # ~64M logits (256 MB in fp32) per chunk
+    return _ChunkedLinearCE.apply(h, weight, bias, target, w, chunk)
+
+
 def _fused_head_forward(self, hidden: torch.Tensor) -> torch.Tensor:
     """The LM head's forward: plain logits, or inside response_loss(fused=True) the summed (weighted) NLL of
-    the targets, through torch's chunked linear_cross_entropy (no [N, V] logits kept for backward)."""
+    the targets (linear_nll: no [N, V] logits kept for backward)."""
     spec = _FUSED.get()
     if spec is None:
         return F.linear(hidden, self.weight, self.bias)
@@ -110,22 +160,18 @@ def _fused_head_forward(self, hidden: torch.Tensor) -> torch.Tensor:
     w, b = self.weight, self.bias
     kind = h.device.type
     with contextlib.ExitStack() as stack:
-        if torch.is_autocast_enabled(kind):  # the chunked path takes half-precision inputs with fp32 sums
+        if torch.is_autocast_enabled(kind):  # half-precision matmuls with fp32 sums, as autocast would run them
             dt = torch.get_autocast_dtype(kind)
             h, w, b = h.to(dt), w.to(dt), None if b is None else b.to(dt)
             stack.enter_context(torch.autocast(kind, enabled=False))
-        nll = F.linear_cross_entropy(h, w, target, linear_bias=b, reduction="sum" if weight is None else "none",
-                                     options=torch.nn.LinearCrossEntropyOptions())
-    return nll.float() if weight is None else (nll.float() * weight).sum()
+        return linear_nll(h, w, b, target, weight)
 
 
 def install_fused_head(model) -> str | None:
     """Let the model's LM head compute the loss itself (fused linear + cross-entropy) when response_loss asks
     for it; elsewhere (generation, evaluation) it stays a plain Linear. Returns None when installed, else
-    why it cannot be: LoRA on the head, soft-capped logits (Gemma-2), or a torch without
-    linear_cross_entropy. The head's parameters and their names are untouched."""
-    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
-        return "this torch has no torch.nn.functional.linear_cross_entropy (torch >= 2.13)"
+    why it cannot be: LoRA on the head, or soft-capped logits (Gemma-2). The head's parameters and their
+    names are untouched."""
     config = getattr(model, "config", None)
     if getattr(config, "final_logit_softcapping", None):
         return "the model soft-caps its logits (Gemma-2), which the fused kernel does not"
