@@ -232,6 +232,12 @@ def test_token_cache_errors_name_the_folder(tok, train_files, tmp_path):
     stream = TokenStream(shards, max_length=512, weights={"cell_lm": 1.0}, tokenizer_key=key)
     with pytest.raises(td.CorpusError, match=r"token shard .*cell_lm/train/part-00000.parquet.*delete it"):
         next(iter(stream))
+    # the same from a worker process: one line, not the worker's traceback
+    spec = BatchSpec(shards=shards, weights={"cell_lm": 1.0}, max_length=512, batch_size=2, pad_id=0, mode="flat",
+                     task_index={"cell_lm": 0}, tokenizer_key=key)
+    with pytest.raises(td.CorpusError) as err:
+        next(iter(make_loader(spec, workers=1, pin_memory=False)))
+    assert str(err.value).startswith("token shard ") and "\n" not in str(err.value) and "delete it" in str(err.value)
 
 
 # ------------------------------------------------------------------ the stream: once, shards, mixture

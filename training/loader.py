@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from schemas.errors import InputError
 from training.packing import Packer, batches, collate
 from training.stream import TokenStream
 from training.tokens import Shard
@@ -123,9 +124,12 @@ class BatchLoader:
         self._taken = 0
 
     def __iter__(self):
-        for batch in self.loader:
-            self._taken += 1
-            yield batch
+        try:
+            for batch in self.loader:
+                self._taken += 1
+                yield batch
+        except InputError as e:  # raised in the worker: torch wraps its traceback into the message
+            raise type(e)(worker_message(str(e))) from None
 
     def state_dict(self) -> dict:
         """The packer's and stream's position after the last batch this loader yielded."""
@@ -138,6 +142,16 @@ class BatchLoader:
             raise RuntimeError("the data loader's last snapshot is behind the last batch taken")
         snap = state["_snapshot"]["_worker_snapshots"]
         return snap[f"worker_{state['_snapshot']['_last_yielded_worker_id']}"]["fetcher_state"]["dataset_iter_state"]
+
+
+def worker_message(text: str) -> str:
+    """The original one-line message of an error torch re-raised from a worker ("Caught X in DataLoader
+    worker process 0. Original Traceback ...: X: <message>")."""
+    if not text.startswith("Caught "):
+        return text
+    last = [line for line in text.strip().splitlines() if line.strip()][-1]
+    name, sep, message = last.partition(": ")
+    return message if sep and "Error" in name else last
 
 
 def make_loader(spec: BatchSpec, *, workers: int, pin_memory: bool, prefetch: int = 4,

@@ -14,8 +14,8 @@ from schemas.cli import parse
 from training.config import SFTConfig
 
 DESCRIPTION = """Fine-tune a causal LM on the cell-sentence samples corpus (C2S-Scale SFT): samples streamed
-from DIR/samples with HF datasets, shuffled, tokenised, packed several per sequence (attention kept within
-each sample), loss on the completion tokens only. Full fine-tuning or LoRA/QLoRA.
+from DIR/samples, tokenised once for the model's tokenizer (cached), shuffled, packed several per sequence
+(attention kept within each sample), loss on the completion tokens only. Full fine-tuning or LoRA/QLoRA.
 
 --model is required: a hub id or folder, or tiny-pythia (a small random GPT-NeoX with a tokenizer trained
 from the corpus) for a first try on CPU. Options left unset get values for the model: a pretrained model

@@ -157,7 +157,12 @@ def pretokenize(files: dict[str, list[str]], tokenizer, *, cache_dir: str | Path
                  sum(map(len, plan.values())), folder)
         rows = 0
         for _task, src, dest in tqdm(todo, desc="tokenise", unit="part", disable=not progress):
-            rows += _tokenize_part(src, dest, tokenizer, ids_type)
+            try:
+                rows += _tokenize_part(src, dest, tokenizer, ids_type)
+            except OSError as e:  # a full disk, a quota, a read-only mount: nothing half-written stays
+                raise CorpusError(f"token cache {folder}: cannot write the tokens of {source_key(src)} "
+                                  f"({e.strerror or e}); free space there or point --token-cache / "
+                                  "C2S_CACHE_DIR elsewhere") from None
         log.info("tokenised %d samples in %.1f s (%.0f samples/s)", rows, time.perf_counter() - t0,
                  rows / max(time.perf_counter() - t0, 1e-9))
     out = {task: [Shard(source_key(src), str(dest), pq.ParquetFile(dest).metadata.num_rows) for src, dest in items]
