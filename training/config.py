@@ -81,8 +81,9 @@ class SFTConfig:
                                              "step would not fit the GPU's free memory without it; the log says "
                                              "which and why; off on CPU).")
     fused_loss: str = _f("auto", "LM head and cross-entropy as one chunked kernel (torch's linear_cross_entropy: no "
-                         "full-vocabulary logits in memory). auto: on with CUDA (off on CPU, where the head at the "
-                         "response positions is faster); not for soft-capped logits (Gemma-2) or LoRA on the head.",
+                         "full-vocabulary logits in memory; faster on CPU too, BENCHMARKS.md). auto: on wherever it "
+                         "applies (not for soft-capped logits, Gemma-2, nor LoRA on the head; the log says so); on: "
+                         "the same, warning where it does not apply; off: logits at the response positions.",
                          choices=list(FUSED_LOSS))
     torch_compile: bool = _f(False, "Compile each decoder layer with torch.compile (dynamic shapes; the first "
                              "steps are slow while it compiles).")

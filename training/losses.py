@@ -1,6 +1,6 @@
 """The loss of a collated batch: response tokens only, packed samples kept apart.
 
-`response_loss` is what the trainer and the evaluation both call. On CUDA the LM head and the loss are one
+`response_loss` is what the trainer and the evaluation both call. By default the LM head and the loss are one
 fused, chunked kernel (torch's `linear_cross_entropy` where torch has it, else a chunked function of ours: no
 full-vocabulary logits in memory); elsewhere the
 head runs at the response positions only and the summed next-token NLL has a one-pass backward (`sum_nll`):

@@ -388,8 +388,7 @@ def _train(cfg: SFTConfig) -> TrainResult:
 
 def _fused_loss(cfg: SFTConfig, model, device: torch.device, collate: str) -> bool:
     """Whether the step computes the loss with the fused LM head (and installs it when so)."""
-    want = cfg.fused_loss == "on" or (cfg.fused_loss == "auto" and device.type == "cuda")
-    if not want:
+    if cfg.fused_loss == "off":
         return False
     why_not = "the head runs per position on 4d/padded rows" if collate != "flat" else install_fused_head(model)
     if why_not is None:
