@@ -10,7 +10,9 @@ its own process with its own time limit, so a crash or a hang loses one figure, 
 
 Models are random-init shapes of the tiny models (the corpus's word-level tokenizer, the real vocabulary
 size): pythia410m (GPT-NeoX, 24 x 1,024), qwen05b (Llama-architecture with Qwen2.5-0.5B's shape: grouped
-queries, gated MLP, 151,936 rows), tiny (the CPU test model; --dry-run uses it). MFU = useful tokens/s x 6 x
+queries, gated MLP, 151,936 rows), gemma2-410m (Gemma-2 at Pythia-410M's width and depth, its 256k
+vocabulary, soft-capping and sliding window: flex against eager 4d), tiny / tiny-llama / tiny-gemma2 (the CPU
+test models; --dry-run uses them). MFU = useful tokens/s x 6 x
 (the weights of every Linear, LM head included) / --peak-tflops, as issue #19 measured it.
 """
 
@@ -33,8 +35,11 @@ SHAPES = {
                                    "intermediate_size": 4096, "vocab_size": 50304}),
     "qwen05b": ("tiny-llama", {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
                                "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": 151936}),
+    "gemma2-410m": ("tiny-gemma2", {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                                    "num_key_value_heads": 8, "intermediate_size": 4096, "vocab_size": 256000}),
     "tiny": ("tiny-pythia", {}),
     "tiny-llama": ("tiny-llama", {}),
+    "tiny-gemma2": ("tiny-gemma2", {}),
 }
 
 

@@ -244,19 +244,19 @@ def collate(sequences: list[list[Sample]], *, pad_id: int, mode: str = "flat", t
 
 
 def _tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Tensors of the arrays, those of one dtype views of one storage: a batch crosses from a worker process
-    as a few shared-memory blocks rather than one per field (measured from one worker: 1.1M -> 1.8M tokens/s delivered)."""
+    """Tensors of the arrays, all views of ONE storage (each array in its own 8-byte-aligned run of it): a
+    batch crosses from a worker process as one shared-memory block, where each storage costs a file
+    descriptor and a mapping (measured from one worker on 2 cores: one block per field 1.1M, one per dtype
+    1.5-1.8M, one in all ~3M tokens/s delivered)."""
+    slots = {k: -(-a.nbytes // 8) for k, a in arrays.items()}
+    buf = torch.empty(sum(slots.values()), dtype=torch.int64)
+    raw = buf.numpy().view(np.uint8)
     out: dict[str, torch.Tensor] = {}
-    by_dtype: dict[np.dtype, list[str]] = {}
+    at = 0
     for k, a in arrays.items():
-        by_dtype.setdefault(a.dtype, []).append(k)
-    for dtype, keys in by_dtype.items():
-        buf = torch.empty(sum(arrays[k].size for k in keys), dtype=torch.from_numpy(np.zeros(0, dtype)).dtype)
-        flat, at = buf.numpy(), 0
-        for k in keys:
-            a = arrays[k]
-            flat[at : at + a.size] = a.reshape(-1)
-            out[k] = buf[at : at + a.size].view(a.shape)
-            at += a.size
+        n = slots[k]
+        raw[at * 8 : at * 8 + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+        dtype = torch.from_numpy(np.zeros(0, a.dtype)).dtype
+        out[k] = buf[at : at + n].view(dtype)[: a.size].view(a.shape)
+        at += n
     return out
-
