@@ -79,7 +79,7 @@ def run_ours(a) -> dict:
     import torch
 
     from training.config import SFTConfig
-    from training.trainer import train
+    from training.trainer import resolve_attention, train
 
     name, over = SHAPES[a.shape]
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
@@ -88,6 +88,7 @@ def run_ours(a) -> dict:
                     eval_steps=0, save_steps=0, eval_cells=0, eval_samples_per_task=1, report_to="none",
                     attention=a.attention, fused_loss=a.fused_loss, learning_rate=3e-4, torch_compile=a.compile,
                     tiny_config=[f"{k}={v}" for k, v in over.items()], save_total_limit=1)
+    mode, _ = resolve_attention(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"), name)
     t0 = time.perf_counter()
     res = train(cfg)
     wall = time.perf_counter() - t0
@@ -102,7 +103,7 @@ def run_ours(a) -> dict:
     tps = tokens / secs if secs else 0.0
     params = _shape_params(a.corpus, a.shape)
     losses = [r["loss"] for r in res.metrics if "loss" in r]
-    return {"run": "ours", "attention": a.attention, "fused_loss": a.fused_loss, "torch_compile": a.compile,
+    return {"run": "ours", "attention": a.attention, "attention_used": mode, "fused_loss": a.fused_loss, "torch_compile": a.compile,
             "useful_tokens_per_s": round(tps), "mfu": _mfu(tps, params, a), "matmul_params": params,
             "peak_memory_gib": _peak_gib(), "loss_first": losses[0], "loss_last": losses[-1],
             "timed_steps": a.steps - a.warmup, "wall_s": round(wall, 1)}
