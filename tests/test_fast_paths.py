@@ -88,6 +88,24 @@ def test_varlen_kernel_path_gives_the_loop_paths_loss(train_corpus, monkeypatch,
     assert all(c["gqa"] == (name == "tiny-llama") for c in calls)
 
 
+def test_attention_choice_reads_the_models_config_and_refuses_what_cannot_train(train_corpus, tmp_path):
+    """A Gemma-2 saved in a folder of any name is still Gemma-2 (soft-capping: 4d on CPU, flex on CUDA, never
+    sdpa); flex refuses the CPU, where it has no backward."""
+    from training.trainer import resolve_attention
+
+    model, tok = tm.load_model_and_tokenizer("tiny-gemma2", corpus=train_corpus)
+    model.save_pretrained(tmp_path / "m2")
+    tok.save_pretrained(tmp_path / "m2")
+    cfg = SFTConfig(model=str(tmp_path / "m2"), corpus=train_corpus, **QUICK)
+    assert resolve_attention(cfg, torch.device("cpu"), str(tmp_path / "m2")) == ("4d", "eager")
+    assert resolve_attention(cfg, torch.device("cuda"), str(tmp_path / "m2")) == ("flex", "flex_attention")
+    flex = SFTConfig(model="tiny-gemma2", corpus=train_corpus, attention="flex", **QUICK)
+    with pytest.raises(td.CorpusError, match=r"flex trains on CUDA only.*--attention 4d"):
+        resolve_attention(flex, torch.device("cpu"), "tiny-gemma2")
+    assert resolve_attention(SFTConfig(model="tiny-pythia", corpus=train_corpus, **QUICK), torch.device("cpu"),
+                             "tiny-pythia")[0] == "varlen"
+
+
 def test_no_kernel_off_cuda_or_in_fp32():
     q = torch.zeros(1, 2, 4, 8)
     assert ta.kernel_dtype(q, 0.0) is None  # CPU

@@ -199,7 +199,7 @@ def test_fused_head_gives_the_losses_and_gradients_of_the_logits_path(train_corp
     assert "soft-caps" in install_fused_head(gemma)
     lora = tm.apply_lora(tm.load_model_and_tokenizer("tiny-pythia", corpus=train_corpus)[0],
                          targets=["query_key_value", "lm_head"])
-    assert "not a plain Linear" in install_fused_head(lora)
+    assert "not torch.nn.Linear" in install_fused_head(lora)
 
 
 def test_resume_reproduces_the_uninterrupted_run(full_run, train_corpus, tmp_path):
@@ -239,6 +239,19 @@ def test_a_damaged_checkpoint_is_named_and_latest_falls_back(full_run, train_cor
         res = train(_cfg(train_corpus, out, resume_from_checkpoint="latest", **{**common, "max_steps": 22}))
     assert "checkpoint-40 is incomplete" in caplog.text
     assert sorted(_losses(res.metrics)) == [21, 22]  # resumed from checkpoint-20
+
+
+def test_an_unreadable_checkpoint_file_is_one_line(full_run, train_corpus, tmp_path):
+    out = tmp_path / "truncated"
+    out.mkdir()
+    shutil.copytree(Path(full_run.output_dir) / "checkpoint-20", out / "checkpoint-20")
+    state = out / "checkpoint-20" / "data_state_0.json"
+    state.write_text(state.read_text()[:100])
+    with pytest.raises(td.CorpusError, match=r"checkpoint-20: data_state_0.json is unreadable .*another checkpoint"):
+        train(_cfg(train_corpus, out, max_steps=41, save_steps=0, eval_steps=0, eval_cells=0, learning_rate=3e-3,
+                   tasks=["cell_type_prediction=3", "cell_lm=1", "tissue_prediction=1"],
+                   resume_from_checkpoint=str(out / "checkpoint-20")))
+    assert not (out / "sft_config.json").exists()  # a refused resume writes nothing
 
 
 def test_resuming_on_another_process_count_is_refused(full_run, train_corpus, tmp_path):

@@ -20,7 +20,7 @@ from training.attention import dense_masks
 from training.loader import BatchSpec, make_loader
 from training.packing import Packer, batches, collate
 from training.stream import Sample, TokenStream
-from training.tokens import pretokenize
+from training.tokens import Shard, pretokenize
 
 SPLITS = ("train", "val", "test", "test_ood")
 
@@ -228,7 +228,19 @@ def test_token_cache_errors_name_the_folder(tok, train_files, tmp_path):
     with pytest.raises(td.CorpusError, match=r"token cache .*file.*--token-cache"):
         pretokenize({"cell_lm": train_files["cell_lm"]}, tok, cache_dir=blocked, progress=False)
     shards, key = pretokenize({"cell_lm": train_files["cell_lm"]}, tok, cache_dir=tmp_path / "c", progress=False)
-    Path(shards["cell_lm"][0].path).write_bytes(b"garbage")
+    path = Path(shards["cell_lm"][0].path)
+    good = path.read_bytes()
+    path.write_bytes(b"garbage")
+    # the next run finds the damaged shard and makes it again
+    again, _ = pretokenize({"cell_lm": train_files["cell_lm"]}, tok, cache_dir=tmp_path / "c", progress=False)
+    assert path.read_bytes() == good and again == shards
+    # damage after the cache check: pages broken under an intact footer, then the whole file
+    broken = bytearray(good)
+    broken[8:4008] = bytes(4000)
+    path.write_bytes(bytes(broken))
+    with pytest.raises(td.CorpusError, match=r"token shard .*cell_lm/train/part-00000.parquet.*delete it"):
+        next(iter(TokenStream(shards, max_length=512, weights={"cell_lm": 1.0}, tokenizer_key=key)))
+    path.write_bytes(b"garbage")
     stream = TokenStream(shards, max_length=512, weights={"cell_lm": 1.0}, tokenizer_key=key)
     with pytest.raises(td.CorpusError, match=r"token shard .*cell_lm/train/part-00000.parquet.*delete it"):
         next(iter(stream))
@@ -322,6 +334,8 @@ def test_mixture_frequencies_follow_the_weights_and_the_stream_loops(train_files
         assert abs(tasks[t] / n - w) < 0.04, (t, tasks[t] / n, w)
     rows = {t: sum(pq.ParquetFile(f).metadata.num_rows for f in train_files[t]) for t in weights}
     assert stream.epoch >= 2 and n * weights["gene_set_naming"] > 2 * rows["gene_set_naming"]  # went round
+    open_files = sum(f._pf is not None for files in stream._files for f in files)
+    assert open_files <= len(stream.tasks)  # a file is closed when its reader moves on
 
 
 # ------------------------------------------------------------------ exact resume
@@ -366,6 +380,11 @@ def test_resume_continues_token_for_token(train_files, shards, case):
     other = (sh[0], "another-tokenizer")
     with pytest.raises(ValueError, match="different tokenizer"):
         _packer(other, weights, **kw).load_state_dict(state)
+    # a part rebuilt under the same name is another shard: refused, never read as if it were the same
+    t0 = next(iter(sh[0]))
+    moved = {**sh[0], t0: [Shard(s.key, str(Path(s.path).with_name("rebuilt.parquet")), s.rows) for s in sh[0][t0]]}
+    with pytest.raises(ValueError, match=r"different files.*a corpus part changed.*another --output-dir"):
+        _packer((moved, sh[1]), weights, **kw).load_state_dict(state)
 
 
 # ------------------------------------------------------------------ packing

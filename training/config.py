@@ -34,13 +34,14 @@ class SFTConfig:
     shuffle_buffer: int = _f(1000, "Samples in the shuffle buffer of the stream (kept in checkpoints).",
                              metavar="N")
     token_cache: str | None = _f(None, "Where the corpus is kept tokenised for this tokenizer (made once, reused "
-                                 "by every later run; default $C2S_CACHE_DIR or ~/.cache/c2s).", metavar="DIR")
-    dataloader_workers: int | None = _f(None, "Processes that read, pack and collate batches ahead of the step "
-                                        "(0: in the training process; default 1 with CUDA, 0 on CPU).",
+                                 "by every later run; default $C2S_CACHE_DIR, else $XDG_CACHE_HOME/c2s, else "
+                                 "~/.cache/c2s).", metavar="DIR")
+    dataloader_workers: int | None = _f(None, "Processes that read, pack and collate batches ahead of the step: 0 "
+                                        "(in the training process) or 1 (default: 1 with CUDA, 0 on CPU).",
                                         metavar="N")
     # model
     model: str | None = _f(None, "Required. A hub id (EleutherAI/pythia-410m, google/gemma-2-2b), a local "
-                           "folder, or tiny-pythia / tiny-gemma2 (small random models with a tokenizer trained "
+                           "folder, or tiny-pythia / tiny-gemma2 / tiny-llama (small random models with a tokenizer trained "
                            "from the corpus: a first try on a laptop).", metavar="NAME")
     tokenizer: str | None = _f(None, "Tokenizer folder (default: the model's, or trained from the corpus for "
                                "tiny models).", metavar="PATH")
@@ -82,7 +83,8 @@ class SFTConfig:
                                              "which and why; off on CPU).")
     fused_loss: str = _f("auto", "LM head and cross-entropy as one chunked kernel (torch's linear_cross_entropy: no "
                          "full-vocabulary logits in memory; faster on CPU too, BENCHMARKS.md). auto: on wherever it "
-                         "applies (not for soft-capped logits, Gemma-2, nor LoRA on the head; the log says so); on: "
+                         "applies (not with --attention 4d/padded, soft-capped logits, Gemma-2, or LoRA on the head; the log "
+                         "says so); on: "
                          "the same, warning where it does not apply; off: logits at the response positions.",
                          choices=list(FUSED_LOSS))
     torch_compile: bool = _f(False, "Compile each decoder layer with torch.compile (dynamic shapes; the first "

@@ -131,6 +131,12 @@ class BatchLoader:
         except InputError as e:  # raised in the worker: torch wraps its traceback into the message
             raise type(e)(worker_message(str(e))) from None
 
+    def close(self) -> None:
+        """Stop the worker process (a persistent worker otherwise lives until the loader is collected)."""
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
     def state_dict(self) -> dict:
         """The packer's and stream's position after the last batch this loader yielded."""
         if self._taken == 0:

@@ -175,9 +175,14 @@ def install_fused_head(model) -> str | None:
     config = getattr(model, "config", None)
     if getattr(config, "final_logit_softcapping", None):
         return "the model soft-caps its logits (Gemma-2), which the fused kernel does not"
+    scaled = [k for k in ("logits_scaling", "logit_scale", "output_multiplier_scale")
+              if getattr(config, k, None) not in (None, 1, 1.0)]
+    if scaled:  # Granite, Cohere, ...: the model rescales the head's output, which the fused loss would skip
+        return f"the model scales its logits after the head ({scaled[0]})"
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
-        return f"the LM head is a {type(head).__name__}, not a plain Linear (LoRA on the head?)"
+        return (f"the LM head is {type(head).__module__}.{type(head).__name__}, not torch.nn.Linear (LoRA on the "
+                "head?)")
     head.forward = types.MethodType(_fused_head_forward, head)
     return None
 

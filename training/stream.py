@@ -19,16 +19,20 @@ token to a Python int; measured in docs/ARCHITECTURE.md ("The data path").
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from training.data import CorpusError
 from training.tokens import Shard
 
 STATE_VERSION = 2
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -50,8 +54,11 @@ class _RowGroup:
 
     __slots__ = ("first", "flat", "n", "offsets", "prompt_len")
 
-    def __init__(self, pf: pq.ParquetFile, index: int, first: int):
-        t = pf.read_row_group(index, columns=["input_ids", "prompt_len"])
+    def __init__(self, f: _ShardFile, index: int, first: int):
+        try:
+            t = f.pf.read_row_group(index, columns=["input_ids", "prompt_len"])
+        except (OSError, ValueError, pa.ArrowException) as e:
+            raise f.damaged(e) from None
         ids = t.column("input_ids").combine_chunks()
         self.offsets = ids.offsets.to_numpy()
         self.flat = ids.values.to_numpy()
@@ -70,17 +77,28 @@ class _ShardFile:
         self._pf: pq.ParquetFile | None = None
         self._starts: np.ndarray | None = None
 
+    def damaged(self, e: Exception) -> CorpusError:
+        why = " ".join(str(e).split())  # Arrow's messages span lines: the user gets one
+        return CorpusError(f"token shard {self.shard.path} (of {self.shard.key}): unreadable ({why}); delete it "
+                           "and the next run makes it again from the corpus")
+
     @property
     def pf(self) -> pq.ParquetFile:
         if self._pf is None:
             try:
                 self._pf = pq.ParquetFile(self.shard.path)
-            except (OSError, ValueError) as e:
-                raise CorpusError(f"token shard {self.shard.path} (of {self.shard.key}): unreadable ({e}); "
-                                  "delete it and it is made again") from None
-            sizes = [self._pf.metadata.row_group(g).num_rows for g in range(self._pf.num_row_groups)]
-            self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+            except (OSError, ValueError, pa.ArrowException) as e:
+                raise self.damaged(e) from None
+            if self._starts is None:
+                sizes = [self._pf.metadata.row_group(g).num_rows for g in range(self._pf.num_row_groups)]
+                self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         return self._pf
+
+    def close(self) -> None:
+        """Close the file (it opens again when read): a stream holds one open file per task at most."""
+        if self._pf is not None:
+            self._pf.close()
+            self._pf = None
 
     def group_of(self, row: int) -> tuple[int, int]:
         """(row group, its first row) holding `row`."""
@@ -144,6 +162,7 @@ class _TaskReader:
             f_idx = self._order[self.pos]
             f = self.files[f_idx]
             if self.row >= f.shard.rows:
+                f.close()
                 self.pos += 1
                 self.row = 0
                 self._group = None
@@ -151,7 +170,7 @@ class _TaskReader:
             g = self._group
             if g is None or not g.first <= self.row < g.first + g.n:
                 gi, first = f.group_of(self.row)
-                g = self._group = _RowGroup(f.pf, gi, first)
+                g = self._group = _RowGroup(f, gi, first)
             row = self.row
             self.row += 1
             mine = self.by_file or self.counter % self.world == self.rank
@@ -204,7 +223,7 @@ class TokenStream:
         return min(r.passes + int(r.done) for r in self._readers)
 
     def _fingerprint(self) -> dict:
-        return {"files": {t: [s.key for s in self.shards[t]] for t in self.tasks},
+        return {"files": {t: [f"{s.key}@{Path(s.path).stem}" for s in self.shards[t]] for t in self.tasks},
                 "weights": {t: round(w, 12) for t, w in self.weights.items()}, "seed": self.seed,
                 "rank": self.rank, "world_size": self.world_size, "max_length": self.max_length,
                 "shuffle_buffer": self.shuffle_buffer, "loop": self.loop, "tokenizer": self.tokenizer_key}
@@ -223,7 +242,10 @@ class TokenStream:
             if s is None:
                 continue
             if len(s.ids) > self.max_length:
-                self.skipped["longer_than_max_length"] = self.skipped.get("longer_than_max_length", 0) + 1
+                n = self.skipped["longer_than_max_length"] = self.skipped.get("longer_than_max_length", 0) + 1
+                if n == 1:
+                    log.warning("samples longer than --max-length %d are skipped (first: %s of %s); raise "
+                                "--max-length to keep them", self.max_length, s.ref, self.tasks[s.ref[0]])
                 continue
             return s
 
@@ -250,14 +272,20 @@ class TokenStream:
         out: list[Sample | None] = [None] * len(refs)
         by_group: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
         for k, (t, f, row) in enumerate(refs):
+            if not (0 <= t < len(self._files) and 0 <= f < len(self._files[t])
+                    and 0 <= row < self._files[t][f].shard.rows):
+                raise ValueError(f"data state names sample {(t, f, row)}, which these shards do not have")
             g, first = self._files[t][f].group_of(int(row))
             by_group.setdefault((t, f, g), []).append((k, int(row) - first))
         for (t, f, g), items in by_group.items():
             sf = self._files[t][f]
-            group = _RowGroup(sf.pf, g, 0)
+            group = _RowGroup(sf, g, 0)
             for k, i in items:
                 ids, plen = group.row(i)
                 out[k] = Sample(ids, plen, self.tasks[t], (t, f, int(refs[k][2])))
+        for files in self._files:  # the readers reopen what they read from
+            for sf in files:
+                sf.close()
         return out  # type: ignore[return-value]
 
     # -- state
@@ -276,8 +304,14 @@ class TokenStream:
         mine, saved = self._fingerprint(), state["config"]
         diff = sorted(k for k in mine.keys() | saved.keys() if mine.get(k) != saved.get(k))
         if diff:
-            raise ValueError(f"data state was saved with different {', '.join(diff)}: cannot resume exactly "
-                             f"(saved {[saved.get(k) for k in diff]}, now {[mine.get(k) for k in diff]})")
+            shown = [f"{k} {saved.get(k)!r} then, {mine.get(k)!r} now" for k in diff
+                     if not isinstance(mine.get(k), dict | list) and not isinstance(saved.get(k), dict | list)]
+            changed = [k for k in diff if isinstance(mine.get(k), dict | list) or isinstance(saved.get(k), dict | list)]
+            what = "; ".join(shown + [f"{k} differ" + (" (a corpus part changed, or another task mixture)"
+                                                       if k in ("files", "weights") else "") for k in changed])
+            raise ValueError(f"data state was saved with different {', '.join(diff)}: cannot resume exactly ({what}); "
+                             "resume with the settings and corpus it was written with, or start afresh in another "
+                             "--output-dir")
         self._rng = np.random.default_rng()
         self._rng.bit_generator.state = state["rng"]
         for r, s in zip(self._readers, state["readers"], strict=True):

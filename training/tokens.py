@@ -124,6 +124,19 @@ def _tokenize_part(src: str, dest: Path, tokenizer, ids_type: pa.DataType) -> in
     return rows
 
 
+def _usable(dest: Path) -> bool:
+    """A shard in the cache that opens (its footer reads); one that does not is removed and made again."""
+    if not dest.exists():
+        return False
+    try:
+        pq.ParquetFile(dest).close()
+        return True
+    except (OSError, ValueError, pa.ArrowException) as e:
+        log.warning("token cache: %s is damaged (%s): making it again", dest, e)
+        dest.unlink(missing_ok=True)
+        return False
+
+
 def pretokenize(files: dict[str, list[str]], tokenizer, *, cache_dir: str | Path | None = None,
                 manifest: dict | None = None, progress: bool = True) -> tuple[dict[str, list[Shard]], str]:
     """task -> its parts' token shards (made where missing), and the tokenizer's key.
@@ -147,7 +160,7 @@ def pretokenize(files: dict[str, list[str]], tokenizer, *, cache_dir: str | Path
             ident = hashlib.sha256(f"{FORMAT}:{source_key(p)}:{_part_identity(p, listed)}".encode()).hexdigest()[:24]
             dest = folder / f"{ident}.parquet"
             plan.setdefault(task, []).append((p, dest))
-            if not dest.exists():
+            if not _usable(dest):
                 todo.append((task, p, dest))
     if todo:
         from tqdm.auto import tqdm

@@ -5,7 +5,7 @@ tokenised once (training/tokens.py), packed batches made in a worker ahead of th
 padding-free attention (training/attention.py), the LM head and loss fused (training/losses.py), a step
 with no host sync, a stream whose exact position goes into every checkpoint, and loss per task. accelerate handles devices, DDP/FSDP, mixed precision, gradient
 accumulation, trackers and the model/optimizer/scheduler/RNG state; the stream is sharded once, by
-training.data (split_dataset_by_node), and never handed to accelerate to shard again.
+training.stream, and never handed to accelerate to shard again.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from training import attention as ta
 from training import data as td
 from training import models as tm
-from training.config import SFTConfig
+from training.config import TINY, SFTConfig
 from training.evaluate import EvalSet, cell_type_accuracy, loss_per_task
 from training.loader import BatchSpec, make_loader
 from training.losses import collate_mode, install_fused_head, model_inputs, response_loss
@@ -43,9 +43,25 @@ class TrainResult:
     metrics: list[dict] = field(default_factory=list)
 
 
+def soft_capped(model_name: str) -> bool:
+    """Whether the model soft-caps its attention logits (Gemma-2), read from its config (a folder of ours named
+    anything, a hub id); by name only when the config cannot be read (loading it fails later, with the reason)."""
+    if model_name == "tiny-gemma2":
+        return True
+    if model_name in TINY:
+        return False
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_name)
+    except (OSError, ValueError):
+        return "gemma-2" in model_name.lower() or "gemma2" in model_name.lower()
+    return bool(getattr(config, "attn_logit_softcapping", None))
+
+
 def resolve_attention(cfg: SFTConfig, device: torch.device, model_name: str) -> tuple[str, str | None]:
     """(attention mode, attn_implementation). Gemma-2's soft-capping needs flash-attn, flex or eager (4d)."""
-    gemma = "gemma" in model_name.lower()
+    gemma = soft_capped(model_name)
     cuda = device.type == "cuda"
     mode = cfg.attention
     if mode == "auto":
@@ -67,6 +83,9 @@ def resolve_attention(cfg: SFTConfig, device: torch.device, model_name: str) -> 
                                  "(or 4d)")
         return mode, ta.register()
     if mode == "flex":
+        if not cuda:
+            raise td.CorpusError("--attention flex trains on CUDA only (flex_attention has no backward on CPU): "
+                                 "use --attention 4d here")
         return mode, "flex_attention"
     if mode == "padded" and cfg.packing:
         raise td.CorpusError("--attention padded holds one sample per row: add --packing false")
@@ -282,10 +301,6 @@ def _train(cfg: SFTConfig) -> TrainResult:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "sft_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-
     # ---- data: the corpus tokenised once for this tokenizer (the local main process makes what is missing)
     with acc.local_main_process_first():
         shards, tok_key = pretokenize(train_files, tok, cache_dir=cfg.token_cache, manifest=manifest,
@@ -307,22 +322,25 @@ def _train(cfg: SFTConfig) -> TrainResult:
     start, tokens_seen = 0, 0
     resume = _resume_path(cfg, acc.num_processes)
     if resume is not None:
-        state = json.loads((resume / STATE_FILE).read_text())
+        state = _read_json(resume / STATE_FILE, resume)
         saved_n = state.get("num_processes", len(list(resume.glob("data_state_*.json"))))
         if saved_n != acc.num_processes:
             raise td.CorpusError(f"--resume-from-checkpoint {resume}: written by {saved_n} process(es), resumed on "
                                  f"{acc.num_processes}; each process's stream position is in the checkpoint, so "
                                  f"resume with {saved_n}")
-        acc.load_state(str(resume))
-        start, tokens_seen = state["step"], state["tokens_seen"]
-        data_state = json.loads((resume / f"data_state_{acc.process_index}.json").read_text())
+        data_state = _read_json(resume / f"data_state_{acc.process_index}.json", resume)
         try:  # the stream checks it against its own settings before the first batch
             check_data_state(data_state, spec)
         except ValueError as e:  # the stream state names what differs (files, weights, seed, max_length, ...)
             raise td.CorpusError(f"--resume-from-checkpoint {resume}: {e}") from None
+        acc.load_state(str(resume))
+        start, tokens_seen = state["step"], state["tokens_seen"]
         log.info("resumed from %s at step %d", resume, start)
     else:
         data_state = None
+    if acc.is_main_process:  # after the resume checks: a refused resume leaves the run's settings as they were
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sft_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     loader = make_loader(spec, workers=workers, pin_memory=cuda, state=data_state)
     if report:
         acc.init_trackers(cfg.run_name or out.name, config={k: (v if isinstance(v, int | float | str | bool) else
@@ -363,7 +381,7 @@ def _train(cfg: SFTConfig) -> TrainResult:
                 save_checkpoint(acc, loader, out, step, tokens_seen, cfg.save_total_limit)
                 window.restart()
     finally:
-        del batches  # stops the worker process
+        loader.close()  # stops the worker process
     bar.close()
 
     final = None
@@ -465,6 +483,14 @@ class StepRunner:
                     self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             window.add(nll_sum, batch[key], batch["n_tokens"], batch["n_slots"])
+
+
+def _read_json(path: Path, checkpoint: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise td.CorpusError(f"--resume-from-checkpoint {checkpoint}: {path.name} is unreadable ({e}); resume from "
+                             "another checkpoint (an earlier checkpoint-<step>)") from None
 
 
 def check_data_state(state: dict, spec: BatchSpec) -> None:
