@@ -54,6 +54,34 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
+def open_parquet(uri: str):
+    """A pyarrow ParquetFile over a local path or an object-store URI (random access through pyarrow.fs)."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(uri)
+    return pq.ParquetFile(fs.open_input_file(path))
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Every file under the folder `uri` (recursively) whose name ends with `suffix`, as URIs of the same kind
+    (local paths or s3://...), sorted; [] when the folder does not exist."""
+    fs, base = filesystem(uri)
+    if fs.get_file_info(base).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    rels = sorted(posixpath.relpath(i.path, base) if "://" in uri else os.path.relpath(i.path, base)
+                  for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+    return [join(uri, *r.split("/")) if "://" in uri else os.path.join(uri, r) for r in rels]
+
+
+def file_identity(uri: str) -> str:
+    """Size and modification time of a file (local or object store): what changes when it is rewritten."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    mtime = info.mtime_ns if info.mtime_ns is not None else 0
+    return f"{info.size}:{mtime}"
+
+
 def _under(uri: str, rel: str) -> str:
     """`uri`/`rel` with `..` resolved, for local paths and object-store URIs alike."""
     if "://" in uri:

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from schemas.errors import InputError
-from schemas.layout import parse_sample_rel
+from schemas.layout import list_files, open_parquet, parse_sample_rel
 
 IGNORE_INDEX = -100
 COLUMNS = ["sample_id", "task", "prompt", "completion"]
@@ -42,12 +42,24 @@ def open_corpus(corpus: str | Path):
         raise CorpusError(str(e)) from None
 
 
-def samples_root(corpus: str | Path) -> Path:
-    """The folder holding samples/<task>/<split>/ of the version `corpus` resolves to."""
-    return Path(open_corpus(corpus).path("samples"))
+def samples_root(corpus: str | Path) -> str:
+    """The folder (local path or object-store URI) holding samples/<task>/<split>/ of the version `corpus`
+    resolves to."""
+    return open_corpus(corpus).path("samples")
 
 
-def _read_manifest(corpus: Path) -> dict:
+def split_parts(corpus: str | Path, split: str) -> dict[str, list[str]]:
+    """task -> its parquet parts (local paths or URIs, sorted) in `split`, as the corpus's file system lists
+    them; tasks without parts there are absent. No checks: corpus_files is the checked reader."""
+    out: dict[str, list[str]] = {}
+    for uri in list_files(samples_root(corpus), ".parquet"):
+        task, part_split = uri.replace("\\", "/").split("/")[-3:-1]
+        if part_split == split:
+            out.setdefault(task, []).append(uri)
+    return dict(sorted(out.items()))
+
+
+def _read_manifest(corpus: str | Path) -> dict:
     manifest = open_corpus(corpus).manifest
     if "samples" not in manifest:
         raise CorpusError(f"corpus {corpus}: manifest.json has no 'samples' section: run the samples stage "
@@ -56,12 +68,10 @@ def _read_manifest(corpus: Path) -> dict:
 
 
 def _check_part(path: str) -> None:
-    import pyarrow.parquet as pq
-
     from schemas import SAMPLES, SchemaMismatch, check
 
     try:
-        schema = pq.read_schema(path)
+        schema = open_parquet(path).schema_arrow
     except Exception as e:  # pyarrow raises several types for unreadable files
         raise CorpusError(f"sample part {path}: not a readable parquet file ({e})") from e
     try:
@@ -71,15 +81,15 @@ def _check_part(path: str) -> None:
 
 
 def corpus_files(corpus: str, split: str, tasks: Sequence[str] | None = None) -> dict[str, list[str]]:
-    """task -> sorted parquet files under DIR/samples/<task>/<split>/, checked before any training.
+    """task -> sorted parquet files under DIR/samples/<task>/<split>/ (local paths, or URIs of a corpus in an
+    object store), checked before any training.
 
     Raises CorpusError for a missing corpus or manifest, a manifest without a samples section, an unknown task,
     a requested task without files in the split, an empty split, a part whose schema is not schemas.SAMPLES,
     or a part the manifest lists that is not on disk (a task would silently drop out of the mixture).
     tasks=None: every task that has files in the split.
     """
-    root = Path(corpus)
-    manifest = _read_manifest(root)
+    manifest = _read_manifest(corpus)
     known = _known_tasks()
     if tasks is not None:
         tasks = list(tasks)
@@ -87,12 +97,9 @@ def corpus_files(corpus: str, split: str, tasks: Sequence[str] | None = None) ->
         if unknown:
             raise CorpusError(f"corpus {corpus}: unknown task(s) {', '.join(unknown)}; known tasks: "
                               f"{', '.join(known)}")
-    samples = samples_root(root)
-    found = {}
-    for d in sorted(p for p in samples.iterdir() if p.is_dir()) if samples.is_dir() else []:
-        parts = sorted(str(p) for p in (d / split).glob("*.parquet"))
-        if parts:
-            found[d.name] = parts
+    samples = samples_root(corpus)
+    found = split_parts(corpus, split)
+    present = {"/".join(p.replace("\\", "/").split("/")[-4:]) for ps in found.values() for p in ps}
     listed: dict[str, list[str]] = {}  # task -> the parts of this split the manifest lists
     for rel in manifest["samples"].get("files", {}):
         task, rel_split = parse_sample_rel(rel)
@@ -100,7 +107,7 @@ def corpus_files(corpus: str, split: str, tasks: Sequence[str] | None = None) ->
             listed.setdefault(task, []).append(rel)
     damaged = {}
     for t in (listed if tasks is None else [t for t in tasks if t in listed]):
-        absent = [rel for rel in listed[t] if not (samples.parent / rel).is_file()]
+        absent = [rel for rel in listed[t] if rel not in present]
         if absent:
             damaged[t] = (len(absent), len(listed[t]))
     if damaged:
@@ -125,9 +132,7 @@ def corpus_files(corpus: str, split: str, tasks: Sequence[str] | None = None) ->
 
 
 def _rows(files: Sequence[str]) -> int:
-    import pyarrow.parquet as pq
-
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    return sum(open_parquet(f).metadata.num_rows for f in files)
 
 
 def _parse_spec(spec: str | Mapping) -> dict[str, float]:

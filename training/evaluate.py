@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import pyarrow.parquet as pq
-
+from schemas.layout import open_parquet
 from training import data as td
 from training.answers import answer_budget, predicted_label
 from training.losses import collate_mode, model_inputs, response_loss
@@ -28,7 +27,7 @@ __all__ = ["CELL_TYPE_TASK", "EvalSet", "answer_budget", "cell_type_accuracy", "
 def _head(paths: list[str], n: int, columns: list[str]) -> list[dict]:
     rows: list[dict] = []
     for path in paths:
-        f = pq.ParquetFile(path)
+        f = open_parquet(path)
         for g in range(f.num_row_groups):
             rows += f.read_row_group(g, columns=columns).slice(0, n - len(rows)).to_pylist()
             if len(rows) >= n:
@@ -51,13 +50,11 @@ class EvalSet:
              cells: int) -> EvalSet:
         """The first `per_task` samples of each task in `split` (tasks the split lacks are left out and
         logged), and the first `cells` cell_type_prediction samples for the accuracy."""
-        from training.data import samples_root
-
-        root = samples_root(corpus)
+        parts = td.split_parts(corpus, split)
         out = cls()
         missing = []
         for task in tasks:
-            paths = sorted(str(p) for p in (root / task / split).glob("*.parquet"))
+            paths = parts.get(task, [])
             if not paths:
                 missing.append(task)
                 continue

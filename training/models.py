@@ -65,24 +65,26 @@ def word_decoder():
     return decoders.Sequence(steps)
 
 
-def _sample_files(corpus: str, splits: Sequence[str] | None) -> dict[str, list[Path]]:
-    """task -> its sample parts, train split first (so a row budget prefers training text)."""
-    from schemas.layout import CorpusNotFound, resolve
+def _sample_files(corpus: str, splits: Sequence[str] | None) -> dict[str, list[str]]:
+    """task -> its sample parts (local paths or object-store URIs), train split first (so a row budget prefers
+    training text)."""
+    from schemas.layout import CorpusNotFound, join, list_files, resolve
 
     try:
-        root = Path(resolve(corpus).path("samples"))
+        root = resolve(corpus).path("samples")
     except CorpusNotFound:
-        root = Path(corpus) / "samples"  # a folder of sample parts without a manifest
-    files = sorted(root.glob("*/*/*.parquet"))
+        root = join(corpus, "samples")  # a folder of sample parts without a manifest
+    rel = lambda f: f.replace("\\", "/")[len(root.replace("\\", "/").rstrip("/")) + 1 :]  # noqa: E731
+    files = [f for f in list_files(root, ".parquet") if rel(f).count("/") == 2]  # <task>/<split>/<part>
     if not files:
         raise ModelError(f"corpus {corpus!r}: no sample parts under {root} (expected "
                          "samples/<task>/<split>/part-*.parquet; run the samples stage first)")
     rank = {s: i for i, s in enumerate(SPLIT_ORDER)}
-    by_task: dict[str, list[tuple[int, str, Path]]] = {}
+    by_task: dict[str, list[tuple[int, str, str]]] = {}
     for f in files:
-        task, split = f.parent.parent.name, f.parent.name
+        task, split = f.replace("\\", "/").split("/")[-3:-1]
         if splits is None or split in splits:
-            by_task.setdefault(task, []).append((rank.get(split, len(rank)), str(f), f))
+            by_task.setdefault(task, []).append((rank.get(split, len(rank)), f, f))
     if not by_task:
         raise ModelError(f"corpus {corpus!r}: no sample parts in splits {list(splits or [])}")
     return {t: [f for *_, f in sorted(v)] for t, v in sorted(by_task.items())}
@@ -92,7 +94,7 @@ def corpus_texts(corpus: str, *, max_rows: int = 200_000, splits: Sequence[str] 
                  batch_size: int = 1024) -> Iterator[str]:
     """prompt + response of at most `max_rows` samples, read with pyarrow in batches. The budget is shared
     between tasks (what a small task leaves goes to the next), so a capped read still sees every task."""
-    import pyarrow.parquet as pq
+    from schemas.layout import open_parquet
 
     by_task = _sample_files(corpus, splits)
     left = max_rows
@@ -101,7 +103,7 @@ def corpus_texts(corpus: str, *, max_rows: int = 200_000, splits: Sequence[str] 
         for path in paths:
             if quota <= 0:
                 break
-            pf = pq.ParquetFile(path)
+            pf = open_parquet(path)
             missing = {"prompt", "completion"} - set(pf.schema_arrow.names)
             if missing:
                 raise ModelError(f"sample part {path}: missing column(s) {sorted(missing)}")
@@ -117,20 +119,21 @@ def corpus_texts(corpus: str, *, max_rows: int = 200_000, splits: Sequence[str] 
 
 def corpus_gene_symbols(corpus: str) -> list[str]:
     """Every symbol of the corpus vocabularies (DIR/vocab/<organism>.parquet, schemas.VOCAB); [] without."""
-    import pyarrow.parquet as pq
-
-    from schemas.layout import CorpusNotFound, resolve
+    from schemas.layout import CorpusNotFound, join, list_files, open_parquet, resolve
 
     try:
-        vocab = Path(resolve(corpus).path("vocab"))
+        vocab = resolve(corpus).path("vocab")
     except CorpusNotFound:
-        vocab = Path(corpus) / "vocab"  # a folder of tables without a manifest
+        vocab = join(corpus, "vocab")  # a folder of tables without a manifest
     symbols: set[str] = set()
-    for path in sorted(vocab.glob("*.parquet")):
-        names = pq.ParquetFile(path).schema_arrow.names
+    for path in list_files(vocab, ".parquet"):
+        if "/" in path.replace("\\", "/")[len(vocab.replace("\\", "/")) + 1 :]:
+            continue  # only DIR/vocab/<organism>.parquet, as before
+        pf = open_parquet(path)
+        names = pf.schema_arrow.names
         if "gene_symbol" not in names:
             raise ModelError(f"vocabulary {path}: no gene_symbol column (columns: {names})")
-        symbols.update(s for s in pq.read_table(path, columns=["gene_symbol"]).column(0).to_pylist() if s)
+        symbols.update(s for s in pf.read(columns=["gene_symbol"]).column(0).to_pylist() if s)
     return sorted(symbols)
 
 

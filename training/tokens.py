@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from schemas.layout import file_identity, open_parquet
 from training.data import CorpusError, _encode, _eos_id, encode_prompts
 
 log = logging.getLogger(__name__)
@@ -63,15 +64,14 @@ def tokenizer_key(tokenizer) -> str:
 def source_key(path: str) -> str:
     """The part's name inside the corpus (task/split/part): what a stream position refers to, wherever the
     corpus lies."""
-    return "/".join(Path(path).parts[-3:])
+    return "/".join(str(path).replace("\\", "/").split("/")[-3:])
 
 
 def _part_identity(path: str, manifest_files: dict) -> str:
     entry = manifest_files.get("samples/" + source_key(path))
     if entry and entry.get("hash"):
         return f"{entry['hash']}:{entry.get('bytes')}"
-    st = os.stat(path)
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    return file_identity(path)
 
 
 def id_type(tokenizer) -> pa.DataType:
@@ -91,7 +91,7 @@ class Shard:
 def _tokenize_part(src: str, dest: Path, tokenizer, ids_type: pa.DataType) -> int:
     """Write the token shard of one sample part; returns its rows."""
     eos = _eos_id(tokenizer)
-    pf = pq.ParquetFile(src)
+    pf = open_parquet(src)
     schema = pa.schema([("sample_id", pa.string()), ("input_ids", pa.list_(ids_type)), ("prompt_len", pa.int32())])
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     rows = 0

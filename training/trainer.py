@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from schemas.layout import open_parquet
 from training import attention as ta
 from training import data as td
 from training import models as tm
@@ -227,11 +228,22 @@ def train(cfg: SFTConfig) -> TrainResult:
     from schemas.layout import reader_lease
 
     version = td.open_corpus(cfg.corpus)
-    if version.version and os.path.normpath(str(version.root)) != os.path.normpath(str(cfg.corpus)):
+    if version.version and not _same_place(version.root, cfg.corpus):
         log.info("corpus %s: reading version %s for the whole run", cfg.corpus, version.version)
         with reader_lease(str(cfg.corpus), version.version, what="c2s train"):
             return _train(dataclasses.replace(cfg, corpus=str(version.root)))
     return _train(cfg)
+
+
+def _where(corpus: str) -> str:
+    """A corpus location as recorded in cards: an absolute local path, or the object-store URI as given."""
+    return corpus if "://" in corpus else str(Path(corpus).resolve())
+
+
+def _same_place(a: str, b: str) -> bool:
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.normpath(a) == os.path.normpath(b)
 
 
 def _train(cfg: SFTConfig) -> TrainResult:
@@ -389,7 +401,7 @@ def _train(cfg: SFTConfig) -> TrainResult:
     # FSDP: the full weights are gathered by every rank together (a collective), then saved by the main one
     gathered = acc.get_state_dict(model) if fsdp else None
     if acc.is_main_process:
-        card = {"base_model": cfg.model, "peft": cfg.peft, "corpus": str(Path(cfg.corpus).resolve()),
+        card = {"base_model": cfg.model, "peft": cfg.peft, "corpus": _where(cfg.corpus),
                 "corpus_content_hash": manifest.get("content_hash"),
                 "samples_hash": manifest.get("samples", {}).get("samples_hash"),
                 "schema_version": manifest.get("schema_version"), "tasks": mixture, "steps": step,
@@ -513,7 +525,7 @@ def training_provenance(cfg: SFTConfig, manifest: dict, mixture: dict, steps: in
     (token budget), the tasks and the base model. Written as final/c2s.json."""
     samples = manifest.get("samples", {})
     return {"format": 1, "base_model": cfg.model, "peft": cfg.peft, "steps": steps, "tasks": mixture,
-            "corpus": str(Path(cfg.corpus).resolve()) if "://" not in cfg.corpus else cfg.corpus,
+            "corpus": _where(cfg.corpus),
             "corpus_version": manifest.get("version"), "content_hash": manifest.get("content_hash"),
             "samples_hash": samples.get("samples_hash"), "schema_version": manifest.get("schema_version"),
             "encoding": manifest.get("options", {}),
@@ -581,11 +593,9 @@ def save_checkpoint(acc, loader, out: Path, step: int, tokens_seen: int, keep: i
 
 
 def _probe_texts(files: dict[str, list[str]], n: int = 64) -> list[str]:
-    import pyarrow.parquet as pq
-
     texts = []
     for paths in files.values():
-        f = pq.ParquetFile(paths[0])
+        f = open_parquet(paths[0])
         t = f.read_row_group(0, columns=["prompt", "completion"]).slice(0, n)
         texts += [p + r for p, r in zip(t["prompt"].to_pylist(), t["completion"].to_pylist(), strict=True)]
     return texts
@@ -593,11 +603,9 @@ def _probe_texts(files: dict[str, list[str]], n: int = 64) -> list[str]:
 
 def _check_max_length(files: dict[str, list[str]], tok, max_length: int, n: int = 32) -> None:
     """A --max-length that most samples exceed is a configuration error, not something to skip through."""
-    import pyarrow.parquet as pq
-
     too_long: dict[str, float] = {}
     for task, paths in files.items():
-        t = pq.ParquetFile(paths[0]).read_row_group(0, columns=["prompt", "completion"]).slice(0, n)
+        t = open_parquet(paths[0]).read_row_group(0, columns=["prompt", "completion"]).slice(0, n)
         lens = [td.tokenize_sample(tok, p, r, 10**9) for p, r in
                 zip(t["prompt"].to_pylist(), t["completion"].to_pylist(), strict=True)]
         over = sum(len(x[0]) > max_length for x in lens if x is not None)
