@@ -156,10 +156,11 @@ def test_refresh_in_a_bucket_reads_reused_parts_across_versions(s3, tmp_path):
     assert len(read_table(out, "sentences", columns=["cell_id"])) == full["counts"]["totals"]["written"]
 
 
-def test_a_corpus_in_a_bucket_trains_and_resumes(s3, demo_census, tmp_path):
+def test_a_corpus_in_a_bucket_trains_resumes_evaluates_and_generates(s3, demo_census, tmp_path):
     """SFT reads a corpus straight from the bucket (its parts listed and read through pyarrow.fs, tokenised
     into the local cache): the losses equal those of the same corpus copied to local disk, and a resume from
-    the bucket continues them."""
+    the bucket continues them. The model's c2s.json names the bucket; evaluation and generation read the
+    corpus there: the same report figures as against the local copy, and generated cells."""
     import json
     import shutil
 
@@ -191,3 +192,21 @@ def test_a_corpus_in_a_bucket_trains_and_resumes(s3, demo_census, tmp_path):
     resumed = train(SFTConfig(corpus=out, output_dir=str(resumed_dir), resume_from_checkpoint="latest", **common))
     got = losses(resumed)
     assert sorted(got) == [4, 5, 6] and got == pytest.approx({s: losses(remote)[s] for s in got}, rel=1e-6)
+
+    import anndata as ad
+
+    from training.evaluation import main as evaluate
+    from training.generate import main as generate
+
+    reports = {}
+    for name, corpus in (("bucket", out), ("disk", str(local))):
+        report = tmp_path / f"eval_{name}" / "report.json"
+        assert evaluate(["--model", remote.final_dir, "--corpus", corpus, "--split", "test", "--n-per-condition", "4",
+                         "--max-samples", "6", "--max-conditions", "2", "--no-plots", "--out", str(report)]) == 0
+        reports[name] = json.loads(report.read_text())
+    assert reports["bucket"]["corpus"] == out
+    assert reports["bucket"]["cell_type_accuracy"] == reports["disk"]["cell_type_accuracy"]
+    cells = tmp_path / "gen.h5ad"
+    assert generate(["--model", remote.final_dir, "--task", "cell_lm", "--n", "4", "--batch-size", "4",
+                     "--out", str(cells), "--no-progress"]) == 0  # the corpus: the bucket, from c2s.json
+    assert ad.read_h5ad(cells).n_obs == 4

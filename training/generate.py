@@ -405,8 +405,7 @@ def condition_prompts(cfg: GenerateConfig, corpus: Corpus, organism: str, vocab,
 def split_prompts(cfg: GenerateConfig, corpus: Corpus, organism: str | None) -> tuple[list[Prompt], str]:
     """The first cfg.n prompts of cfg.task in cfg.from_split (of one organism), with the labels of the cells
     each was built from; -> (prompts, organism)."""
-    import pyarrow.parquet as pq
-
+    from schemas.layout import open_parquet
     from training.data import CorpusError, corpus_files
 
     check_task(cfg.task)
@@ -416,7 +415,7 @@ def split_prompts(cfg: GenerateConfig, corpus: Corpus, organism: str | None) -> 
         raise GenerateError(str(e)) from None
     found: dict[str, int] = {}  # prompts per organism: the organism column alone, read first
     for path in files:
-        for d in pq.read_table(path, columns=["organism"]).column(0).value_counts().to_pylist():
+        for d in open_parquet(path).read(columns=["organism"]).column(0).value_counts().to_pylist():
             found[d["values"]] = found.get(d["values"], 0) + d["counts"]
     if organism is None:
         if len(found) > 1:
@@ -431,7 +430,7 @@ def split_prompts(cfg: GenerateConfig, corpus: Corpus, organism: str | None) -> 
     cols = ["sample_id", "prompt", "organism", "dataset_id", "cell_ids", "n_genes", "template"]
     rows: list[dict] = []
     for path in files:  # the first cfg.n prompts of the organism, in file order, read in batches
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=cols):
+        for batch in open_parquet(path).iter_batches(batch_size=1024, columns=cols):
             rows += [r for r in batch.to_pylist() if r["organism"] == organism]
             if cfg.n and len(rows) >= cfg.n:
                 break
