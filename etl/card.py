@@ -16,10 +16,10 @@ import yaml
 
 import schemas
 from schemas.layout import SPLIT_NAMES, parse_sample_rel
+from schemas.tasks import SPLITS
 
 _DTYPES = {pa.string(): "string", pa.large_string(): "string", pa.int64(): "int64", pa.int32(): "int32",
            pa.int16(): "int16", pa.float64(): "float64", pa.float32(): "float32", pa.bool_(): "bool"}
-SPLIT_ORDER = ("train", "val", "test", "test_ood")
 
 
 def features(schema: pa.Schema) -> list[dict]:
@@ -66,7 +66,7 @@ def dataset_card(manifest: dict, *, prefix: str = "", sentences_prefix: str | No
         nbytes[key] = nbytes.get(key, 0) + int(meta.get("bytes", 0))
     configs, infos = [], []
     for task in sorted(per):
-        splits = [s for s in SPLIT_ORDER if per[task].get(s)]
+        splits = [s for s in SPLITS if per[task].get(s)]
         configs.append({"config_name": task, "data_files": [
             {"split": SPLIT_NAMES[s], "path": f"{prefix}samples/{task}/{s}/*.parquet"} for s in splits]})
         infos.append({"config_name": task, "features": features(schemas.SAMPLES),
@@ -134,11 +134,11 @@ def _body(manifest: dict, per: dict) -> str:
         + (f" ({split_note})" if split_note else "") + "; held-out datasets (test_ood): "
         + (", ".join(samples.get("ood_datasets", [])) or "none"),
         "",
-        "| task | " + " | ".join(SPLIT_NAMES[s] for s in SPLIT_ORDER) + " |",
-        "|---|" + "---|" * len(SPLIT_ORDER),
+        "| task | " + " | ".join(SPLIT_NAMES[s] for s in SPLITS) + " |",
+        "|---|" + "---|" * len(SPLITS),
     ]
     for task in sorted(per):
-        lines.append(f"| {task} | " + " | ".join(f"{per[task].get(s, 0):,}" for s in SPLIT_ORDER) + " |")
+        lines.append(f"| {task} | " + " | ".join(f"{per[task].get(s, 0):,}" for s in SPLITS) + " |")
     lines += ["", "Built by c2s-corpus; the version's `manifest.json` records every option, input and count.", ""]
     return "\n".join(lines)
 

@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 from etl import rowhash
 from etl.storage import Store
 from schemas.layout import SPLIT_NAMES, CorpusNotFound, CorpusVersion, parse_sample_rel, resolve
+from schemas.tasks import SPLITS
 
 log = logging.getLogger("etl.inspect")
-SPLITS = ("train", "val", "test", "test_ood")
 
 
 def _sample_files(v: CorpusVersion) -> list[str]:

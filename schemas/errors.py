@@ -11,3 +11,12 @@ class InputError(ValueError):
 
 class ConfigError(InputError):
     """A bad option value or config file; the message names the option (flag or YAML key) and the value."""
+
+
+class CorpusError(InputError):
+    """A corpus that cannot be read or used as asked (missing, damaged, lacking a task or split, bad data
+    options); the message names the corpus, task, split or file."""
+
+
+class ModelError(InputError):
+    """A model, tokenizer or model option that cannot be used; the message names it and says what is wrong."""

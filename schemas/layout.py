@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
-from schemas.errors import InputError
+from schemas.errors import CorpusError
 
 POINTER = "latest.json"
 VERSIONS = "versions"
@@ -33,7 +33,7 @@ MANIFEST = "manifest.json"
 SENTENCES_TABLES = ("sentences", "vocab", "stats")
 
 
-class CorpusNotFound(InputError):
+class CorpusNotFound(CorpusError):
     """DIR is not a readable corpus; the message names DIR and says what to do."""
 
 

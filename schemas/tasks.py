@@ -8,6 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The splits of every task, in this order wherever they are listed (cards, inspect, the tokenizer's row
+# budget): val is HF's "validation" (schemas.layout.SPLIT_NAMES); test_ood holds whole datasets out.
+SPLITS = ("train", "val", "test", "test_ood")
+# The cell labels prompts state and generation conditions on, as the sentences table names them.
+LABEL_FIELDS = ("cell_type", "tissue", "disease", "sex", "development_stage", "assay")
+
 
 @dataclass(frozen=True)
 class TaskSpec:

@@ -43,6 +43,7 @@ import numpy as np
 from schemas.cli import option as _f  # a config field: default, --help text, option metadata
 from schemas.cli import parse
 from schemas.errors import ConfigError, InputError
+from schemas.tasks import LABEL_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +231,7 @@ class Prompter:
                              tokenizer_json=tok_json)
         # the samples stage's context: the same budget, gene cap and minimum genes
         self.ctx = common.SampleContext(mixture={}, budget=budget, max_genes=genes_cap(budget))
-        cell = {**dict.fromkeys(common.LABEL_FIELDS, UNKNOWN), "organism": organism}
+        cell = {**dict.fromkeys(LABEL_FIELDS, UNKNOWN), "organism": organism}
         self.fields = common.labels(cell)  # no label is known: the answer counts as 'unknown' in the budget
         self.template = template
         self.response = spec["response"]

@@ -12,15 +12,11 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from schemas.errors import InputError
+from schemas.errors import CorpusError
 from schemas.layout import list_files, open_parquet, parse_sample_rel
 
 IGNORE_INDEX = -100
 COLUMNS = ["sample_id", "task", "prompt", "completion"]
-
-
-class CorpusError(InputError):
-    """Bad corpus or data options; the message names the corpus directory, task, split or file."""
 
 
 # ------------------------------------------------------------------ corpus files and mixture

@@ -30,12 +30,13 @@ from typing import Any, ClassVar
 
 from schemas.cli import option as _f  # a config field: default, --help text, option metadata
 from schemas.errors import ConfigError, InputError
+from schemas.tasks import LABEL_FIELDS, SPLITS
 
 log = logging.getLogger("training.generate")
 
 # response fields that hold generated cells: a task whose response has one of them outputs cells
 CELL_OUTPUTS = ("cell_sentence", "cells", "perturbed_sentence", "neighbor_sentence")
-LABELS = ("cell_type", "tissue", "disease", "sex", "development_stage", "assay")
+LABELS = LABEL_FIELDS
 # template field -> the --condition that fills it (num_genes comes from --n-genes)
 FIELD_CONDITION = {"organism_name": "organism", "cell_kind": "cell_type", **{f: f for f in LABELS},
                    "cell_types": "cell_types", "num_cells": "num_cells", "abstract": "abstract",
@@ -45,7 +46,6 @@ ALWAYS_ALLOWED = ("organism", "dataset_id")  # organism: also --organism; datase
 OPTIONAL = {"organism", "dataset_id", "num_cells", "perturbation_type", "disease", "sex", "development_stage",
             "assay"}
 DEFAULT_NUM_CELLS = 4
-SPLITS = ("train", "val", "test", "test_ood")
 # obs columns the run writes itself (a prompt file's fields may not take these names)
 OBS_COLUMNS = ("prompt_index", "cell_index", "task", "prompt", "cell_sentence", "n_words", "n_genes", "n_invalid",
                "n_duplicate", "truncated", "inverse_fit")

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from schemas.errors import InputError
+from schemas.errors import ModelError
+from schemas.tasks import SPLITS
 from training.config import TINY as TINY_MODELS  # one list: the config picks its defaults by it
 
 log = logging.getLogger(__name__)
@@ -28,13 +29,8 @@ EOS_TOKEN, PAD_TOKEN, UNK_TOKEN = "<|endoftext|>", "<|padding|>", "<unk>"
 SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN, UNK_TOKEN)  # ids 0, 1, 2 (Pythia also has eos 0, pad 1)
 SENTENCE_PUNCT = ".,;:"  # split off the END of a word only: "RPSA." -> RPSA + "."; AC008.1 stays whole
 NUMBER_WORDS = 2049  # "0".."2048" are always words: prompts state gene/cell counts that a sample may not show
-SPLIT_ORDER = ("train", "val", "test", "test_ood")  # order in which splits feed the tokenizer's row budget
 TINY_MAX_POSITIONS = 8192  # C2S-Scale's longest context
 TINY_SHAPE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256}
-
-
-class ModelError(InputError):
-    """A model, tokenizer or option that cannot be used; the message names it and says what is wrong."""
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -79,7 +75,7 @@ def _sample_files(corpus: str, splits: Sequence[str] | None) -> dict[str, list[s
     if not files:
         raise ModelError(f"corpus {corpus!r}: no sample parts under {root} (expected "
                          "samples/<task>/<split>/part-*.parquet; run the samples stage first)")
-    rank = {s: i for i, s in enumerate(SPLIT_ORDER)}
+    rank = {s: i for i, s in enumerate(SPLITS)}  # the order in which splits feed the tokenizer's row budget
     by_task: dict[str, list[tuple[int, str, str]]] = {}
     for f in files:
         task, split = f.replace("\\", "/").split("/")[-3:-1]

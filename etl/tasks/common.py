@@ -17,8 +17,8 @@ from etl.tasks import templates as tpl
 from etl.tasks.budget import TokenBudget
 from etl.tasks.phrases import cell_kind, in_words
 from schemas import UNKNOWN
+from schemas.tasks import LABEL_FIELDS
 
-SPLITS = ("train", "val", "test", "test_ood")
 GROUP_UNIT = 8  # multi-cell mixture rates are samples per this many grouped cells
 CELL_FIELDS = ("cell_id", "organism", "dataset_id", "donor_id", "tissue", "cell_type", "disease", "sex",
                "development_stage", "assay", "cell_type_ontology_term_id", "tissue_ontology_term_id")
@@ -238,7 +238,6 @@ def finish(task: str, t: int, values: dict, sentences: list[list[str]], ctx: Sam
     return prompt, response, max(est, 1)
 
 
-LABEL_FIELDS = ("cell_type", "tissue", "disease", "sex", "development_stage", "assay")
 LIST_SEPARATOR = "; "  # between the labels of several cells: Census labels hold commas, never semicolons
 
 

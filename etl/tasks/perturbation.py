@@ -29,8 +29,9 @@ import xxhash
 from etl.sources.base import ORGANISMS
 from etl.sources.perturbation import FileObs, PerturbationOptions, parse_label  # noqa: F401 (re-exported)
 from etl.tasks import templates as tpl
-from etl.tasks.common import SPLITS, Counts, SampleContext, draws, h64, row, unit
+from etl.tasks.common import Counts, SampleContext, draws, h64, row, unit
 from etl.tasks.phrases import cell_kind, join_words
+from schemas.tasks import SPLITS
 
 TASK = "perturbation_prediction"
 
