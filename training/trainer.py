@@ -18,6 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -246,22 +247,36 @@ def _same_place(a: str, b: str) -> bool:
     return os.path.normpath(a) == os.path.normpath(b)
 
 
-def _train(cfg: SFTConfig) -> TrainResult:
+@dataclass
+class Run:
+    """Everything a training run holds once set up (torchtitan's shape: setup, then the step and the loop read
+    this): the accelerator, the prepared model, optimizer and schedule, the tokenizer, the data spec, the
+    evaluation set and what was decided about attention, precision and the loss."""
+
+    cfg: SFTConfig
+    acc: Any
+    model: Any
+    tok: Any
+    optimizer: Any
+    scheduler: Any
+    params: list
+    spec: BatchSpec
+    mixture: dict
+    manifest: dict
+    evalset: EvalSet
+    mode: str
+    dtype: torch.dtype
+    fused: bool
+    fsdp: bool
+    workers: int
+    out: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.cfg.output_dir)
+
+
+def _accelerator(cfg: SFTConfig, bf16: bool, report: str | None):
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import get_scheduler
-
-    cuda = torch.cuda.is_available()
-    bf16 = cuda if cfg.bf16 is None else cfg.bf16
-    out = Path(cfg.output_dir)
-    report = None if cfg.report_to == "none" else cfg.report_to
-    if report:
-        import importlib.util
-
-        module = {"tensorboard": "tensorboard", "wandb": "wandb"}[report]
-        if importlib.util.find_spec(module) is None:
-            raise td.CorpusError(f"--report-to {report} needs the {module} package (pip install {module}), "
-                                 "or use --report-to none")
     from accelerate.state import AcceleratorState
 
     # accelerate keeps one AcceleratorState per process; a second train() in the same process (a notebook,
@@ -277,12 +292,32 @@ def _train(cfg: SFTConfig) -> TrainResult:
     # step_scheduler_with_optimizer=False: accelerate would otherwise step a prepared scheduler once per
     # process per optimizer step (it assumes a schedule sized for one process's batches), so on N processes
     # the rate would run N times too fast. Ours is sized in optimizer steps and stepped once per one.
-    acc = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                      mixed_precision="bf16" if bf16 else "no", log_with=report, project_dir=str(out / "runs"),
-                      cpu=not cuda, step_scheduler_with_optimizer=False, dynamo_plugin=dynamo)
+    return Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                       mixed_precision="bf16" if bf16 else "no", log_with=report,
+                       project_dir=str(Path(cfg.output_dir) / "runs"), cpu=not torch.cuda.is_available(),
+                       step_scheduler_with_optimizer=False, dynamo_plugin=dynamo)
+
+
+def setup(cfg: SFTConfig) -> Run:
+    """The accelerator, the checked inputs (everything that can be wrong with them fails here, before any
+    training), the model (LoRA, fused head, checkpointing as decided), the tokenised corpus, the optimizer and
+    schedule, prepared by accelerate."""
+    from accelerate.utils import DistributedType, set_seed
+    from transformers import get_scheduler
+
+    cuda = torch.cuda.is_available()
+    bf16 = cuda if cfg.bf16 is None else cfg.bf16
+    report = None if cfg.report_to == "none" else cfg.report_to
+    if report:
+        import importlib.util
+
+        module = {"tensorboard": "tensorboard", "wandb": "wandb"}[report]
+        if importlib.util.find_spec(module) is None:
+            raise td.CorpusError(f"--report-to {report} needs the {module} package (pip install {module}), "
+                                 "or use --report-to none")
+    acc = _accelerator(cfg, bf16, report)
     set_seed(cfg.seed)
 
-    # ---- everything that can be wrong with the inputs fails here, before any training
     weights = cfg.weights
     train_files = td.corpus_files(cfg.corpus, "train", list(weights) if weights else None)
     mixture = td.parse_mixture(weights, train_files)
@@ -295,8 +330,6 @@ def _train(cfg: SFTConfig) -> TrainResult:
                            per_task=cfg.eval_samples_per_task, cells=cfg.eval_cells)
     tm.check_tokenizer(tok, evalset.texts or _probe_texts(train_files))
     _check_max_length(train_files, tok, cfg.max_length)
-    from accelerate.utils import DistributedType
-
     fsdp = acc.distributed_type == DistributedType.FSDP
     if fsdp and cfg.peft != "none":
         raise td.CorpusError("LoRA under FSDP is not supported by this trainer: use DDP "
@@ -313,12 +346,12 @@ def _train(cfg: SFTConfig) -> TrainResult:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    # ---- data: the corpus tokenised once for this tokenizer (the local main process makes what is missing)
+
+    # the corpus tokenised once for this tokenizer (the local main process makes what is missing)
     with acc.local_main_process_first():
         shards, tok_key = pretokenize(train_files, tok, cache_dir=cfg.token_cache, manifest=manifest,
                                       progress=acc.is_local_main_process)
     task_index = {t: i for i, t in enumerate(sorted(set(mixture) | set(evalset.tasks)))}
-    workers = (1 if cuda else 0) if cfg.dataloader_workers is None else cfg.dataloader_workers
     spec = BatchSpec(shards=shards, weights=mixture, max_length=cfg.max_length,
                      batch_size=cfg.per_device_batch_size, pad_id=tok.pad_token_id, mode=collate_mode(mode),
                      task_index=task_index, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
@@ -330,90 +363,114 @@ def _train(cfg: SFTConfig) -> TrainResult:
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=cfg.max_steps)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    workers = (1 if cuda else 0) if cfg.dataloader_workers is None else cfg.dataloader_workers
+    return Run(cfg, acc, model, tok, optimizer, scheduler, params, spec, mixture, manifest, evalset, mode,
+               torch.bfloat16 if bf16 else torch.float32, fused, fsdp, workers)
 
-    start, tokens_seen = 0, 0
+
+def restore(run: Run) -> tuple[int, int, dict | None, bool]:
+    """(step, tokens seen, each process's stream position, resumed?) from --resume-from-checkpoint: the
+    checkpoint is checked whole (process count, files, the stream's settings) before anything is loaded."""
+    cfg, acc = run.cfg, run.acc
     resume = _resume_path(cfg, acc.num_processes)
-    if resume is not None:
-        state = _read_json(resume / STATE_FILE, resume)
-        saved_n = state.get("num_processes", len(list(resume.glob("data_state_*.json"))))
-        if saved_n != acc.num_processes:
-            raise td.CorpusError(f"--resume-from-checkpoint {resume}: written by {saved_n} process(es), resumed on "
-                                 f"{acc.num_processes}; each process's stream position is in the checkpoint, so "
-                                 f"resume with {saved_n}")
-        data_state = _read_json(resume / f"data_state_{acc.process_index}.json", resume)
-        try:  # the stream checks it against its own settings before the first batch
-            check_data_state(data_state, spec)
-        except ValueError as e:  # the stream state names what differs (files, weights, seed, max_length, ...)
-            raise td.CorpusError(f"--resume-from-checkpoint {resume}: {e}") from None
-        acc.load_state(str(resume))
-        start, tokens_seen = state["step"], state["tokens_seen"]
-        log.info("resumed from %s at step %d", resume, start)
-    else:
-        data_state = None
+    if resume is None:
+        return 0, 0, None, False
+    state = _read_json(resume / STATE_FILE, resume)
+    saved_n = state.get("num_processes", len(list(resume.glob("data_state_*.json"))))
+    if saved_n != acc.num_processes:
+        raise td.CorpusError(f"--resume-from-checkpoint {resume}: written by {saved_n} process(es), resumed on "
+                             f"{acc.num_processes}; each process's stream position is in the checkpoint, so "
+                             f"resume with {saved_n}")
+    data_state = _read_json(resume / f"data_state_{acc.process_index}.json", resume)
+    try:  # the stream checks it against its own settings before the first batch
+        check_data_state(data_state, run.spec)
+    except ValueError as e:  # the stream state names what differs (files, weights, seed, max_length, ...)
+        raise td.CorpusError(f"--resume-from-checkpoint {resume}: {e}") from None
+    acc.load_state(str(resume))
+    log.info("resumed from %s at step %d", resume, state["step"])
+    return state["step"], state["tokens_seen"], data_state, True
+
+
+def _train(cfg: SFTConfig) -> TrainResult:
+    run = setup(cfg)
+    start, tokens_seen, data_state, resumed = restore(run)
+    acc, out = run.acc, run.out
     if acc.is_main_process:  # after the resume checks: a refused resume leaves the run's settings as they were
         out.mkdir(parents=True, exist_ok=True)
         (out / "sft_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    loader = make_loader(spec, workers=workers, pin_memory=cuda, state=data_state)
-    if report:
+    if cfg.report_to != "none":
         acc.init_trackers(cfg.run_name or out.name, config={k: (v if isinstance(v, int | float | str | bool) else
                                                                str(v)) for k, v in cfg.to_dict().items()})
-    metrics = MetricsLog(out / "metrics.jsonl", acc, resumed_at=start if resume is not None else None)
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    metrics = MetricsLog(out / "metrics.jsonl", acc, resumed_at=start if resumed else None)
     log.info("training %s on %s: tasks %s, %d steps, %s attention, packing %s, %s, loss %s, %d dataloader "
-             "worker(s)%s", cfg.model, cfg.corpus, ", ".join(f"{t}={w:.2f}" for t, w in mixture.items()),
-             cfg.max_steps, mode, cfg.packing, "LoRA" if cfg.peft != "none" else "full",
-             "fused linear+cross-entropy" if fused else "on logits at response positions", workers,
+             "worker(s)%s", cfg.model, cfg.corpus, ", ".join(f"{t}={w:.2f}" for t, w in run.mixture.items()),
+             cfg.max_steps, run.mode, cfg.packing, "LoRA" if cfg.peft != "none" else "full",
+             "fused linear+cross-entropy" if run.fused else "on logits at response positions", run.workers,
              ", torch.compile" if cfg.torch_compile else "")
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=cfg.max_steps, initial=start, desc="sft", disable=not acc.is_main_process)
-    step_fn = StepRunner(acc, model, optimizer, scheduler, params, cfg, mode, dtype, fused)
-    window = _Window()
-    model.train()
-    step = start
-    batches = iter(loader)
+    loader = make_loader(run.spec, workers=run.workers, pin_memory=torch.cuda.is_available(), state=data_state)
     try:
-        while step < cfg.max_steps:
-            micro = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
-            step_fn(micro, window)
-            step += 1
-            tokens_seen += sum(b["n_tokens"] for b in micro)
-            bar.update(1)
-            if step % cfg.logging_steps == 0 or step == cfg.max_steps:
-                rec = {"step": step, **window.record(acc), "learning_rate": scheduler.get_last_lr()[0],
-                       "tokens_seen": tokens_seen * acc.num_processes}
-                metrics.log(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps:
-                metrics.log({"step": step, **_evaluate(model, tok, evalset, acc, mode, dtype, task_index,
-                                                       cfg.per_device_batch_size, fused)})
-                window.restart()
-            if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
-                save_checkpoint(acc, loader, out, step, tokens_seen, cfg.save_total_limit)
-                window.restart()
+        step = train_loop(run, loader, metrics, start, tokens_seen)
     finally:
         loader.close()  # stops the worker process
-    bar.close()
-
-    final = None
-    acc.wait_for_everyone()
-    # FSDP: the full weights are gathered by every rank together (a collective), then saved by the main one
-    gathered = acc.get_state_dict(model) if fsdp else None
-    if acc.is_main_process:
-        card = {"base_model": cfg.model, "peft": cfg.peft, "corpus": _where(cfg.corpus),
-                "corpus_content_hash": manifest.get("content_hash"),
-                "samples_hash": manifest.get("samples", {}).get("samples_hash"),
-                "schema_version": manifest.get("schema_version"), "tasks": mixture, "steps": step,
-                "settings": {k: v for k, v in cfg.to_dict().items() if k not in ("corpus", "tasks")},
-                "final_metrics": _last_metrics(metrics.records)}
-        saved = tm.save_final(acc.unwrap_model(model), tok, str(out / "final"),
-                              merge_lora=cfg.merge_lora, card=card, state_dict=gathered)
-        tm.write_provenance(str(out / "final"), training_provenance(cfg, manifest, mixture, step))
-        final = str(out / "final")
-        log.info("saved %s", ", ".join(f"{k}: {v}" for k, v in saved.items()))
+    final = save_final(run, step, metrics)
     acc.end_training()
     return TrainResult(str(out), step, final, metrics.records)
+
+
+def train_loop(run: Run, loader, metrics: MetricsLog, step: int, tokens_seen: int) -> int:
+    """Optimizer steps from `step` to --max-steps: the step, then logging, evaluation and checkpoints at their
+    intervals. Returns the last step."""
+    from tqdm.auto import tqdm
+
+    cfg, acc = run.cfg, run.acc
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="sft", disable=not acc.is_main_process)
+    train_step = StepRunner(acc, run.model, run.optimizer, run.scheduler, run.params, cfg, run.mode, run.dtype,
+                            run.fused)
+    window = _Window()
+    run.model.train()
+    batches = iter(loader)
+    while step < cfg.max_steps:
+        micro = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
+        train_step(micro, window)
+        step += 1
+        tokens_seen += sum(b["n_tokens"] for b in micro)
+        bar.update(1)
+        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+            rec = {"step": step, **window.record(acc), "learning_rate": run.scheduler.get_last_lr()[0],
+                   "tokens_seen": tokens_seen * acc.num_processes}
+            metrics.log(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps:
+            metrics.log({"step": step, **_evaluate(run.model, run.tok, run.evalset, acc, run.mode, run.dtype,
+                                                   run.spec.task_index, cfg.per_device_batch_size, run.fused)})
+            window.restart()
+        if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
+            save_checkpoint(acc, loader, run.out, step, tokens_seen, cfg.save_total_limit)
+            window.restart()
+    bar.close()
+    return step
+
+
+def save_final(run: Run, step: int, metrics: MetricsLog) -> str | None:
+    """OUTPUT/final: the model (merged LoRA too), tokenizer, model card and c2s.json; the path, on the main
+    process. Under FSDP every rank gathers the full weights together (a collective), the main one saves."""
+    cfg, acc, manifest = run.cfg, run.acc, run.manifest
+    acc.wait_for_everyone()
+    gathered = acc.get_state_dict(run.model) if run.fsdp else None
+    if not acc.is_main_process:
+        return None
+    card = {"base_model": cfg.model, "peft": cfg.peft, "corpus": _where(cfg.corpus),
+            "corpus_content_hash": manifest.get("content_hash"),
+            "samples_hash": manifest.get("samples", {}).get("samples_hash"),
+            "schema_version": manifest.get("schema_version"), "tasks": run.mixture, "steps": step,
+            "settings": {k: v for k, v in cfg.to_dict().items() if k not in ("corpus", "tasks")},
+            "final_metrics": _last_metrics(metrics.records)}
+    final = str(run.out / "final")
+    saved = tm.save_final(acc.unwrap_model(run.model), run.tok, final, merge_lora=cfg.merge_lora, card=card,
+                          state_dict=gathered)
+    tm.write_provenance(final, training_provenance(cfg, manifest, run.mixture, step))
+    log.info("saved %s", ", ".join(f"{k}: {v}" for k, v in saved.items()))
+    return final
 
 
 def _fused_loss(cfg: SFTConfig, model, device: torch.device, collate: str) -> bool:
