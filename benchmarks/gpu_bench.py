@@ -68,11 +68,17 @@ def _mfu(tokens_per_s: float, params: int, a) -> float:
 
 
 def _shape_params(corpus: str, shape: str) -> int:
+    """The matmul weights of the shape, counted on a model built on the meta device (no memory, no init:
+    a 410M model on the CPU would cost seconds of each figure's time limit)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from training import models as tm
 
     name, over = SHAPES[shape]
-    model, _ = tm.load_model_and_tokenizer(name, corpus=corpus, tiny_overrides=over or None)
-    return _matmul_params(model)
+    config = tm.tiny_config(name, tm.train_tokenizer(corpus), over or None)
+    with torch.device("meta"):
+        return _matmul_params(AutoModelForCausalLM.from_config(config))
 
 
 def run_ours(a) -> dict:

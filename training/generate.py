@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 
 from schemas.cli import option as _f  # a config field: default, --help text, option metadata
 from schemas.errors import ConfigError, InputError
+from schemas.layout import open_parquet
 from schemas.tasks import LABEL_FIELDS, SPLITS
 
 log = logging.getLogger("training.generate")
@@ -405,7 +406,6 @@ def condition_prompts(cfg: GenerateConfig, corpus: Corpus, organism: str, vocab,
 def split_prompts(cfg: GenerateConfig, corpus: Corpus, organism: str | None) -> tuple[list[Prompt], str]:
     """The first cfg.n prompts of cfg.task in cfg.from_split (of one organism), with the labels of the cells
     each was built from; -> (prompts, organism)."""
-    from schemas.layout import open_parquet
     from training.data import CorpusError, corpus_files
 
     check_task(cfg.task)

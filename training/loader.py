@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -46,7 +46,13 @@ class BatchSpec:
     pad_multiple: int | None = None
     tokenizer_key: str = ""
     window: int = 64
-    extra: dict = field(default_factory=dict)
+
+    def packer(self) -> Packer:
+        """A fresh stream and packer as this spec describes them (at the start of the stream)."""
+        stream = TokenStream(self.shards, max_length=self.max_length, weights=self.weights, seed=self.seed,
+                             shuffle_buffer=self.shuffle_buffer, rank=self.rank, world_size=self.world_size,
+                             loop=self.loop, tokenizer_key=self.tokenizer_key)
+        return Packer(stream, self.max_length, pack=self.pack, window=self.window)
 
 
 class PackedBatches(torch.utils.data.IterableDataset):
@@ -61,15 +67,11 @@ class PackedBatches(torch.utils.data.IterableDataset):
         self._pending: dict | None = None
 
     def _build(self) -> None:
-        s = self.spec
-        stream = TokenStream(s.shards, max_length=s.max_length, weights=s.weights, seed=s.seed,
-                             shuffle_buffer=s.shuffle_buffer, rank=s.rank, world_size=s.world_size, loop=s.loop,
-                             tokenizer_key=s.tokenizer_key)
-        self._packer = Packer(stream, s.max_length, pack=s.pack, window=s.window)
+        self._packer = self.spec.packer()
         if self._pending is not None:
             self._packer.load_state_dict(self._pending)
             self._pending = None
-        self._groups = batches(self._packer, s.batch_size)
+        self._groups = batches(self._packer, self.spec.batch_size)
 
     def __iter__(self) -> PackedBatches:
         return self
@@ -81,12 +83,6 @@ class PackedBatches(torch.utils.data.IterableDataset):
         s = self.spec
         return collate(seqs, pad_id=s.pad_id, mode=s.mode, task_index=s.task_index, loss_weights=s.loss_weights,
                        pad_multiple=s.pad_multiple)
-
-    @property
-    def stream(self) -> TokenStream:
-        if self._packer is None:
-            self._build()
-        return self._packer.stream
 
     def state_dict(self) -> dict:
         if self._packer is None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from schemas.errors import ModelError
+from schemas.layout import CorpusNotFound, join, list_files, open_parquet, resolve
 from schemas.tasks import SPLITS
 from training.config import TINY as TINY_MODELS  # one list: the config picks its defaults by it
 
@@ -64,8 +65,6 @@ def word_decoder():
 def _sample_files(corpus: str, splits: Sequence[str] | None) -> dict[str, list[str]]:
     """task -> its sample parts (local paths or object-store URIs), train split first (so a row budget prefers
     training text)."""
-    from schemas.layout import CorpusNotFound, join, list_files, resolve
-
     try:
         root = resolve(corpus).path("samples")
     except CorpusNotFound:
@@ -90,8 +89,6 @@ def corpus_texts(corpus: str, *, max_rows: int = 200_000, splits: Sequence[str] 
                  batch_size: int = 1024) -> Iterator[str]:
     """prompt + response of at most `max_rows` samples, read with pyarrow in batches. The budget is shared
     between tasks (what a small task leaves goes to the next), so a capped read still sees every task."""
-    from schemas.layout import open_parquet
-
     by_task = _sample_files(corpus, splits)
     left = max_rows
     for i, (_task, paths) in enumerate(by_task.items()):
@@ -115,8 +112,6 @@ def corpus_texts(corpus: str, *, max_rows: int = 200_000, splits: Sequence[str] 
 
 def corpus_gene_symbols(corpus: str) -> list[str]:
     """Every symbol of the corpus vocabularies (DIR/vocab/<organism>.parquet, schemas.VOCAB); [] without."""
-    from schemas.layout import CorpusNotFound, join, list_files, open_parquet, resolve
-
     try:
         vocab = resolve(corpus).path("vocab")
     except CorpusNotFound:

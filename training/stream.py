@@ -106,10 +106,6 @@ class _ShardFile:
         g = int(np.searchsorted(self._starts, row, side="right")) - 1
         return g, int(self._starts[g])
 
-    @property
-    def num_row_groups(self) -> int:
-        return self.pf.num_row_groups
-
 
 class _TaskReader:
     """One task's samples for one rank, pass after pass."""

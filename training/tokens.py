@@ -124,17 +124,18 @@ def _tokenize_part(src: str, dest: Path, tokenizer, ids_type: pa.DataType) -> in
     return rows
 
 
-def _usable(dest: Path) -> bool:
-    """A shard in the cache that opens (its footer reads); one that does not is removed and made again."""
+def _cached_rows(dest: Path) -> int | None:
+    """The rows of a shard in the cache whose footer reads; None when it is missing, or damaged (then removed,
+    to be made again)."""
     if not dest.exists():
-        return False
+        return None
     try:
-        pq.ParquetFile(dest).close()
-        return True
+        with pq.ParquetFile(dest) as pf:
+            return pf.metadata.num_rows
     except (OSError, ValueError, pa.ArrowException) as e:
         log.warning("token cache: %s is damaged (%s): making it again", dest, e)
         dest.unlink(missing_ok=True)
-        return False
+        return None
 
 
 def pretokenize(files: dict[str, list[str]], tokenizer, *, cache_dir: str | Path | None = None,
@@ -155,13 +156,17 @@ def pretokenize(files: dict[str, list[str]], tokenizer, *, cache_dir: str | Path
     listed = (manifest or {}).get("samples", {}).get("files", {})
     todo: list[tuple[str, str, Path]] = []
     plan: dict[str, list[tuple[str, Path]]] = {}
+    rows_of: dict[Path, int] = {}
     for task, paths in files.items():
         for p in paths:
             ident = hashlib.sha256(f"{FORMAT}:{source_key(p)}:{_part_identity(p, listed)}".encode()).hexdigest()[:24]
             dest = folder / f"{ident}.parquet"
             plan.setdefault(task, []).append((p, dest))
-            if not _usable(dest):
+            cached = _cached_rows(dest)
+            if cached is None:
                 todo.append((task, p, dest))
+            else:
+                rows_of[dest] = cached
     if todo:
         from tqdm.auto import tqdm
 
@@ -171,13 +176,14 @@ def pretokenize(files: dict[str, list[str]], tokenizer, *, cache_dir: str | Path
         rows = 0
         for _task, src, dest in tqdm(todo, desc="tokenise", unit="part", disable=not progress):
             try:
-                rows += _tokenize_part(src, dest, tokenizer, ids_type)
+                rows_of[dest] = _tokenize_part(src, dest, tokenizer, ids_type)
+                rows += rows_of[dest]
             except OSError as e:  # a full disk, a quota, a read-only mount: nothing half-written stays
                 raise CorpusError(f"token cache {folder}: cannot write the tokens of {source_key(src)} "
                                   f"({e.strerror or e}); free space there or point --token-cache / "
                                   "C2S_CACHE_DIR elsewhere") from None
         log.info("tokenised %d samples in %.1f s (%.0f samples/s)", rows, time.perf_counter() - t0,
                  rows / max(time.perf_counter() - t0, 1e-9))
-    out = {task: [Shard(source_key(src), str(dest), pq.ParquetFile(dest).metadata.num_rows) for src, dest in items]
+    out = {task: [Shard(source_key(src), str(dest), rows_of[dest]) for src, dest in items]
            for task, items in plan.items()}
     return out, key

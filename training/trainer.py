@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from schemas.layout import open_parquet
+from schemas.layout import open_parquet, reader_lease
 from training import attention as ta
 from training import data as td
 from training import models as tm
@@ -225,8 +225,6 @@ def train(cfg: SFTConfig) -> TrainResult:
     committing meanwhile changes what new readers see, not this run), under a lease that keeps
     `--keep-versions` pruning from deleting it."""
     import dataclasses
-
-    from schemas.layout import reader_lease
 
     version = td.open_corpus(cfg.corpus)
     if version.version and not _same_place(version.root, cfg.corpus):
@@ -566,14 +564,7 @@ def check_data_state(state: dict, spec: BatchSpec) -> None:
     """ValueError naming what differs when a checkpoint's data state cannot continue this run's stream
     exactly (another trainer version, other files, weights, seed, world size, tokenizer, ...); checked here,
     before a worker process would meet it."""
-    from training.packing import Packer
-    from training.stream import TokenStream
-
-    s = spec
-    stream = TokenStream(s.shards, max_length=s.max_length, weights=s.weights, seed=s.seed,
-                         shuffle_buffer=s.shuffle_buffer, rank=s.rank, world_size=s.world_size, loop=s.loop,
-                         tokenizer_key=s.tokenizer_key)
-    Packer(stream, s.max_length, pack=s.pack, window=s.window).load_state_dict(state)
+    spec.packer().load_state_dict(state)
 
 
 def training_provenance(cfg: SFTConfig, manifest: dict, mixture: dict, steps: int) -> dict:
