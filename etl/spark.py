@@ -28,6 +28,8 @@ def get_spark(app: str = "c2s-corpus", master: str | None = None):
         builder = builder.config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
     builder = (
         builder.config("spark.python.worker.reuse", "true")
+        # a Python worker that dies (a native crash in a reader) reports its Python stack, not a bare EOFException
+        .config("spark.python.worker.faulthandler.enabled", conf.get("spark.python.worker.faulthandler.enabled", "true"))
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.task.maxFailures", conf.get("spark.task.maxFailures", "4"))
     )

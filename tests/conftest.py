@@ -44,7 +44,9 @@ def version_store(out: str):
 def spark():
     from etl.spark import get_spark
 
-    session = get_spark("c2s-tests", "local[2]")
+    # local[2,4], as the default local master: a task whose Python worker died is retried, as on a cluster
+    # (a rare native crash in a TileDB read once failed CI on plain local[2], which never retries)
+    session = get_spark("c2s-tests", "local[2,4]")
     yield session
     session.stop()
 
