@@ -66,9 +66,9 @@ def blocks_in_memory(uri: str, block: int):
 
 
 def make_encoder(uri: str):
-    from etl.encode import Encoder, Vocabulary
     from etl.sources.census import open_census
-    from etl.symbols import var_words
+    from language.encode import Encoder, Vocabulary
+    from language.symbols import var_words
 
     var = open_census(uri)["census_data"]["homo_sapiens"].ms["RNA"].var.read().concat().to_pandas()
     var = var.sort_values("soma_joinid")
@@ -144,8 +144,8 @@ def hwm():  # this process's peak RSS in MiB (VmHWM; ru_maxrss would carry the p
 sys.path.insert(0, {ROOT!r})
 from etl.sources.base import Task
 from etl.sources import census
-from etl.encode import Vocabulary
-from etl.symbols import var_words
+from language.encode import Vocabulary
+from language.symbols import var_words
 from etl.stages.sentences import run_task, TaskOptions
 from etl.storage import Store
 import numpy as np

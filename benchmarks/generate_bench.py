@@ -1,4 +1,4 @@
-"""Generation benchmark: cells/s of our batched generation (training/generate.py: prompts sorted by token
+"""Generation benchmark: cells/s of our batched generation (generation/generate.py: prompts sorted by token
 length, batches of --batch with left padding and the KV cache, our seeded sampler, then the parse and the
 inverse transform into a CSR matrix) against cell2sentence's way (one `model.generate` per prompt, decoded,
 then its own `post_process_generated_cell_sentences` and `reconstruct_expression_from_cell_sentence` per cell).
@@ -21,6 +21,8 @@ import os
 import platform
 import sys
 import time
+
+from language.corpus import open_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -58,11 +60,10 @@ def train_model(corpus: str, steps: int, seed: int) -> str:
 def prompts_of(corpus: str, n: int) -> list[str]:
     import pyarrow.parquet as pq
 
-    from training.data import corpus_files
 
     out: list[str] = []
     for split in ("test", "val", "train"):
-        for path in corpus_files(corpus, split, ["cell_type_generation"])["cell_type_generation"]:
+        for path in open_corpus(corpus).sample_parts(split, ["cell_type_generation"])["cell_type_generation"]:
             t = pq.read_table(path, columns=["prompt", "organism"]).to_pylist()
             out += [r["prompt"] for r in t if r["organism"] == "homo_sapiens"]
     if len(out) < n:
@@ -71,8 +72,8 @@ def prompts_of(corpus: str, n: int) -> list[str]:
 
 
 def ours(model, tok, prompts: list[str], vocab: list[str], fit: tuple[float, float], a) -> dict:
-    from etl.inverse import c2s_postprocess, ranked_to_matrix
-    from training.generate import generate_texts, parse_cells
+    from generation.generate import generate_texts, parse_cells
+    from language.inverse import c2s_postprocess, ranked_to_matrix
 
     index = {s: i for i, s in enumerate(vocab)}
     t0 = time.perf_counter()
@@ -104,8 +105,8 @@ def one_at_a_time(model, tok, prompts: list[str], vocab: list[str], fit: tuple[f
         from cell2sentence.utils import post_process_generated_cell_sentences as post
         from cell2sentence.utils import reconstruct_expression_from_cell_sentence as rebuild
         reference = "cell2sentence"
-    except ImportError:  # the same rule from this project (etl.inverse), per cell
-        from etl.inverse import c2s_postprocess, ranked_to_matrix
+    except ImportError:  # the same rule from this project (language.inverse), per cell
+        from language.inverse import c2s_postprocess, ranked_to_matrix
 
         index = {s: i for i, s in enumerate(vocab)}
 
@@ -116,7 +117,7 @@ def one_at_a_time(model, tok, prompts: list[str], vocab: list[str], fit: tuple[f
         def rebuild(sentence, delimiter, vocab_list, slope, intercept):
             return ranked_to_matrix([[index.get(w) for w in sentence.split(delimiter)]], len(vocab_list), [slope],
                                     [intercept]).toarray()[0]
-        reference = "etl.inverse"
+        reference = "language.inverse"
     torch.manual_seed(a.seed)
     rows, words, truncated = [], 0, 0
     t0 = time.perf_counter()
@@ -161,8 +162,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     import torch
 
+    from generation.generate import open_corpus
     from training import models as tm
-    from training.generate import open_corpus
 
     corpus = build_corpus(a.cells, a.max_genes)
     final = train_model(corpus, a.steps, a.seed)

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from language.corpus import open_corpus
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -136,22 +138,21 @@ def run_trl(a) -> dict:
 
 
 def run_generate(a) -> dict:
-    """Generated tokens/s of c2s generate's batched generation (training.generate.generate_texts: prompts
+    """Generated tokens/s of c2s generate's batched generation (generation.generate.generate_texts: prompts
     sorted by length, batches with left padding) against one model.generate per prompt; a random-init model
     of the shape, so every completion runs to --max-new-tokens (no early eos) and both make the same count."""
     import pyarrow.parquet as pq
     import torch
 
-    from training import data as td
+    from generation.generate import generate_texts
     from training import models as tm
-    from training.generate import generate_texts
 
     name, over = SHAPES[a.shape]
     model, tok = tm.load_model_and_tokenizer(name, corpus=a.corpus, tiny_overrides=over or None)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(dev, dtype=torch.bfloat16 if dev == "cuda" else torch.float32).eval()
     model.generation_config.eos_token_id = None  # every completion runs to max_new_tokens: equal work
-    path = td.corpus_files(a.corpus, "train", ["cell_type_generation"])["cell_type_generation"][0]
+    path = open_corpus(a.corpus).sample_parts("train", ["cell_type_generation"])["cell_type_generation"][0]
     prompts = pq.read_table(path, columns=["prompt"])["prompt"].to_pylist()[: a.prompts]
     generate_texts(model, tok, prompts[: min(4, len(prompts))], max_new_tokens=8, batch_size=a.gen_batch,
                    temperature=1.0, seed=0, progress=False)  # warm-up

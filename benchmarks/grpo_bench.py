@@ -35,9 +35,9 @@ def main() -> None:
     p.add_argument("--aggregation", default="sum_then_normalize", choices=["sum_then_normalize", "normalize_then_sum"])
     p.add_argument("--sft-model", help="reuse this SFT output (its final/ folder) instead of training one")
     a = p.parse_args()
-    from c2s.api import build_corpus
+    from c2s.build import build_corpus
+    from evaluation.evaluate import main as evaluate
     from training.config import SFTConfig
-    from training.evaluation import main as evaluate
     from training.grpo import main as grpo
     from training.trainer import train
 

@@ -24,7 +24,7 @@ sys.path.insert(0, ROOT)
 
 
 def demo_corpus() -> str:
-    from c2s.api import build_corpus
+    from c2s.build import build_corpus
 
     out = os.path.join(ROOT, ".bench", "demo", "corpus")
     build_corpus(out, demo=True, demo_dir=os.path.join(ROOT, ".bench", "demo", "data"))
@@ -43,8 +43,8 @@ def labelled(corpus: str, split: str) -> list[tuple[str, str]]:
 
 def run(corpus: str, norm: str, a) -> dict:
     from training.config import SFTConfig
-    from training.evaluate import cell_type_accuracy
     from training.models import load_model_and_tokenizer
+    from training.periodic_eval import cell_type_accuracy
     from training.trainer import train
 
     out = os.path.join(ROOT, ".bench", f"loss_{norm}")

@@ -21,6 +21,8 @@ import platform
 import sys
 import time
 
+from language.corpus import open_corpus
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -112,7 +114,7 @@ def _rows(corpus: str, tok, max_length: int) -> list[tuple[str, str, list[int], 
     from training import data as td
 
     rows = []
-    for paths in td.corpus_files(corpus, "train").values():
+    for paths in open_corpus(corpus).sample_parts("train").values():
         for p in paths:
             t = pq.read_table(p, columns=["prompt", "completion"])
             for pr, rs in zip(t["prompt"].to_pylist(), t["completion"].to_pylist(), strict=True):
@@ -195,10 +197,10 @@ def data_path(corpus: str, a) -> dict:
     from training.tokens import pretokenize
 
     _, tok = tm.load_model_and_tokenizer("tiny-pythia", corpus=corpus)
-    files = td.corpus_files(corpus, "train")
+    files = open_corpus(corpus).sample_parts("train")
     mixture = td.parse_mixture(None, files)
     index = {t: i for i, t in enumerate(sorted(mixture))}
-    manifest = td.open_corpus(corpus).manifest
+    manifest = open_corpus(corpus).manifest
     rows = sum(pq_rows(f) for fs in files.values() for f in fs)
     with tempfile.TemporaryDirectory() as cache:
         t0 = time.perf_counter()

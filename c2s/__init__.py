@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from typing import Any
 
-# No import of c2s.api here, not even under TYPE_CHECKING: this package's __init__ stands in the lowest layer
+# No import of c2s.build, c2s.corpus or c2s.sentences here, not even under TYPE_CHECKING: this package's __init__ stands in the lowest layer
 # (tests/test_layers.py), and the names below resolve on first use through __getattr__.
 __all__ = ["ConfigError", "InputError", "build_corpus", "load_corpus", "read_table", "render_prompt",
            "to_sentences"]
 
-_HOME = {"build_corpus": "c2s.api", "load_corpus": "c2s.api", "read_table": "c2s.api",
-         "render_prompt": "c2s.api", "to_sentences": "c2s.api",
+_HOME = {"build_corpus": "c2s.build", "load_corpus": "c2s.corpus", "read_table": "c2s.corpus",
+         "render_prompt": "c2s.sentences", "to_sentences": "c2s.sentences",
          "InputError": "schemas.errors", "ConfigError": "schemas.errors"}
 
 

@@ -25,8 +25,17 @@ from pathlib import Path
 
 import yaml
 
+from etl.card import dataset_card
 from schemas.errors import InputError
-from schemas.layout import MANIFEST, CorpusNotFound, resolve
+from schemas.layout import (
+    MANIFEST,
+    SENTENCES_TABLES,
+    CorpusNotFound,
+    filesystem,
+    gene_counts_rel,
+    part_path,
+    resolve,
+)
 
 log = logging.getLogger("c2s.hub")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -45,7 +54,6 @@ def _list(uri: str) -> list[str]:
     """Every file under `uri` (local or object store), relative to it."""
     from pyarrow import fs as pafs
 
-    from schemas.layout import filesystem
 
     fs, base = filesystem(uri)
     infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
@@ -54,8 +62,6 @@ def _list(uri: str) -> list[str]:
 
 def corpus_upload(uri: str) -> Upload:
     """The files of the version readers of `uri` see, with a card whose paths are the repo's."""
-    from etl.card import dataset_card
-    from schemas.layout import SENTENCES_TABLES, gene_counts_rel, part_path
 
     v = resolve(uri)
     up = Upload("dataset")
@@ -119,7 +125,6 @@ def _with_front(text: str, extra: dict) -> str:
 def _read(src: str | bytes) -> bytes:
     if isinstance(src, bytes):
         return src
-    from schemas.layout import filesystem
 
     fs, path = filesystem(src)
     with fs.open_input_stream(path) as fh:

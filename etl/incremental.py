@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from etl import manifest as mf
-from etl.inverse import FitStats
 from etl.sources.base import SourcePlan, Task
 from etl.storage import Store
+from language.inverse import FitStats
 from schemas.layout import CorpusVersion, gene_counts_rel, parse_sentence_rel, part_path
 
 log = logging.getLogger("etl.incremental")

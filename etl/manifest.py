@@ -13,8 +13,8 @@ import subprocess
 from importlib import metadata
 
 import schemas
-from etl.encode import ENCODER_VERSION
 from etl.rowhash import ROW_HASH_VERSION
+from language.encode import ENCODER_VERSION
 
 # Bump when the samples stage's output may change for the same inputs and options (templates, builders,
 # splits, the sample hash): a samples run key with another version never counts as current.

@@ -22,13 +22,13 @@ import schemas
 from etl import incremental
 from etl import manifest as mf
 from etl.config import BuildConfig
-from etl.encode import Vocabulary
 from etl.sources import census, h5ad
 from etl.sources.base import InputError, SourcePlan
 from etl.stages import sentences
 from etl.storage import Store
 from etl.validate import validate
 from etl.versions import WORK, LegacyLayout, Versions, sweep
+from language.encode import Vocabulary
 from schemas.layout import CorpusVersion, gene_counts_rel
 
 log = logging.getLogger("etl")

@@ -17,7 +17,7 @@ import numba as nb
 import numpy as np
 import pyarrow as pa
 
-from etl.jit import njit
+from language.jit import njit
 
 ROW_HASH_VERSION = 1  # bump when the row hash changes (content hashes of older corpora then differ)
 _P = nb.uint64(0x100000001B3)

@@ -23,11 +23,11 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from generation import annotate as an
+from language.prompts import predicted_label
 from tests.conftest import corpus_path, write_h5ad
-from training import annotate as an
 from training import models as tm
 from training.data import encode_prompts, tokenize_batch
-from training.evaluate import predicted_label
 
 N_CELLS = 24
 
@@ -123,7 +123,7 @@ def test_annotates_every_cell_as_greedy_decoding_would(model_dir, cells, loaded,
     speech = an.Speech.of_model(model_dir)
     prompts = [p for _, p, _, _ in an.cell_prompts(path, speech, "homo_sapiens")]
     model, tok = loaded
-    from training.evaluate import answer_budget
+    from language.prompts import answer_budget
 
     budget = answer_budget(tok, sorted(_labels(train_corpus) | _labels(train_corpus, "mus_musculus")))
     for i in (0, 7, N_CELLS - 1):

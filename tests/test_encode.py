@@ -13,9 +13,9 @@ import pyarrow as pa
 import pytest
 import scipy.sparse as sp
 
-from etl.encode import FIT_MAX_RANK, NORMALIZE_TARGET, Encoder, Vocabulary
-from etl.inverse import FitStats, expression_from_ranks, sentence_to_expression, sentences_to_matrix
-from etl.symbols import var_words
+from language.encode import FIT_MAX_RANK, NORMALIZE_TARGET, Encoder, Vocabulary
+from language.inverse import FitStats, expression_from_ranks, sentence_to_expression, sentences_to_matrix
+from language.symbols import var_words
 
 
 def make_encoder(symbols: list[str], **kw) -> Encoder:
@@ -187,13 +187,14 @@ def test_inverse_transform_rebuilds_expression():
 
 
 def _read_only_env(tmp_path):
-    """A copy of the etl package in a read-only folder, a read-only HOME, and a command prefix under which
+    """A copy of the packages in a read-only folder, a read-only HOME, and a command prefix under which
     the permission bits bind (root ignores them unless it drops CAP_DAC_OVERRIDE)."""
     import shutil
 
     site, home = tmp_path / "site", tmp_path / "home"
-    shutil.copytree(Path(__file__).resolve().parents[1] / "etl", site / "etl",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("schemas", "language", "etl"):
+        shutil.copytree(Path(__file__).resolve().parents[1] / package, site / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
     home.mkdir()
     prefix = []
     if os.geteuid() == 0:
@@ -217,9 +218,9 @@ def test_imports_and_caches_from_a_read_only_install(tmp_path):
     site, home, prefix = _read_only_env(tmp_path)
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    code = ("import sys, tempfile; tempfile.tempdir = sys.argv[1] or None; import etl.encode as e; "
+    code = ("import sys, tempfile; tempfile.tempdir = sys.argv[1] or None; import language.encode as e; "
             f"assert e.__file__.startswith({str(site)!r}), e.__file__; "
-            "import etl.jit as j, etl.rowhash as rh, numpy as np, pyarrow as pa; "
+            "import language.jit as j, etl.rowhash as rh, numpy as np, pyarrow as pa; "
             "assert rh.string_hashes(pa.array(['a'])).shape == (1,); "
             "print(j._CACHE_ON, j._CACHE_DIR, e.cell_seed(1, 2))")
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "PYTHONPATH": str(site),

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pytest
 from scipy import stats
 
-from etl import encode as E
+from language import encode as E
 
 ALPHA = 1e-6  # per test: a false failure about once in a million runs
 TWO32 = 1 << 32
@@ -199,7 +199,7 @@ def test_every_order_of_a_few_tied_genes_is_equally_likely(values):
     assert p > ALPHA, f"orders of {values.tolist()} not uniform: p = {p:.2e}"
 
 
-# not cached: numba's cache would keep these compiled against an older etl.encode (it tracks only this file)
+# not cached: numba's cache would keep these compiled against an older language.encode (it tracks only this file)
 @nb.njit
 def _single_draws(seed, n, k):
     out = np.empty(k, np.int64)

@@ -26,8 +26,8 @@ def tiny_model(train_corpus, tmp_path_factory) -> str:
 
 
 def test_evaluate_writes_every_key_and_its_files(tiny_model, train_corpus, tmp_path):
-    from training.evaluate import predicted_label
-    from training.evaluation import main
+    from evaluation.evaluate import main
+    from language.prompts import predicted_label
     from training.models import generate, load_model_and_tokenizer
 
     out = tmp_path / "eval" / "report.json"
@@ -62,7 +62,7 @@ def test_evaluate_writes_every_key_and_its_files(tiny_model, train_corpus, tmp_p
 
 
 def test_evaluate_refuses_bad_inputs_in_one_line(tiny_model, tmp_path, caplog):
-    from training.evaluation import main
+    from evaluation.evaluate import main
 
     assert main(["--model", tiny_model, "--tasks", "nope", "--out", str(tmp_path / "r.json")]) == 2
     assert "nope" in caplog.text
@@ -71,7 +71,7 @@ def test_evaluate_refuses_bad_inputs_in_one_line(tiny_model, tmp_path, caplog):
 
 
 def test_evaluate_with_the_models_own_embedding(tiny_model, tmp_path):
-    from training.evaluation import main
+    from evaluation.evaluate import main
 
     out = tmp_path / "m" / "report.json"
     assert main(["--model", tiny_model, "--tasks", "cell_type_generation", "--n-per-condition", "4",
@@ -84,8 +84,8 @@ def test_annotate_reads_a_generated_h5ad(tiny_model, tmp_path):
     """The loop closes: cells generated as expression are annotated back by the same model."""
     import anndata as ad
 
-    from training.annotate import main as annotate
-    from training.generate import main as generate
+    from generation.annotate import main as annotate
+    from generation.generate import main as generate
 
     cells = tmp_path / "gen.h5ad"
     assert generate(["--model", tiny_model, "--task", "cell_type_generation", "--condition", "cell_type=T cell",

@@ -16,6 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from language.corpus import open_corpus
+from schemas.errors import InputError
 from training import attention as ta
 from training import data as td
 from training import models as tm
@@ -32,7 +34,7 @@ QUICK = {"per_device_batch_size": 4, "max_length": 512, "shuffle_buffer": 64, "e
 
 def _packed(tok, corpus: str, tasks=("cell_type_prediction", "cell_lm", "tissue_prediction"), n: int = 2):
     rows = []
-    for paths in td.corpus_files(corpus, "train", list(tasks)).values():
+    for paths in open_corpus(corpus).sample_parts("train", list(tasks)).values():
         rows += pq.read_table(paths[0], columns=["prompt", "completion"]).slice(0, n).to_pylist()
     return [sample_from_tokens(*td.tokenize_sample(tok, r["prompt"], r["completion"], 10**6), "a") for r in rows]
 
@@ -100,7 +102,7 @@ def test_attention_choice_reads_the_models_config_and_refuses_what_cannot_train(
     assert resolve_attention(cfg, torch.device("cpu"), str(tmp_path / "m2")) == ("4d", "eager")
     assert resolve_attention(cfg, torch.device("cuda"), str(tmp_path / "m2")) == ("flex", "flex_attention")
     flex = SFTConfig(model="tiny-gemma2", corpus=train_corpus, attention="flex", **QUICK)
-    with pytest.raises(td.CorpusError, match=r"flex trains on CUDA only.*--attention 4d"):
+    with pytest.raises(InputError, match=r"flex trains on CUDA only.*--attention 4d"):
         resolve_attention(flex, torch.device("cpu"), "tiny-gemma2")
     assert resolve_attention(SFTConfig(model="tiny-pythia", corpus=train_corpus, **QUICK), torch.device("cpu"),
                              "tiny-pythia")[0] == "varlen"

@@ -1,4 +1,4 @@
-"""`python -m training.generate`: a tiny model trained a few steps writes cells that come back as an .h5ad
+"""`python -m generation.generate`: a tiny model trained a few steps writes cells that come back as an .h5ad
 (shapes, var = the corpus vocabulary, obs and uns), the inverse transform keeps the order of a sentence's
 genes (checked by ranking the rebuilt row with numpy), cell2sentence's rule for non-gene words and repeated
 genes on crafted sentences against hand-computed truth, batched greedy generation equals one prompt at a time,
@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
-from etl.inverse import c2s_postprocess, ranked_to_matrix
+from generation.generate import GenerateError, generate_texts, main, parse_args, parse_cells, run
+from language.inverse import c2s_postprocess, ranked_to_matrix
 from schemas.errors import ConfigError, InputError
-from training.generate import GenerateError, generate_texts, main, parse_args, parse_cells, run
 
 QUICK = {"per_device_batch_size": 4, "max_length": 512, "shuffle_buffer": 64, "eval_samples_per_task": 4,
          "eval_cells": 0, "report_to": "none", "logging_steps": 5, "warmup_steps": 2,
@@ -221,7 +221,7 @@ def test_sampler_draws_from_the_warped_distribution():
     / top-p set when those are on (HF's warpers)."""
     import torch
 
-    from training.generate import _sampler
+    from generation.generate import _sampler
 
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(40000, 1)
 

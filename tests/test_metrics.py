@@ -1,4 +1,4 @@
-"""The evaluation metrics (training/metrics.py) and embedders (training/embed.py), each checked against an
+"""The evaluation metrics (evaluation/metrics.py) and embedders (evaluation/embed.py), each checked against an
 independent computation: scipy, sklearn, brute-force loops, closed forms."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import scipy.linalg
 import scipy.sparse as sp
 import scipy.stats
 
-from training import embed as te
-from training import metrics as tm
+from evaluation import embed as te
+from evaluation import metrics as tm
 
 
 def _rng(seed: int = 0) -> np.random.Generator:

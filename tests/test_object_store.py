@@ -136,7 +136,7 @@ def test_refresh_in_a_bucket_reads_reused_parts_across_versions(s3, tmp_path):
     through `../<version>/` (normalised for S3 keys) by validation, the samples stage, the API and pruning."""
     from conftest import write_h5ad
 
-    from c2s.api import read_table
+    from c2s.corpus import read_table
 
     a, _ = write_h5ad(tmp_path / "a.h5ad", n_cells=120, n_genes=40, seed=1)
     b, _ = write_h5ad(tmp_path / "b.h5ad", n_cells=100, n_genes=40, seed=2)
@@ -195,8 +195,8 @@ def test_a_corpus_in_a_bucket_trains_resumes_evaluates_and_generates(s3, demo_ce
 
     import anndata as ad
 
-    from training.evaluation import main as evaluate
-    from training.generate import main as generate
+    from evaluation.evaluate import main as evaluate
+    from generation.generate import main as generate
 
     reports = {}
     for name, corpus in (("bucket", out), ("disk", str(local))):

@@ -20,7 +20,7 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in {ETL_ONLY!r}:
             raise ImportError(f"{{name}} is an ETL package (blocked)")
 sys.meta_path.insert(0, Block())
-import training.trainer, training.data, training.models, training.evaluate  # noqa
+import training.trainer, training.data, training.models, training.periodic_eval  # noqa
 import training.sft
 try:
     training.sft.main(["--help"])

@@ -20,8 +20,8 @@ from etl.sources.perturbation import PerturbationOptions
 from etl.stages import perturbation as pst
 from etl.storage import Store
 from etl.tasks import perturbation as pt
-from etl.tasks.budget import TokenBudget
 from etl.tasks.common import SampleContext, SplitConfig
+from language.budget import TokenBudget
 from schemas.cli import parse
 from tests.conftest import corpus_path, version_store
 

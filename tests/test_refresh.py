@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_h5ad
 
-from c2s.api import read_table
+from c2s.corpus import read_table
 from etl.build_corpus import refresh_main
 from etl.config import BuildConfig
 from etl.pipeline import build

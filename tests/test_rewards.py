@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from evaluation.metrics import gene_validity
 from training import rewards as tr
-from training.metrics import gene_validity
 
 TRL_EXTRA = {"prompts": ["p"], "completion_ids": [[1, 2]], "trainer_state": None,
              "log_extra": lambda *a, **k: None, "log_metric": lambda *a, **k: None}

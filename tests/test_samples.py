@@ -18,7 +18,7 @@ from etl.pipeline import build
 from etl.sources.base import InputError
 from etl.stages import samples_plan
 from etl.tasks import TASKS
-from etl.tasks import templates as tpl
+from language import templates
 from tests.conftest import corpus_path, version_store
 
 DEMO = Path(__file__).resolve().parents[1] / "etl" / "knowledge" / "data" / "demo"
@@ -199,7 +199,7 @@ def test_budget_is_respected_with_a_real_tokenizer(demo_census, tmp_path):
         words.update(r["genes"])
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    corpus = [" ".join(sorted(words))] + [p for t in TASKS if TASKS[t].built for p in tpl.load(t)["prompts"]]
+    corpus = [" ".join(sorted(words))] + [p for t in TASKS if TASKS[t].built for p in templates.load(t)["prompts"]]
     tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
     tok.save(str(tmp_path / "tokenizer.json"))
     cfg2 = BuildConfig(output=out, census_uri=demo_census, stages=["samples"], max_tokens=256,
@@ -236,7 +236,7 @@ def test_every_task_has_eight_templates_and_they_are_all_used(samples_build):
     cfg, _ = samples_build
     for t, spec in TASKS.items():
         if spec.built:
-            assert len(tpl.load(t)["prompts"]) >= 8
+            assert len(templates.load(t)["prompts"]) >= 8
     used = {}
     for r in _samples(cfg.output):
         used.setdefault(r["task"], set()).add(r["template"])
@@ -246,7 +246,7 @@ def test_every_task_has_eight_templates_and_they_are_all_used(samples_build):
 
 
 def test_group_size_follows_the_budget():
-    from etl.tasks.budget import TokenBudget
+    from language.budget import TokenBudget
 
     small, large = TokenBudget(max_tokens=1024), TokenBudget(max_tokens=8192)
     g_small = samples_plan.group_max_for_budget(small, 20, 32, [])

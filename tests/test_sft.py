@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from language.corpus import open_corpus
+from schemas.errors import InputError
 from training import data as td
 from training import models as tm
 from training.attention import register
@@ -101,7 +103,7 @@ def _packed_rows(train_corpus: str, tasks: list[str], model_name: str = "tiny-py
     model, tok = tm.load_model_and_tokenizer(model_name, corpus=train_corpus, attn_implementation="sdpa")
     model.eval()
     rows = []
-    for paths in td.corpus_files(train_corpus, "train", tasks).values():
+    for paths in open_corpus(train_corpus).sample_parts("train", tasks).values():
         rows += pq.read_table(paths[0], columns=["prompt", "completion"]).slice(0, 2).to_pylist()
     return model, tok, rows, _pack(tok, rows)
 
@@ -232,7 +234,7 @@ def test_a_damaged_checkpoint_is_named_and_latest_falls_back(full_run, train_cor
     (out / "checkpoint-40" / lost).unlink()
     common = dict(max_steps=41, save_steps=0, eval_steps=0, eval_cells=0, learning_rate=3e-3,
                   tasks=["cell_type_prediction=3", "cell_lm=1", "tissue_prediction=1"])
-    with pytest.raises(td.CorpusError, match=rf"checkpoint-40: an incomplete checkpoint, missing .*{lost.split('.')[0]}"
+    with pytest.raises(InputError, match=rf"checkpoint-40: an incomplete checkpoint, missing .*{lost.split('.')[0]}"
                                              r".*resume from a complete one \(checkpoint-20\)"):
         train(_cfg(train_corpus, out, resume_from_checkpoint=str(out / "checkpoint-40"), **common))
     with caplog.at_level("WARNING"):
@@ -247,7 +249,7 @@ def test_an_unreadable_checkpoint_file_is_one_line(full_run, train_corpus, tmp_p
     shutil.copytree(Path(full_run.output_dir) / "checkpoint-20", out / "checkpoint-20")
     state = out / "checkpoint-20" / "data_state_0.json"
     state.write_text(state.read_text()[:100])
-    with pytest.raises(td.CorpusError, match=r"checkpoint-20: data_state_0.json is unreadable .*another checkpoint"):
+    with pytest.raises(InputError, match=r"checkpoint-20: data_state_0.json is unreadable .*another checkpoint"):
         train(_cfg(train_corpus, out, max_steps=41, save_steps=0, eval_steps=0, eval_cells=0, learning_rate=3e-3,
                    tasks=["cell_type_prediction=3", "cell_lm=1", "tissue_prediction=1"],
                    resume_from_checkpoint=str(out / "checkpoint-20")))
@@ -263,7 +265,7 @@ def test_resuming_on_another_process_count_is_refused(full_run, train_corpus, tm
     shutil.copy(Path(full_run.output_dir) / "checkpoint-20" / "data_state_0.json", out / "checkpoint-20")
     shutil.copy(Path(full_run.output_dir) / "checkpoint-20" / "random_states_0.pkl",
                 out / "checkpoint-20" / "random_states_1.pkl")
-    with pytest.raises(td.CorpusError, match=r"written by 2 process\(es\), resumed on 1"):
+    with pytest.raises(InputError, match=r"written by 2 process\(es\), resumed on 1"):
         train(_cfg(train_corpus, out, max_steps=22, save_steps=0, eval_steps=0, eval_cells=0,
                    resume_from_checkpoint="latest", tasks=["cell_type_prediction=3", "cell_lm=1",
                                                            "tissue_prediction=1"]))
@@ -278,14 +280,14 @@ def test_tiny_gemma2_trains(train_corpus, tmp_path):
 
 def test_bad_input_fails_before_training(train_corpus, tmp_path, caplog):
     out = tmp_path / "bad"
-    with pytest.raises(td.CorpusError, match="no_such_task"):
+    with pytest.raises(InputError, match="no_such_task"):
         train(_cfg(train_corpus, out, tasks=["no_such_task"]))
-    with pytest.raises(td.CorpusError, match="not found"):
+    with pytest.raises(InputError, match="not found"):
         train(_cfg(str(tmp_path / "missing"), out))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(td.CorpusError, match="manifest"):
+    with pytest.raises(InputError, match="manifest"):
         train(_cfg(str(tmp_path / "empty"), out))
-    with pytest.raises(td.CorpusError, match="max-length"):
+    with pytest.raises(InputError, match="max-length"):
         train(_cfg(train_corpus, out, max_length=24, tasks=["cell_type_prediction"]))
     # a tokenizer that lacks the corpus's gene symbols
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -301,7 +303,7 @@ def test_bad_input_fails_before_training(train_corpus, tmp_path, caplog):
     import importlib.util
 
     if importlib.util.find_spec("wandb") is None:
-        with pytest.raises(td.CorpusError, match="pip install wandb"):
+        with pytest.raises(InputError, match="pip install wandb"):
             train(_cfg(train_corpus, out, report_to="wandb"))
     assert not (out / "checkpoint-1").exists()
     # the CLI turns these into exit code 2 with the message logged
@@ -461,7 +463,7 @@ def test_our_loss_equals_trl_sft_trainers_on_the_same_packed_batch(train_corpus,
     model, tok = tm.load_model_and_tokenizer("tiny-pythia", corpus=train_corpus, attn_implementation="sdpa")
     model.config.use_cache = False
     rows = []
-    for paths in td.corpus_files(train_corpus, "train", ["cell_type_prediction", "tissue_prediction"]).values():
+    for paths in open_corpus(train_corpus).sample_parts("train", ["cell_type_prediction", "tissue_prediction"]).values():
         rows += pq.read_table(paths[0], columns=["prompt", "completion"]).slice(0, 3).to_pylist()
     ds = datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     args = TRLConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(rows), max_length=4096,

@@ -1,6 +1,6 @@
 """Prompts that read right on real Census labels.
 
-Every template of every task is rendered, through the builders' own functions (labels, finish, fill), over
+Every template of every task is rendered, through the builders' own functions (cell_values, fill), over
 the whole label vocabularies the Census draws from, read offline from cellxgene-ontology-guide: cell types
 (CL), tissues (UBERON, and CL for cell cultures), diseases (MONDO, "normal", and several joined by " || " as
 the Census joins them), development stages (HsapDv, MmusDv), assays (EFO) and sexes. Each text is checked
@@ -18,14 +18,15 @@ from functools import cache
 
 import pytest
 
-from etl.sources.base import ORGANISMS
 from etl.tasks import TASKS
 from etl.tasks import perturbation as pt
-from etl.tasks import templates as tpl
-from etl.tasks.budget import TokenBudget
 from etl.tasks.builders import multi_cell_samples, single_cell_samples
-from etl.tasks.common import Counts, SampleContext, bare, finish, labels
-from etl.tasks.phrases import article, cell_kind, format_lr, format_pairs, parse_lr, parse_pairs
+from etl.tasks.common import Counts, SampleContext
+from language import templates
+from language.budget import TokenBudget
+from language.organisms import ORGANISMS
+from language.phrases import article, cell_kind, format_lr, format_pairs, parse_lr, parse_pairs
+from language.prompts import KIND_PHRASES, bare, cell_values, fill, perturbation_words
 
 GENES = ["ACTB", "HLA-A", "NKX2-1"]
 BASE_CELL = {"cell_id": "c1", "organism": "homo_sapiens", "dataset_id": "d1", "donor_id": "x", "split": "train",
@@ -157,33 +158,33 @@ NAMES = {f: {f} for f in FIELDS} | {"cell_type": {"cell_type", "cell_kind"}, "or
 
 
 def _field_uses() -> dict[str, dict[str, tuple[list[int], bool]]]:
-    """field -> task -> (the prompts naming the field, or what labels() derives from it: cell_kind from
+    """field -> task -> (the prompts naming the field, or what cell_values() derives from it: cell_kind from
     cell_type; whether the response names it)."""
     out: dict[str, dict[str, tuple[list[int], bool]]] = {}
     for task, spec in TASKS.items():
         if not spec.built or task == pt.TASK or spec.family == "knowledge":
             continue
-        t = tpl.load(task)
+        t = templates.load(task)
         for field in FIELDS:
             names = NAMES[field]
-            used = [i for i, p in enumerate(t["prompts"]) if names & tpl.fields(p)]
-            answer = bool(names & tpl.fields(t["response"]))
+            used = [i for i, p in enumerate(t["prompts"]) if names & templates.fields(p)]
+            answer = bool(names & templates.fields(t["response"]))
             if used or answer:
                 out.setdefault(field, {})[task] = (used, answer)
     return out
 
 
 def _values(task: str, cell: dict) -> dict:
-    """The values finish() fills a template with (labels() of the cell, sentences of GENES, task extras)."""
+    """The values fill() fills a template with (cell_values() of the cell, sentences of GENES, task extras)."""
     n = 2 if TASKS[task].family in ("multi", "spatial") else 1
-    return {**labels(cell), **EXTRAS, "num_genes": len(GENES), "cell_sentence": " ".join(GENES),
+    return {**cell_values(cell), **EXTRAS, "num_genes": len(GENES), "cell_sentence": " ".join(GENES),
             "cells": "".join(f"Cell {i}:\n{' '.join(GENES)}.\n" for i in range(1, n + 1))}
 
 
 def _render(task: str, t: int, cell: dict) -> tuple[str, str]:
-    values = {**labels(cell), **EXTRAS}
+    values = {**cell_values(cell), **EXTRAS}
     n = 2 if TASKS[task].family in ("multi", "spatial") else 1
-    prompt, response, _ = finish(task, t, values, [GENES] * n, CTX)
+    prompt, response, _ = fill(task, t, values, [GENES] * n, CTX.budget)
     return prompt, response
 
 
@@ -192,10 +193,10 @@ def test_every_template_reads_right_over_the_census_vocabularies():
     bad: dict[str, list[str]] = {}
     uses = _field_uses()
     for task in {t for ts in uses.values() for t in ts}:  # each template's own wording, whole, once
-        spec, values = tpl.load(task), _values(task, BASE_CELL)
-        # the fast path below fills templates with what finish() fills them with
-        assert _render(task, 0, BASE_CELL) == (tpl.fill(spec["prompts"][0], values),
-                                               tpl.fill(spec["response"], values).rstrip("\n"))
+        spec, values = templates.load(task), _values(task, BASE_CELL)
+        # the fast path below fills templates with what fill() fills them with
+        assert _render(task, 0, BASE_CELL) == (templates.fill(spec["prompts"][0], values),
+                                               templates.fill(spec["response"], values).rstrip("\n"))
         for t in range(len(spec["prompts"])):
             for text in _render(task, t, BASE_CELL):
                 for p in text_problems(text):
@@ -204,12 +205,12 @@ def test_every_template_reads_right_over_the_census_vocabularies():
         key = "organism" if field == "organism" else field
         for label in vocab()[field]:
             cell = {**BASE_CELL, key: label}
-            shown = labels(cell)["organism_name" if field == "organism" else field]
+            shown = cell_values(cell)["organism_name" if field == "organism" else field]
             for task, (ts, answer) in tasks.items():
-                spec, values = tpl.load(task), _values(task, cell)
-                texts = [(t, tpl.fill(spec["prompts"][t], values)) for t in ts]
+                spec, values = templates.load(task), _values(task, cell)
+                texts = [(t, templates.fill(spec["prompts"][t], values)) for t in ts]
                 if answer:
-                    texts.append((-1, tpl.fill(spec["response"], values).rstrip("\n")))
+                    texts.append((-1, templates.fill(spec["response"], values).rstrip("\n")))
                 seen["renders"] += len(texts)
                 for t, text in texts:
                     for p in problems(text, shown, seen):
@@ -221,8 +222,8 @@ def test_every_template_reads_right_over_the_census_vocabularies():
 
 def test_a_blank_label_reads_unknown():
     cell = {**BASE_CELL, "tissue": "", "cell_type": " "}
-    assert labels(cell)["tissue"] == labels(cell)["cell_type"] == "unknown"
-    assert labels(cell)["cell_kind"] == "cell of unknown type"
+    assert cell_values(cell)["tissue"] == cell_values(cell)["cell_type"] == "unknown"
+    assert cell_values(cell)["cell_kind"] == "cell of unknown type"
     assert "from an unknown tissue section" in _render("neighbor_generation", 0, cell)[0]
 
 
@@ -232,7 +233,7 @@ def test_templates_end_as_they_intend():
     for task, spec in TASKS.items():
         if not spec.built:
             continue
-        t = tpl.load(task)
+        t = templates.load(task)
         for p in t["prompts"]:
             assert p[-1] in ":?." or p[-1].isalpha() or p.endswith("}"), (task, p[-20:])
         assert t["response"].endswith(".") or t["response"].endswith(("{cells}", "{abstract}")), task
@@ -312,7 +313,7 @@ def test_gene_pairs_parse_back_with_hyphenated_symbols():
 
 
 def test_perturbation_prompts_name_the_kind_when_the_file_gives_it():
-    words = pt.perturbation_words
+    words = perturbation_words
     assert words(("KLF1",), "CRISPRi") == {"perturbation": "CRISPRi knockdown of KLF1",
                                            "the_perturbation": "CRISPRi knockdown of KLF1"}
     assert words(("KLF1", "MAP2K6"), "crispr_activation")["perturbation"] == "CRISPRa activation of KLF1 and MAP2K6"
@@ -329,17 +330,17 @@ def test_perturbation_prompts_name_the_kind_when_the_file_gives_it():
         assert want in r["prompt"] and "K562 cell" in r["prompt"]
         assert (kind is None) == ("CRISPRi" not in r["prompt"])
     # every template over every kind and the whole CL vocabulary as the file's cell type
-    spec = tpl.load(pt.TASK)
+    spec = templates.load(pt.TASK)
     seen = {"checked": 0, "before_label": 0}
     bad = []
-    kinds = [None, *sorted(set(pt.KIND_PHRASES))]
+    kinds = [None, *sorted(set(KIND_PHRASES))]
     for i, ct in enumerate([None, *vocab()["cell_type"]]):
         values = {"organism_name": "Homo sapiens", "cell_kind": cell_kind(ct), "num_genes": 3,
                   "cell_sentence": "ACTB HLA-A NKX2-1", "perturbed_sentence": "ACTB NKX2-1",
                   **words(("KLF1", "HLA-A")[: 1 + i % 2], kinds[i % len(kinds)])}
         for p in spec["prompts"]:
-            text = tpl.fill(p, values)
+            text = templates.fill(p, values)
             bad += [f"{x}: {ct!r}" for x in problems(text, values["cell_kind"], seen) + text_problems(text, values["cell_kind"])]
-        bad += text_problems(tpl.fill(spec["response"], values))
+        bad += text_problems(templates.fill(spec["response"], values))
     assert not bad, bad[:20]
     assert seen["checked"] > 0.8 * seen["before_label"] > 0, seen

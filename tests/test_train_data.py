@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from language.corpus import open_corpus
 from training import data as td
 from training.attention import dense_masks
 from training.loader import BatchSpec, make_loader
@@ -74,7 +75,7 @@ def tok(train_corpus):
 
 @pytest.fixture(scope="module")
 def train_files(train_corpus):
-    return td.corpus_files(train_corpus, "train")
+    return open_corpus(train_corpus).sample_parts("train")
 
 
 # ------------------------------------------------------------------ corpus files
@@ -82,9 +83,9 @@ def train_files(train_corpus):
 
 def test_corpus_files_are_the_parts_per_task_and_split(train_corpus):
     for split in SPLITS:
-        assert td.corpus_files(train_corpus, split) == _glob(train_corpus, split)
+        assert open_corpus(train_corpus).sample_parts(split) == _glob(train_corpus, split)
     some = ["cell_lm", "cell_type_prediction"]
-    got = td.corpus_files(train_corpus, "train", some)
+    got = open_corpus(train_corpus).sample_parts("train", some)
     assert list(got) == some and got == {t: _glob(train_corpus, "train")[t] for t in some}
 
 
@@ -104,12 +105,12 @@ def _corpus_copy(train_corpus: str, dest: Path, tasks=("cell_lm",)) -> Path:
 def test_corpus_files_errors_name_the_input(train_corpus, tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(td.CorpusError, match=r"nowhere.*not found"):
-        td.corpus_files(str(missing), "train")
+        open_corpus(str(missing)).sample_parts("train")
 
     no_manifest = tmp_path / "no_manifest"
     (no_manifest / "samples").mkdir(parents=True)
     with pytest.raises(td.CorpusError, match=r"no_manifest.*manifest.json"):
-        td.corpus_files(str(no_manifest), "train")
+        open_corpus(str(no_manifest)).sample_parts("train")
 
     no_samples = tmp_path / "no_samples"
     no_samples.mkdir()
@@ -117,10 +118,10 @@ def test_corpus_files_errors_name_the_input(train_corpus, tmp_path):
     manifest.pop("samples")
     (no_samples / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(td.CorpusError, match="no 'samples' section: run the samples stage"):
-        td.corpus_files(str(no_samples), "train")
+        open_corpus(str(no_samples)).sample_parts("train")
 
     with pytest.raises(td.CorpusError, match=r"unknown task.*no_such_task.*known tasks:.*cell_lm"):
-        td.corpus_files(train_corpus, "train", ["cell_lm", "no_such_task"])
+        open_corpus(train_corpus).sample_parts("train", ["cell_lm", "no_such_task"])
 
     partial = _corpus_copy(train_corpus, tmp_path / "partial", ("cell_lm", "tissue_prediction"))
     shutil.rmtree(partial / "samples" / "tissue_prediction" / "val")
@@ -129,24 +130,24 @@ def test_corpus_files_errors_name_the_input(train_corpus, tmp_path):
                              if not k.startswith("samples/tissue_prediction/val/")}
     (partial / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(td.CorpusError, match=r"tissue_prediction have no files in split 'val'"):
-        td.corpus_files(str(partial), "val", ["cell_lm", "tissue_prediction"])
+        open_corpus(str(partial)).sample_parts("val", ["cell_lm", "tissue_prediction"])
 
     empty = _corpus_copy(train_corpus, tmp_path / "empty", ())  # a manifest that lists no sample file
     (empty / "samples").mkdir()
     with pytest.raises(td.CorpusError, match=r"empty.*no sample files for split 'train'"):
-        td.corpus_files(str(empty), "train")
+        open_corpus(str(empty)).sample_parts("train")
     damaged = tmp_path / "damaged"  # one that lists them all, none on disk
     (damaged / "samples").mkdir(parents=True)
     shutil.copy(Path(train_corpus, "manifest.json"), damaged / "manifest.json")
     with pytest.raises(td.CorpusError, match=r"damaged: split 'train' lacks sample files its manifest lists"):
-        td.corpus_files(str(damaged), "train")
+        open_corpus(str(damaged)).sample_parts("train")
 
     bad = _corpus_copy(train_corpus, tmp_path / "bad")
     part = bad / "samples" / "cell_lm" / "train" / "part-00099.parquet"
     table = pq.read_table(sorted(part.parent.glob("*.parquet"))[0])
     pq.write_table(table.drop_columns(["completion"]).append_column("completion", pa.array([1] * len(table))), part)
     with pytest.raises(td.CorpusError, match=r"part-00099.parquet.*completion"):
-        td.corpus_files(str(bad), "train")
+        open_corpus(str(bad)).sample_parts("train")
 
 
 # ------------------------------------------------------------------ mixture and tokenising
@@ -191,7 +192,7 @@ def test_pretokenized_shards_hold_the_tokenizers_ids_and_are_made_once(tok, trai
     length beside it), in uint16 for a small vocabulary; a second call reuses the shards; another tokenizer
     gets its own; a part that changed gets a new shard."""
     rows = _rows(train_files)
-    manifest = td.open_corpus(str(Path(train_files["cell_lm"][0]).parents[3])).manifest
+    manifest = open_corpus(str(Path(train_files["cell_lm"][0]).parents[3])).manifest
     shards, key = pretokenize(train_files, tok, cache_dir=tmp_path, manifest=manifest, progress=False)
     assert set(shards) == set(train_files) and all(len(shards[t]) == len(train_files[t]) for t in train_files)
     seen = 0
@@ -589,9 +590,9 @@ def test_training_evaluation_and_generation_encode_prompts_alike(tok, train_file
 def test_a_task_missing_from_a_split_is_an_error_naming_it(train_corpus, tmp_path):
     """Parts the manifest lists but the disk lacks: training would silently run without that task."""
     whole = _corpus_copy(train_corpus, tmp_path / "whole", tuple(_glob(train_corpus, "train")))
-    assert td.corpus_files(str(whole), "train")  # complete: fine
+    assert open_corpus(str(whole)).sample_parts("train")  # complete: fine
     shutil.rmtree(whole / "samples" / "cell_lm" / "train")
     for tasks in (None, ["cell_lm", "cell_type_prediction"]):  # the default mixture, and one that names it
         with pytest.raises(td.CorpusError, match=r"split 'train' lacks sample files .*cell_lm: 1 of its 1 part"):
-            td.corpus_files(str(whole), "train", tasks)
-    assert td.corpus_files(str(whole), "train", ["cell_type_prediction"])  # tasks not asked for do not matter
+            open_corpus(str(whole)).sample_parts("train", tasks)
+    assert open_corpus(str(whole)).sample_parts("train", ["cell_type_prediction"])  # tasks not asked for do not matter

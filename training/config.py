@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 from schemas.cli import option as _f  # a config field: default, --help text, option metadata
+from schemas.errors import CorpusError
 
 PEFT = ("none", "lora", "qlora")
 ATTENTION = ("auto", "varlen", "flex", "4d", "flash", "padded")
@@ -118,7 +119,6 @@ class SFTConfig:
         "output_dir": "outputs, logging and checkpoints"}
 
     def __post_init__(self) -> None:
-        from training.data import CorpusError
 
         if not self.model:
             raise CorpusError("no --model given: name a hub model (--model EleutherAI/pythia-410m), a local folder, "
@@ -149,7 +149,6 @@ class SFTConfig:
         """Fill the options left unset with values for this model and run length: the tiny random models
         learn at 1e-3 with a short warm-up; a pretrained model gets C2S-Scale's 1e-5 (2e-4 for adapters), a
         3% warm-up, and checkpoints and evaluations every tenth of the run (not every 25 steps of 20,000)."""
-        from training.data import CorpusError
 
         if self.learning_rate is None:
             self.learning_rate = 1e-3 if self.tiny else 2e-4 if self.peft != "none" else 1e-5

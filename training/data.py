@@ -10,121 +10,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from schemas.errors import CorpusError
-from schemas.layout import list_files, open_parquet, parse_sample_rel
+from schemas.layout import open_parquet
+from schemas.tasks import TASKS
 
 IGNORE_INDEX = -100
 COLUMNS = ["sample_id", "task", "prompt", "completion"]
 
 
 # ------------------------------------------------------------------ corpus files and mixture
-
-
-def _known_tasks() -> dict:
-    from schemas.tasks import TASKS
-
-    return TASKS
-
-
-def open_corpus(corpus: str | Path):
-    """The corpus version a reader of `corpus` sees (DIR's latest, or a pinned DIR/versions/<id>)."""
-    from schemas.layout import CorpusNotFound, resolve
-
-    try:
-        return resolve(str(corpus))
-    except CorpusNotFound as e:
-        raise CorpusError(str(e)) from None
-
-
-def samples_root(corpus: str | Path) -> str:
-    """The folder (local path or object-store URI) holding samples/<task>/<split>/ of the version `corpus`
-    resolves to."""
-    return open_corpus(corpus).path("samples")
-
-
-def split_parts(corpus: str | Path, split: str) -> dict[str, list[str]]:
-    """task -> its parquet parts (local paths or URIs, sorted) in `split`, as the corpus's file system lists
-    them; tasks without parts there are absent. No checks: corpus_files is the checked reader."""
-    out: dict[str, list[str]] = {}
-    for uri in list_files(samples_root(corpus), ".parquet"):
-        task, part_split = uri.replace("\\", "/").split("/")[-3:-1]
-        if part_split == split:
-            out.setdefault(task, []).append(uri)
-    return dict(sorted(out.items()))
-
-
-def _read_manifest(corpus: str | Path) -> dict:
-    manifest = open_corpus(corpus).manifest
-    if "samples" not in manifest:
-        raise CorpusError(f"corpus {corpus}: manifest.json has no 'samples' section: run the samples stage "
-                          "(etl build with tasks) before training")
-    return manifest
-
-
-def _check_part(path: str) -> None:
-    from schemas import SAMPLES, SchemaMismatch, check
-
-    try:
-        schema = open_parquet(path).schema_arrow
-    except Exception as e:  # pyarrow raises several types for unreadable files
-        raise CorpusError(f"sample part {path}: not a readable parquet file ({e})") from e
-    try:
-        check(schema, SAMPLES, path)
-    except SchemaMismatch as e:
-        raise CorpusError(f"sample part {path} does not match the samples schema: {e}") from e
-
-
-def corpus_files(corpus: str, split: str, tasks: Sequence[str] | None = None) -> dict[str, list[str]]:
-    """task -> sorted parquet files under DIR/samples/<task>/<split>/ (local paths, or URIs of a corpus in an
-    object store), checked before any training.
-
-    Raises CorpusError for a missing corpus or manifest, a manifest without a samples section, an unknown task,
-    a requested task without files in the split, an empty split, a part whose schema is not schemas.SAMPLES,
-    or a part the manifest lists that is not on disk (a task would silently drop out of the mixture).
-    tasks=None: every task that has files in the split.
-    """
-    manifest = _read_manifest(corpus)
-    known = _known_tasks()
-    if tasks is not None:
-        tasks = list(tasks)
-        unknown = [t for t in tasks if t not in known]
-        if unknown:
-            raise CorpusError(f"corpus {corpus}: unknown task(s) {', '.join(unknown)}; known tasks: "
-                              f"{', '.join(known)}")
-    samples = samples_root(corpus)
-    found = split_parts(corpus, split)
-    present = {"/".join(p.replace("\\", "/").split("/")[-4:]) for ps in found.values() for p in ps}
-    listed: dict[str, list[str]] = {}  # task -> the parts of this split the manifest lists
-    for rel in manifest["samples"].get("files", {}):
-        task, rel_split = parse_sample_rel(rel)
-        if rel_split == split:
-            listed.setdefault(task, []).append(rel)
-    damaged = {}
-    for t in (listed if tasks is None else [t for t in tasks if t in listed]):
-        absent = [rel for rel in listed[t] if rel not in present]
-        if absent:
-            damaged[t] = (len(absent), len(listed[t]))
-    if damaged:
-        what = "; ".join(f"{t}: {a} of its {n} part(s) missing" for t, (a, n) in sorted(damaged.items()))
-        raise CorpusError(f"corpus {corpus}: split '{split}' lacks sample files its manifest lists ({what}); the "
-                          f"corpus is damaged: rebuild it, or check it with `python -m etl.validate {corpus}`")
-    if tasks is None:
-        if not found:
-            raise CorpusError(f"corpus {corpus}: no sample files for split '{split}' under {samples} "
-                              "(empty corpus or unknown split)")
-        selected = found
-    else:
-        missing = [t for t in tasks if t not in found]
-        if missing:
-            raise CorpusError(f"corpus {corpus}: task(s) {', '.join(missing)} have no files in split '{split}' "
-                              f"(tasks with files there: {', '.join(found) or 'none'})")
-        selected = {t: found[t] for t in dict.fromkeys(tasks)}
-    for parts in selected.values():
-        for p in parts:
-            _check_part(p)
-    return selected
 
 
 def _rows(files: Sequence[str]) -> int:
@@ -176,7 +71,7 @@ def parse_mixture(spec: str | dict | None, available: Sequence[str] | Mapping[st
                               "corpus_files() as `available` (or files=), not only the task names")
         return _normalise({t: float(_rows(files[t])) for t in names}, "(rows per task)")
     weights = _parse_spec(spec)
-    known = _known_tasks()
+    known = TASKS
     unknown = [t for t in weights if t not in known]
     if unknown:
         raise CorpusError(f"mixture {spec!r}: unknown task(s) {', '.join(unknown)}; known tasks: {', '.join(known)}")
@@ -248,5 +143,5 @@ def tokenize_sample(tokenizer, prompt: str, response: str, max_length: int
     return tokenize_batch(tokenizer, [prompt], [response], max_length)[0]
 
 
-__all__ = ["COLUMNS", "IGNORE_INDEX", "CorpusError", "corpus_files", "encode_prompts", "parse_mixture",
+__all__ = ["COLUMNS", "IGNORE_INDEX", "encode_prompts", "parse_mixture",
            "tokenize_batch", "tokenize_sample"]

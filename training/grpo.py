@@ -28,8 +28,14 @@ from typing import ClassVar
 
 import numpy as np
 
+from evaluation.space import expression_space
+from language.corpus import open_corpus
+from language.prompts import first_sentence, longest_gene_run
 from schemas.cli import option as _f  # a config field: default, --help text, option metadata
+from schemas.cli import parse
 from schemas.errors import InputError
+from training import models as tm
+from training.rewards import make_reward_funcs, program_from_gmt, reference_ranks
 
 log = logging.getLogger("training.grpo")
 PERTURBATION = "perturbation_prediction"
@@ -111,17 +117,15 @@ class GRPORunConfig:
 
 def _perturbation_rows(corpus, cfg: GRPORunConfig) -> list[dict]:
     """Train prompts of perturbation_prediction with each perturbation's program and reference ranks."""
-    from training.evaluation import _control_sentence, _perturbation_of, _samples, _words
-    from training.rewards import program_from_gmt, reference_ranks
 
-    df = _samples(corpus, PERTURBATION, "train", ["prompt", "completion", "organism", "cell_ids"])
+    df = corpus.samples(PERTURBATION, "train", ["prompt", "completion", "organism", "cell_ids"]).to_pandas()
     if df.empty:
         return []
-    labels = _perturbation_of(corpus, {ids[1] for ids in df["cell_ids"]})
+    labels = corpus.perturbation_labels({ids[1] for ids in df["cell_ids"]})
     if not labels:
         raise GRPOError("the corpus's perturbation files (manifest samples.inputs) are not readable here: "
                         "gene_program needs each sample's perturbation")
-    genes = set(corpus.vocab(df["organism"].iloc[0])["gene_symbol"])
+    genes = set(corpus.vocab(df["organism"].iloc[0], ["token_id", "gene_symbol"])["gene_symbol"].to_pylist())
     by: dict[str, list[int]] = defaultdict(list)
     for i, ids in enumerate(df["cell_ids"]):
         if ids[1] in labels:
@@ -129,15 +133,15 @@ def _perturbation_rows(corpus, cfg: GRPORunConfig) -> list[dict]:
     fixed = program_from_gmt(cfg.gene_sets[0], cfg.gene_sets[1]) if cfg.gene_sets else None
     rows = []
     for pert, idx in by.items():
-        perturbed = [_words(df["completion"].iloc[i]) for i in idx]
-        program = fixed or _changed_genes(perturbed, [_control_sentence(df["prompt"].iloc[i], genes) for i in idx],
+        perturbed = [first_sentence(df["completion"].iloc[i]) for i in idx]
+        program = fixed or _changed_genes(perturbed, [longest_gene_run(df["prompt"].iloc[i], genes) for i in idx],
                                           cfg.program_size)
         ref = reference_ranks(perturbed, program)
         for i in idx:
             rows.append({"prompt": df["prompt"].iloc[i], "task": PERTURBATION, "organism": df["organism"].iloc[i],
                          "program_genes": list(program), "reference_ranks": [float(x) for x in ref],
                          "label": None, "label_id": None, "condition": pert,
-                         "real": _words(df["completion"].iloc[i]), "dataset_id": None})
+                         "real": first_sentence(df["completion"].iloc[i]), "dataset_id": None})
     return rows
 
 
@@ -162,18 +166,17 @@ def _changed_genes(perturbed: list[list[str]], control: list[list[str]], n: int)
 def _plain_rows(corpus, task: str) -> list[dict]:
     """Train prompts of a task; for a task that writes one cell, its real cell and cell type (the condition
     expression_distance compares with)."""
-    from training.evaluation import _cell_types, _samples, _words
 
-    df = _samples(corpus, task, "train", ["prompt", "completion", "label", "label_id", "organism", "dataset_id",
-                                          "cell_ids"])
+    df = corpus.samples(task, "train", ["prompt", "completion", "label", "label_id", "organism", "dataset_id",
+                                          "cell_ids"]).to_pandas()
     writes_cell = task in ("cell_type_generation", "cell_lm")
-    types = _cell_types(corpus, {(d, ids[0]) for d, ids in zip(df["dataset_id"], df["cell_ids"], strict=True)}
+    types = corpus.cell_labels({(d, ids[0]) for d, ids in zip(df["dataset_id"], df["cell_ids"], strict=True)}
                         ) if writes_cell and len(df) else {}
     return [{"prompt": r.prompt, "task": task, "organism": r.organism, "program_genes": [], "reference_ranks": [],
              "label": r.label if isinstance(r.label, str) else None,
              "label_id": r.label_id if isinstance(r.label_id, str) else None,
              "condition": types.get((r.dataset_id, r.cell_ids[0]), "") if writes_cell else "",
-             "real": _words(r.completion) if writes_cell else None, "dataset_id": r.dataset_id}
+             "real": first_sentence(r.completion) if writes_cell else None, "dataset_id": r.dataset_id}
             for r in df.itertuples()]
 
 
@@ -182,7 +185,6 @@ def add_reference_embeddings(rows: list[dict], corpus, cfg: GRPORunConfig, out: 
     (inverse transform, then PCA of real train cells), and the `embed` it scores generated cells with."""
     from collections import Counter
 
-    from training.evaluation import EvaluateConfig, _space
 
     counts = Counter(r["organism"] for r in rows if r.get("real"))
     if not counts:
@@ -193,8 +195,7 @@ def add_reference_embeddings(rows: list[dict], corpus, cfg: GRPORunConfig, out: 
         log.warning("expression_distance: prompts of %s only (%d); %s left out", organism, counts[organism],
                     ", ".join(o for o in counts if o != organism))
         rows[:] = [r for r in rows if r["organism"] == organism]
-    space = _space(corpus, organism, EvaluateConfig(model=cfg.model, embedder="pca", seed=cfg.seed), None,
-                   None, out)
+    space = expression_space(corpus, organism, embedder="pca", seed=cfg.seed, out_dir=out)
     groups: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
         if r.get("real") and r["condition"]:
@@ -210,9 +211,8 @@ def add_reference_embeddings(rows: list[dict], corpus, cfg: GRPORunConfig, out: 
 
 
 def build_rows(corpus, cfg: GRPORunConfig) -> tuple[list[dict], list[str]]:
-    from training.evaluation import _split_tasks
 
-    present = _split_tasks(corpus, "train")
+    present = corpus.split_tasks("train")
     tasks = cfg.tasks or ([PERTURBATION] if PERTURBATION in present else
                           [t for t in ("cell_type_generation", "cell_type_prediction") if t in present])
     missing = [t for t in tasks if t not in present]
@@ -302,9 +302,6 @@ def run(cfg: GRPORunConfig) -> dict:
     from datasets import IterableDataset
     from trl import GRPOConfig
 
-    from training import models as tm
-    from training.generate import open_corpus
-    from training.rewards import make_reward_funcs
 
     prov = tm.read_provenance(cfg.model) or {}
     corpus_uri = cfg.corpus or prov.get("corpus")
@@ -398,7 +395,6 @@ EPILOG = """examples:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    from schemas.cli import parse
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)

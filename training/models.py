@@ -23,6 +23,7 @@ from schemas.errors import ModelError
 from schemas.layout import CorpusNotFound, join, list_files, open_parquet, resolve
 from schemas.tasks import SPLITS
 from training.config import TINY as TINY_MODELS  # one list: the config picks its defaults by it
+from training.data import encode_prompts
 
 log = logging.getLogger(__name__)
 
@@ -550,7 +551,6 @@ def read_provenance(model_dir: str) -> dict | None:
 def prompt_batch(tokenizer, prompts: list[str], device=None) -> dict[str, torch.Tensor]:
     """input_ids and attention_mask of prompts encoded as in training (training.data.encode_prompts),
     left-padded with the tokenizer's pad token (generation continues at the right edge)."""
-    from training.data import encode_prompts
 
     ids = encode_prompts(tokenizer, list(prompts))
     width = max((len(x) for x in ids), default=0)

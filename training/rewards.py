@@ -22,8 +22,8 @@ The registry:
   takes is an error (a typo fails loudly rather than silently dropping a setting).
 
 A generated cell is the completion's first sentence as a list of words (`completion_genes`, the same parsing as
-``training.generate.parse_cells(text, False)[0]``: the first line, up to the first word ending with "."; that
-"." is stripped). A label is the completion up to its first sentence end (``training.answers.predicted_label``).
+``generation.generate.parse_cells(text, False)[0]``: the first line, up to the first word ending with "."; that
+"." is stripped). A label is the completion up to its first sentence end (``language.prompts.predicted_label``).
 
 Rewards (each function's docstring says more):
 
@@ -50,9 +50,8 @@ from typing import Any
 
 import numpy as np
 
-from training.answers import predicted_label
-from training.generate import parse_cells
-from training.metrics import normalize_label, ontology_score
+from evaluation.metrics import normalize_label, ontology_score
+from language.prompts import parse_cells, predicted_label
 
 log = logging.getLogger(__name__)
 

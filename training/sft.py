@@ -11,6 +11,9 @@ import logging
 import sys
 
 from schemas.cli import parse
+from schemas.errors import InputError
+from schemas.layout import CorpusNotFound, resolve
+from schemas.tasks import TASKS
 from training.config import SFTConfig
 
 DESCRIPTION = """Fine-tune a causal LM on the cell-sentence samples corpus (C2S-Scale SFT): samples streamed
@@ -38,8 +41,6 @@ OUTPUT/runs/ (TensorBoard)."""
 def list_tasks(argv: list[str]) -> str:
     """Each task's description and, when the corpus given by --corpus (default ./corpus) can be read, the
     first train sample of the task as it is in the corpus."""
-    from schemas.layout import CorpusNotFound, resolve
-    from schemas.tasks import TASKS
 
     corpus = "corpus"
     for i, a in enumerate(argv):
@@ -79,7 +80,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                         stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "accelerate.checkpointing"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from schemas.errors import InputError
 
     try:
         args = list(sys.argv[1:] if argv is None else argv)

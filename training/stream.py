@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from training.data import CorpusError
+from schemas.errors import CorpusError
 from training.tokens import Shard
 
 STATE_VERSION = 2

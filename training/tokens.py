@@ -28,8 +28,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from schemas.errors import CorpusError
 from schemas.layout import file_identity, open_parquet
-from training.data import CorpusError, _encode, _eos_id, encode_prompts
+from training.data import _encode, _eos_id, encode_prompts
 
 log = logging.getLogger(__name__)
 

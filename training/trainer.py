@@ -22,14 +22,16 @@ from typing import Any
 
 import torch
 
+from language.corpus import open_corpus
+from schemas.errors import ConfigError
 from schemas.layout import open_parquet, reader_lease
 from training import attention as ta
 from training import data as td
 from training import models as tm
 from training.config import TINY, SFTConfig
-from training.evaluate import EvalSet, cell_type_accuracy, loss_per_task
 from training.loader import BatchSpec, make_loader
 from training.losses import collate_mode, install_fused_head, model_inputs, response_loss
+from training.periodic_eval import EvalSet, cell_type_accuracy, loss_per_task
 from training.tokens import pretokenize
 
 log = logging.getLogger(__name__)
@@ -77,20 +79,20 @@ def resolve_attention(cfg: SFTConfig, device: torch.device, model_name: str) -> 
             mode = "varlen"
     if mode == "flash":
         if not cuda or not _has_flash_attn():
-            raise td.CorpusError("--attention flash needs CUDA and the flash_attn package; use --attention varlen")
+            raise ConfigError("--attention flash needs CUDA and the flash_attn package; use --attention varlen")
         return mode, "flash_attention_2"
     if mode == "varlen":
         if gemma:
-            raise td.CorpusError("--attention varlen runs sdpa, which has no soft-capping (Gemma-2): use flex "
+            raise ConfigError("--attention varlen runs sdpa, which has no soft-capping (Gemma-2): use flex "
                                  "(or 4d)")
         return mode, ta.register()
     if mode == "flex":
         if not cuda:
-            raise td.CorpusError("--attention flex trains on CUDA only (flex_attention has no backward on CPU): "
+            raise ConfigError("--attention flex trains on CUDA only (flex_attention has no backward on CPU): "
                                  "use --attention 4d here")
         return mode, "flex_attention"
     if mode == "padded" and cfg.packing:
-        raise td.CorpusError("--attention padded holds one sample per row: add --packing false")
+        raise ConfigError("--attention padded holds one sample per row: add --packing false")
     return mode, ("eager" if gemma else "sdpa")
 
 
@@ -176,17 +178,17 @@ def _resume_path(cfg: SFTConfig, num_processes: int) -> Path | None:
             if not problems:
                 return p
             log.warning("%s is incomplete (missing %s): trying the checkpoint before it", p.name, ", ".join(problems))
-        raise td.CorpusError(f"--resume-from-checkpoint latest: no complete checkpoint in {cfg.output_dir} "
+        raise ConfigError(f"--resume-from-checkpoint latest: no complete checkpoint in {cfg.output_dir} "
                              f"({', '.join(p.name for p in found)} all lack files); start afresh in another "
                              "--output-dir, or without --resume-from-checkpoint")
     p = Path(cfg.resume_from_checkpoint)
     if not p.is_dir():
-        raise td.CorpusError(f"--resume-from-checkpoint {p}: no such checkpoint folder")
+        raise ConfigError(f"--resume-from-checkpoint {p}: no such checkpoint folder")
     problems = checkpoint_problems(p, num_processes)
     if problems:
         others = [c.name for c in checkpoints(str(p.parent), complete=False) if c != p
                   and not checkpoint_problems(c, num_processes)]
-        raise td.CorpusError(f"--resume-from-checkpoint {p}: an incomplete checkpoint, missing {', '.join(problems)}; "
+        raise ConfigError(f"--resume-from-checkpoint {p}: an incomplete checkpoint, missing {', '.join(problems)}; "
                              f"resume from a complete one ({', '.join(others) or 'none here'}) or use latest")
     return p
 
@@ -226,7 +228,7 @@ def train(cfg: SFTConfig) -> TrainResult:
     `--keep-versions` pruning from deleting it."""
     import dataclasses
 
-    version = td.open_corpus(cfg.corpus)
+    version = open_corpus(cfg.corpus).version
     if version.version and not _same_place(version.root, cfg.corpus):
         log.info("corpus %s: reading version %s for the whole run", cfg.corpus, version.version)
         with reader_lease(str(cfg.corpus), version.version, what="c2s train"):
@@ -311,15 +313,16 @@ def setup(cfg: SFTConfig) -> Run:
 
         module = {"tensorboard": "tensorboard", "wandb": "wandb"}[report]
         if importlib.util.find_spec(module) is None:
-            raise td.CorpusError(f"--report-to {report} needs the {module} package (pip install {module}), "
+            raise ConfigError(f"--report-to {report} needs the {module} package (pip install {module}), "
                                  "or use --report-to none")
     acc = _accelerator(cfg, bf16, report)
     set_seed(cfg.seed)
 
     weights = cfg.weights
-    train_files = td.corpus_files(cfg.corpus, "train", list(weights) if weights else None)
+    corpus = open_corpus(cfg.corpus)
+    train_files = corpus.sample_parts("train", list(weights) if weights else None)
     mixture = td.parse_mixture(weights, train_files)
-    manifest = td.open_corpus(cfg.corpus).manifest
+    manifest = corpus.manifest
     mode, attn_impl = resolve_attention(cfg, acc.device, cfg.model)
     model, tok = tm.load_model_and_tokenizer(
         cfg.model, corpus=cfg.corpus, tokenizer=cfg.tokenizer, attn_implementation=attn_impl, seed=cfg.seed,
@@ -330,7 +333,7 @@ def setup(cfg: SFTConfig) -> Run:
     _check_max_length(train_files, tok, cfg.max_length)
     fsdp = acc.distributed_type == DistributedType.FSDP
     if fsdp and cfg.peft != "none":
-        raise td.CorpusError("LoRA under FSDP is not supported by this trainer: use DDP "
+        raise ConfigError("LoRA under FSDP is not supported by this trainer: use DDP "
                              "(training/configs/accelerate_ddp.yaml) for --peft lora/qlora")
     if cfg.peft in ("lora", "qlora"):
         model = tm.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
@@ -376,14 +379,14 @@ def restore(run: Run) -> tuple[int, int, dict | None, bool]:
     state = _read_json(resume / STATE_FILE, resume)
     saved_n = state.get("num_processes", len(list(resume.glob("data_state_*.json"))))
     if saved_n != acc.num_processes:
-        raise td.CorpusError(f"--resume-from-checkpoint {resume}: written by {saved_n} process(es), resumed on "
+        raise ConfigError(f"--resume-from-checkpoint {resume}: written by {saved_n} process(es), resumed on "
                              f"{acc.num_processes}; each process's stream position is in the checkpoint, so "
                              f"resume with {saved_n}")
     data_state = _read_json(resume / f"data_state_{acc.process_index}.json", resume)
     try:  # the stream checks it against its own settings before the first batch
         check_data_state(data_state, run.spec)
     except ValueError as e:  # the stream state names what differs (files, weights, seed, max_length, ...)
-        raise td.CorpusError(f"--resume-from-checkpoint {resume}: {e}") from None
+        raise ConfigError(f"--resume-from-checkpoint {resume}: {e}") from None
     acc.load_state(str(resume))
     log.info("resumed from %s at step %d", resume, state["step"])
     return state["step"], state["tokens_seen"], data_state, True
@@ -556,7 +559,7 @@ def _read_json(path: Path, checkpoint: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise td.CorpusError(f"--resume-from-checkpoint {checkpoint}: {path.name} is unreadable ({e}); resume from "
+        raise ConfigError(f"--resume-from-checkpoint {checkpoint}: {path.name} is unreadable ({e}); resume from "
                              "another checkpoint (an earlier checkpoint-<step>)") from None
 
 
@@ -661,5 +664,5 @@ def _check_max_length(files: dict[str, list[str]], tok, max_length: int, n: int 
             too_long[task] = over / len(lens)
     if too_long:
         worst = ", ".join(f"{t} ({f:.0%})" for t, f in sorted(too_long.items(), key=lambda x: -x[1])[:5])
-        raise td.CorpusError(f"--max-length {max_length} is shorter than most samples of {worst}; raise "
+        raise ConfigError(f"--max-length {max_length} is shorter than most samples of {worst}; raise "
                              "--max-length or rebuild the corpus with a matching --max-tokens")

@@ -17,29 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-ORGANISMS: dict[str, str] = {
-    "homo_sapiens": "Homo sapiens",
-    "mus_musculus": "Mus musculus",
-    "macaca_mulatta": "Macaca mulatta",
-    "callithrix_jacchus": "Callithrix jacchus",
-    "pan_troglodytes": "Pan troglodytes",
-}
-_ALIASES = {"human": "homo_sapiens", "mouse": "mus_musculus", "rhesus": "macaca_mulatta",
-            "marmoset": "callithrix_jacchus", "chimpanzee": "pan_troglodytes"}
-
-
-from schemas.errors import InputError  # noqa: E402  (re-exported: every reader raises it)
-from schemas.layout import sentence_rel  # noqa: E402
-
-
-def normalise_organism(name: str) -> str:
-    """'Homo sapiens', 'homo_sapiens', 'human' -> 'homo_sapiens'; anything else is an InputError."""
-    key = name.strip().lower().replace(" ", "_")
-    key = _ALIASES.get(key, key)
-    if key not in ORGANISMS:
-        raise InputError(f"unknown organism {name!r}; known: {', '.join(ORGANISMS)} (or human, mouse)")
-    return key
-
+from schemas.errors import InputError  # re-exported: every reader raises it
+from schemas.layout import sentence_rel
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 

@@ -23,10 +23,10 @@ from etl.sources.base import (
     SourcePlan,
     Task,
     VarTable,
-    normalise_organism,
     split_sorted,
 )
-from etl.symbols import var_words
+from language.organisms import normalise_organism
+from language.symbols import var_words
 from schemas import LABEL_COLUMNS, UNKNOWN
 
 log = logging.getLogger(__name__)

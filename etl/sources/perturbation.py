@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from etl.encode import Encoder, Vocabulary
 from etl.sources.base import InputError, safe_name
 from etl.sources.h5ad import (
     column_names,
@@ -30,7 +29,8 @@ from etl.sources.h5ad import (
     read_rows,
     unique_names,
 )
-from etl.symbols import var_words
+from language.encode import Encoder, Vocabulary
+from language.symbols import var_words
 
 
 @dataclass(frozen=True)

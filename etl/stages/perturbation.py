@@ -10,7 +10,6 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from etl.sources.base import normalise_organism
 from etl.sources.perturbation import FileObs, PerturbationOptions, check_files, encode_rows, read_obs
 from etl.stages.samples import write_samples
 from etl.tasks.common import Counts, SampleContext
@@ -23,6 +22,7 @@ from etl.tasks.perturbation import (
     gene_cap,
     plan_pairs,
 )
+from language.organisms import normalise_organism
 
 
 def options_from_config(cfg) -> PerturbationOptions:

@@ -21,8 +21,8 @@ from etl.stages import samples
 from etl.storage import Store
 from etl.tasks import DEFAULT_MIXTURE, NOT_BUILT_REASON, TASKS, spatial
 from etl.tasks import perturbation as pert_task
-from etl.tasks.budget import TokenBudget, load_tokenizer_json
 from etl.tasks.common import SampleContext, SplitConfig, choose_ood
+from language.budget import TokenBudget, genes_cap, load_tokenizer_json
 from schemas.layout import sentence_parts
 
 log = logging.getLogger(__name__)
@@ -152,12 +152,6 @@ def _symbols(src: Store, organisms: list[str], n: int | None = 2000) -> list[str
         if src.exists(rel):
             syms += samples.read_columns(src, rel, ["gene_symbol"])["gene_symbol"].to_pylist()[:n]
     return syms
-
-
-def genes_cap(budget: TokenBudget, cap: int = 1024) -> int:
-    """The most genes of a cell any prompt can show (a gene costs at least one token, or the estimate): gene
-    lists are cut to this before the shuffle, so it moves no gene a prompt could never hold."""
-    return min(cap, budget.max_tokens if budget.exact else int(budget.max_tokens / budget.tokens_per_gene) + 1)
 
 
 def group_max_for_budget(budget: TokenBudget, group_max: int, genes_per_cell: int, symbols: list[str]) -> int:

@@ -24,11 +24,11 @@ import psutil
 import pyarrow as pa
 
 from etl import rowhash
-from etl.encode import Encoder
-from etl.inverse import FitStats
 from etl.sources import census, h5ad
 from etl.sources.base import InputError, Task, read_ahead
 from etl.storage import Store
+from language.encode import Encoder
+from language.inverse import FitStats
 from schemas import GENE_COUNTS, SENTENCES
 from schemas.layout import gene_counts_rel
 

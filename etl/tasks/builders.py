@@ -17,16 +17,14 @@ from etl.tasks.common import (
     GROUP_UNIT,
     Counts,
     SampleContext,
-    cell_type_list,
     draws,
-    finish,
     group_key,
     h64,
-    labels,
     render,
     row,
 )
-from etl.tasks.phrases import format_lr, format_pairs
+from language.phrases import format_lr, format_pairs
+from language.prompts import cell_type_list, cell_values, fill
 
 
 def single_cell_samples(cell: dict, ctx: SampleContext, counts: Counts) -> Iterator[dict]:
@@ -35,7 +33,7 @@ def single_cell_samples(cell: dict, ctx: SampleContext, counts: Counts) -> Itera
             continue
         for d in range(draws(rate, ctx.seed, task, cell["cell_id"])):
             sid = xxhash.xxh3_128_hexdigest(f"{task}|{cell['dataset_id']}|{cell['cell_id']}|{d}|{ctx.seed}".encode())
-            values = labels(cell)
+            values = cell_values(cell)
             genes = cell["genes"]
             if task == "gene_interaction_prediction":
                 genes = genes[: ctx.interaction_genes]
@@ -53,7 +51,7 @@ def single_cell_samples(cell: dict, ctx: SampleContext, counts: Counts) -> Itera
                     counts.skip(task, "no_biogrid_pair_within_budget")
                     continue
                 values["pairs"] = format_pairs(pairs)
-                prompt, response, est = finish(task, t, values, [genes[:n]], ctx)
+                prompt, response, est = fill(task, t, values, [genes[:n]], ctx.budget)
                 if est > ctx.budget.max_tokens:
                     counts.skip(task, "over_token_budget")
                     continue
@@ -106,7 +104,7 @@ def multi_cell_samples(group: list[dict], ctx: SampleContext, counts: Counts) ->
         # sets them: --max-tokens, --multi-cell-genes)
         for d in range(draws(rate * len(group) / GROUP_UNIT, ctx.seed, task, key)):
             sid = xxhash.xxh3_128_hexdigest(f"{task}|{first['dataset_id']}|{key}|{d}|{ctx.seed}".encode())
-            values = {**labels(first), "num_cells": len(group), "cell_types": cell_type_list(group)}
+            values = {**cell_values(first), "num_cells": len(group), "cell_types": cell_type_list(group)}
             cells = group
             if task == "ligand_receptor_prediction":  # 2-4 cells: enough genes per cell to show signalling
                 cells = group[: 2 + h64("lr", ctx.seed, key) % 3]
@@ -131,7 +129,7 @@ def multi_cell_samples(group: list[dict], ctx: SampleContext, counts: Counts) ->
                     counts.skip(task, "no_expressed_ligand_receptor_pair")
                     continue
                 values["pairs"] = format_lr(pairs)
-                prompt, response, est = finish(task, t, values, shown, ctx)
+                prompt, response, est = fill(task, t, values, shown, ctx.budget)
                 if est > ctx.budget.max_tokens:
                     counts.skip(task, "over_token_budget")
                     continue

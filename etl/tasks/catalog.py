@@ -4,9 +4,9 @@ templates (first wording) for made-up but realistic cells, so a user sees what a
 from __future__ import annotations
 
 from etl.tasks import TASKS
-from etl.tasks.common import Counts, SampleContext, cell_type_list, labels, render
-from etl.tasks.perturbation import perturbation_words
-from etl.tasks.phrases import format_lr, format_pairs
+from etl.tasks.common import Counts, SampleContext, render
+from language.phrases import format_lr, format_pairs
+from language.prompts import cell_type_list, cell_values, perturbation_words
 
 _BASE = {"organism": "homo_sapiens", "tissue": "blood", "disease": "normal", "sex": "female",
          "development_stage": "45-year-old stage", "assay": "10x 3' v3"}
@@ -33,7 +33,7 @@ def example(task: str) -> tuple[str, str]:
         else EXAMPLE_CELLS[:2] if family == "spatial" else EXAMPLE_CELLS
     values = {**EXAMPLE_VALUES, **({"pairs": EXAMPLE_LR} if task == "ligand_receptor_prediction" else {})}
     if cells:
-        values = {**labels(cells[0]), "num_cells": len(cells), "cell_types": cell_type_list(cells), **values}
+        values = {**cell_values(cells[0]), "num_cells": len(cells), "cell_types": cell_type_list(cells), **values}
     out = render(task, "", values, [c["genes"] for c in cells] or None, SampleContext(mixture={}), Counts(),
                  template=0)
     if out is None:

@@ -12,12 +12,8 @@ from dataclasses import dataclass, field
 
 import xxhash
 
-from etl.sources.base import ORGANISMS
-from etl.tasks import templates as tpl
-from etl.tasks.budget import TokenBudget
-from etl.tasks.phrases import cell_kind, in_words
-from schemas import UNKNOWN
-from schemas.tasks import LABEL_FIELDS
+from language.budget import TokenBudget
+from language.prompts import Rendered, bare, prompt_for
 
 GROUP_UNIT = 8  # multi-cell mixture rates are samples per this many grouped cells
 CELL_FIELDS = ("cell_id", "organism", "dataset_id", "donor_id", "tissue", "cell_type", "disease", "sex",
@@ -169,14 +165,6 @@ def draws(rate: float, *key) -> int:
     return n + (unit("draw", *key) < rate - n)
 
 
-def _sentence(genes: list[str]) -> str:
-    return " ".join(genes)
-
-
-def _cells_block(sentences: list[list[str]]) -> str:
-    return "".join(f"Cell {i}:\n{_sentence(s)}.\n" for i, s in enumerate(sentences, 1))
-
-
 # Prediction tasks: the label is the completion's bare answer; where it is one cell field with an ontology id,
 # the id comes from the cell (never parsed from text).
 LABEL_TASKS = frozenset({"cell_type_prediction", "tissue_prediction", "metadata_prediction",
@@ -185,12 +173,6 @@ LABEL_TASKS = frozenset({"cell_type_prediction", "tissue_prediction", "metadata_
                          "gene_set_naming"})
 LABEL_ID_FIELD = {"cell_type_prediction": "cell_type_ontology_term_id", "tissue_prediction": "tissue_ontology_term_id",
                   "multi_cell_tissue_prediction": "tissue_ontology_term_id"}
-
-
-def bare(completion: str) -> str:
-    """The answer of a completion: without the leading space and the closing full stop."""
-    text = completion.strip()
-    return text[:-1] if text.endswith(".") else text
 
 
 def row(task, split, cells, prompt, completion, n_genes, est, t_index, sample_id) -> dict:
@@ -204,54 +186,15 @@ def row(task, split, cells, prompt, completion, n_genes, est, t_index, sample_id
 
 
 def render(task: str, sample_id: str, values: dict, sentences: list[list[str]] | None, ctx: SampleContext,
-            counts: Counts, template: int | None = None) -> tuple[str, str, int, int, int] | None:
-    """Fill a template (by hash of the sample id, or `template`), fitting the sentences (if any) to the token
-    budget. None: over budget."""
-    spec = tpl.load(task)
-    t = (h64("template", sample_id) if template is None else template) % len(spec["prompts"])
-    prompt_t, response_t = spec["prompts"][t], spec["response"]
-    if sentences is not None:
-        # fixed part: the template with empty sentences and a placeholder count
-        probe = {**values, "num_genes": 100, "cell_sentence": "", "cells": _cells_block([[] for _ in sentences])}
-        fixed = ctx.budget.text(tpl.fill(prompt_t, probe)) + ctx.budget.text(tpl.fill(response_t, probe))
-        n = ctx.budget.fit(sentences, fixed, ctx.max_genes)
-        if n < min(ctx.min_genes, min(len(s) for s in sentences)):
-            counts.skip(task, "over_token_budget")
-            return None
-        prompt, response, est = finish(task, t, values, [s[:n] for s in sentences], ctx)
-        return prompt, response, n, est, t
-    prompt, response, est = finish(task, t, values, [], ctx)
-    return prompt, response, 0, est, t
-
-
-def finish(task: str, t: int, values: dict, sentences: list[list[str]], ctx: SampleContext) -> tuple[str, str, int]:
-    """Format template t with sentences already cut to the budget; (prompt, response, est_tokens)."""
-    spec = tpl.load(task)
-    n = max((len(x) for x in sentences), default=0)
-    values = {**values, "num_genes": n, "cell_sentence": _sentence(sentences[0]) if sentences else "",
-              "cells": _cells_block(sentences)}
-    prompt, response = tpl.fill(spec["prompts"][t], values), tpl.fill(spec["response"], values).rstrip("\n")
-    genes = [g for s in sentences for g in s]
-    est = ctx.budget.text(prompt) + ctx.budget.text(response)
-    if genes and not ctx.budget.exact:
-        est += round(ctx.budget.genes(genes) - ctx.budget.text(" ".join(genes)))
-    return prompt, response, max(est, 1)
-
-
-LIST_SEPARATOR = "; "  # between the labels of several cells: Census labels hold commas, never semicolons
-
-
-def labels(c: dict) -> dict:
-    """A cell's template values: its labels in words (several Census values joined "a and b", never " || ";
-    a blank one "unknown", as sources write a missing label), and `cell_kind`, its cell type as a noun phrase
-    ("T cell"; "cell of unknown type")."""
-    return {"organism_name": ORGANISMS.get(c["organism"], c["organism"]),
-            **{f: in_words(c[f]) or UNKNOWN for f in LABEL_FIELDS}, "cell_kind": cell_kind(c["cell_type"])}
-
-
-def cell_type_list(cells: list[dict]) -> str:
-    """The cell types of several cells, in order, as one answer or condition."""
-    return LIST_SEPARATOR.join(in_words(c["cell_type"]) or UNKNOWN for c in cells)
+           counts: Counts, template: int | None = None) -> Rendered | None:
+    """The sample's prompt (`language.prompts.prompt_for`) with a template chosen by hash of the sample id (or
+    `template`) and the context's budget; None, counted as over_token_budget, when the cells do not fit."""
+    t = h64("template", sample_id) if template is None else template
+    out = prompt_for(task, values, sentences, ctx.budget, template=t, max_genes=ctx.max_genes,
+                     min_genes=ctx.min_genes)
+    if out is None:
+        counts.skip(task, "over_token_budget")
+    return out
 
 
 def group_key(c: dict) -> str:

@@ -14,7 +14,7 @@ cell_type), chosen by hash. Splits hold perturbations out so a model is tested o
 
 Prompts name the perturbation in words ("KLF1 and MAP2K6"), with its kind when the file's
 `perturbation_type` column gives a known one ("CRISPRi knockdown of KLF1", "treatment with dexamethasone";
-`KIND_PHRASES`); otherwise neutrally ("the perturbation KLF1").
+`language.prompts.KIND_PHRASES`); otherwise neutrally ("the perturbation KLF1").
 """
 
 from __future__ import annotations
@@ -26,29 +26,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import xxhash
 
-from etl.sources.base import ORGANISMS
 from etl.sources.perturbation import FileObs, PerturbationOptions, parse_label  # noqa: F401 (re-exported)
-from etl.tasks import templates as tpl
 from etl.tasks.common import Counts, SampleContext, draws, h64, row, unit
-from etl.tasks.phrases import cell_kind, join_words
+from language import templates
+from language.organisms import ORGANISMS
+from language.phrases import cell_kind
+from language.prompts import perturbation_words
 from schemas.tasks import SPLITS
 
 TASK = "perturbation_prediction"
 
-# perturbation_type values (lower case, runs of space, _ and - as one space) -> how prompts name the kind
-_KNOCKDOWN_I, _ACTIVATION, _KNOCKOUT = "CRISPRi knockdown of {}", "CRISPRa activation of {}", "CRISPR knockout of {}"
-_TREATMENT = "treatment with {}"
-KIND_PHRASES: dict[str, str] = {
-    **dict.fromkeys(("crispri", "crispr i", "crispr interference", "crispri knockdown", "dcas9 krab"), _KNOCKDOWN_I),
-    **dict.fromkeys(("crispra", "crispr a", "crispr activation", "crispra activation", "dcas9 vp64"), _ACTIVATION),
-    **dict.fromkeys(("crispr", "crispr cas9", "cas9", "crispr ko", "crispr knockout"), _KNOCKOUT),
-    **dict.fromkeys(("knockout", "ko", "gene knockout"), "knockout of {}"),
-    **dict.fromkeys(("knockdown", "rnai"), "knockdown of {}"),
-    "shrna": "shRNA knockdown of {}", "sirna": "siRNA knockdown of {}",
-    **dict.fromkeys(("overexpression", "orf", "orf overexpression"), "overexpression of {}"),
-    **dict.fromkeys(("drug", "compound", "chemical", "small molecule", "drug treatment", "treatment", "cytokine"),
-                    _TREATMENT),
-}
 _SPLIT_CODE = {s: i for i, s in enumerate(SPLITS)}
 
 
@@ -217,24 +204,12 @@ def gene_cap(ctx: SampleContext) -> int:
     return max(1, min(ctx.max_genes, int(ctx.budget.max_tokens / per_gene)))
 
 
-def perturbation_words(targets: Sequence[str], kind: str | None = None) -> dict[str, str]:
-    """How prompts name a perturbation: {perturbation} as a label ("CRISPRi knockdown of KLF1"; "KLF1 and
-    MAP2K6" without a known kind) and {the_perturbation} in running text ("the perturbation KLF1")."""
-    names = join_words(targets)
-    phrase = KIND_PHRASES.get(" ".join(str(kind or "").lower().replace("_", " ").replace("-", " ").split()))
-    if phrase:
-        text = phrase.format(names)
-        return {"perturbation": text, "the_perturbation": text}
-    lead = "the perturbation" if len(targets) == 1 else "the combined perturbation"
-    return {"perturbation": names, "the_perturbation": f"{lead} {names}"}
-
-
 def _format(t: int, values: dict, control: list[str], perturbed: list[str], ctx: SampleContext,
             ) -> tuple[str, str, int]:
-    spec = tpl.load(TASK)
+    spec = templates.load(TASK)
     values = {**values, "num_genes": len(perturbed), "cell_sentence": " ".join(control),
               "perturbed_sentence": " ".join(perturbed)}
-    prompt, response = tpl.fill(spec["prompts"][t], values), tpl.fill(spec["response"], values)
+    prompt, response = templates.fill(spec["prompts"][t], values), templates.fill(spec["response"], values)
     est = ctx.budget.text(prompt) + ctx.budget.text(response)
     if not ctx.budget.exact:  # gene symbols at tokens-per-gene instead of characters
         genes = control + perturbed
@@ -248,13 +223,13 @@ def perturbation_sample(control: dict, perturbed: dict, perturbation: str | Sequ
     its genes (a label is one name); `kind`: the file's perturbation_type of the cell, if any."""
     sid = xxhash.xxh3_128_hexdigest(
         f"{TASK}|{perturbed['dataset_id']}|{perturbed['cell_id']}|{draw}|{ctx.seed}".encode())
-    spec = tpl.load(TASK)
+    spec = templates.load(TASK)
     t = h64("template", sid) % len(spec["prompts"])
     targets = (perturbation,) if isinstance(perturbation, str) else tuple(perturbation)
     values = {"organism_name": ORGANISMS.get(perturbed["organism"], perturbed["organism"]),
               "cell_kind": cell_kind(perturbed.get("cell_type")), **perturbation_words(targets, kind)}
     probe = {**values, "num_genes": 100, "cell_sentence": "", "perturbed_sentence": ""}
-    fixed = ctx.budget.text(tpl.fill(spec["prompts"][t], probe)) + ctx.budget.text(tpl.fill(spec["response"], probe))
+    fixed = ctx.budget.text(templates.fill(spec["prompts"][t], probe)) + ctx.budget.text(templates.fill(spec["response"], probe))
     sentences = [control["genes"], perturbed["genes"]]
     n = ctx.budget.fit(sentences, fixed, ctx.max_genes)
     floor = min(ctx.min_genes, *(len(s) for s in sentences))

@@ -31,14 +31,13 @@ from etl.tasks.common import (
     SampleContext,
     cell_order,
     draws,
-    finish,
     group_key,
     h64,
-    labels,
     render,
     row,
     unit,
 )
+from language.prompts import cell_values, fill
 
 SPATIAL_COLUMNS = ("spatial_x", "spatial_y")
 SECTION_FIELDS = ("organism", "dataset_id", "donor_id", "tissue")
@@ -196,13 +195,13 @@ def _sample_id(task: str, c: dict, d: int, seed: int) -> str:
 def _neighbor(c: dict, nb: dict, sid: str, ctx: SampleContext, counts: Counts) -> dict | None:
     """Centre sentence in the prompt, its nearest neighbour's sentence as the response (both cut alike)."""
     task = "neighbor_generation"
-    values = {**labels(c), "neighbor_sentence": ""}  # the neighbour's genes are fitted as a sentence
+    values = {**cell_values(c), "neighbor_sentence": ""}  # the neighbour's genes are fitted as a sentence
     out = render(task, sid, values, [c["genes"], nb["genes"]], ctx, counts)
     if out is None:
         return None
     _, _, n, _, t = out
     values["neighbor_sentence"] = " ".join(nb["genes"][:n])
-    prompt, response, est = finish(task, t, values, [c["genes"][:n], nb["genes"][:n]], ctx)
+    prompt, response, est = fill(task, t, values, [c["genes"][:n], nb["genes"][:n]], ctx.budget)
     if est > ctx.budget.max_tokens:
         counts.skip(task, "over_token_budget")
         return None
@@ -227,7 +226,7 @@ def _niche(tile: list[dict], i: int, index: TileIndex, sid: str, ctx: SampleCont
         counts.skip(task, "too_few_far_cells")
         return None
     cells = sorted((tile[j] for j in [i, *others]), key=lambda x: h64("niche_order", sid, x["cell_id"]))
-    values = {**labels(tile[i]), "num_cells": k, "answer": "yes" if positive else "no"}
+    values = {**cell_values(tile[i]), "num_cells": k, "answer": "yes" if positive else "no"}
     out = render(task, sid, values, [x["genes"] for x in cells], ctx, counts)
     if out is None:
         return None

@@ -48,7 +48,7 @@ def _numba_cache() -> tuple[bool, str | None]:
     read-only install with a read-only HOME. There this module caches in a private folder under the temp
     dir, or, failing that, not at all.
     """
-    # the package's own __pycache__ stands for every module of it (etl/ is installed as one folder tree)
+    # the package's own __pycache__ stands for every module of it (the package is installed as one folder tree)
     candidates = [nb.config.CACHE_DIR, os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")]
     try:
         from numba.misc.appdirs import AppDirs

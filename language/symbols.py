@@ -20,7 +20,7 @@ import re
 import unicodedata
 from collections.abc import Iterable
 
-from etl.sources.base import InputError
+from schemas.errors import InputError
 
 _BAD = re.compile(r"[\s,;\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\ufeff]+")
 _TRAILING = ".,;:"

@@ -20,7 +20,7 @@ The article follows the first sound as said aloud, from the first word (`article
 
 Multi-valued labels (the Census joins several diseases with " || ") are written in words: "COVID-19 and
 influenza", "a, b and c" (`in_words`). Gene pairs are written "HLA-A and KIR2DL1": symbols hold hyphens but
-never spaces (etl/symbols.py), so " and " and "; " split them back unambiguously (`parse_pairs`).
+never spaces (language/symbols.py), so " and " and "; " split them back unambiguously (`parse_pairs`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""c2s evaluate / python -m training.evaluate: what a trained model learned, measured on a corpus split.
+"""c2s evaluate / python -m evaluation.evaluate: what a trained model learned, measured on a corpus split.
 
 - Prediction tasks (every task whose samples carry a `label`): accuracy after normalisation, macro-F1, the
   majority baseline (the most common train label, scored on the same samples), and for cell types an
@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections import defaultdict
@@ -32,11 +31,18 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from evaluation import metrics
+from evaluation.embed import model_embedder
+from evaluation.space import GENERATION_TASK, Space, expression_space
+from generation.generate import generate_texts
+from language.corpus import open_corpus
+from language.prompts import answer_budget, first_sentence, longest_gene_run, predicted_label
 from schemas.cli import option as _f  # a config field: default, --help text, option metadata
+from schemas.cli import parse
 from schemas.errors import InputError
+from training.models import generate, load_model_and_tokenizer, read_provenance
 
-log = logging.getLogger("training.evaluate")
-GENERATION_TASK = "cell_type_generation"
+log = logging.getLogger("evaluation.evaluate")
 PERTURBATION_TASK = "perturbation_prediction"
 
 
@@ -94,71 +100,27 @@ class EvaluateConfig:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _samples(corpus, task: str, split: str, columns: list[str]):
-    import pandas as pd
-    import pyarrow.dataset as pads
-
-    from schemas.layout import filesystem
-
-    fs, path = filesystem(corpus.version.path("samples", task, split))
-    try:
-        t = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns)
-    except (FileNotFoundError, OSError, ValueError):
-        return pd.DataFrame(columns=columns)
-    return t.to_pandas()
-
-
-def _split_tasks(corpus, split: str) -> list[str]:
-    per = corpus.manifest.get("samples", {}).get("counts", {}).get("per_task_split", {})
-    return sorted(t for t, d in per.items() if d.get(split))
-
-
-def _cell_types(corpus, keys: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
-    """(dataset_id, cell_id) -> cell_type from the sentences table (two narrow columns read)."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
-    from schemas.layout import filesystem
-
-    files = corpus.version.sentence_files()  # listed by the manifest: parts may live in earlier versions
-    fs = filesystem(files[0])[0]
-    ds = pads.dataset([filesystem(f)[1] for f in files], filesystem=fs, format="parquet")
-    ids = sorted({c for _, c in keys})
-    t = ds.to_table(columns=["dataset_id", "cell_id", "cell_type"], filter=pc.field("cell_id").isin(ids))
-    return {(d, c): ct for d, c, ct in zip(t["dataset_id"].to_pylist(), t["cell_id"].to_pylist(),
-                                          t["cell_type"].to_pylist(), strict=True) if (d, c) in keys}
-
-
-def _words(completion: str) -> list[str]:
-    from training.generate import parse_cells
-
-    return parse_cells(completion, False)[0]
-
-
 # ---------------------------------------------------------------------------------------- prediction
 
 
 def predictions(model, tok, corpus, task: str, cfg: EvaluateConfig) -> dict:
     """Greedy answers to the split's prompts of a prediction task, scored against the `label` column."""
-    from training import metrics as tmx
-    from training.answers import answer_budget, predicted_label
-    from training.models import generate
 
-    df = _samples(corpus, task, cfg.split, ["prompt", "label", "label_id"]).dropna(subset=["label"])
+    df = corpus.samples(task, cfg.split, ["prompt", "label", "label_id"]).to_pandas().dropna(subset=["label"])
     df = df.head(cfg.max_samples)
     if df.empty:
         return {"skipped": f"no labelled samples of {task} in {cfg.split}"}
-    train = _samples(corpus, task, "train", ["label"]).dropna()
+    train = corpus.samples(task, "train", ["label"]).to_pandas().dropna()
     budget = answer_budget(tok, list(df["label"]) + list(train["label"].head(2000)))
     outs = generate(model, tok, list(df["prompt"]), max_new_tokens=budget, batch_size=cfg.batch_size)
     pred = [predicted_label(o) for o in outs]
     truth = list(df["label"])
-    res = {"n": len(df), "accuracy": tmx.accuracy(pred, truth), "macro_f1": tmx.macro_f1(pred, truth)}
+    res = {"n": len(df), "accuracy": metrics.accuracy(pred, truth), "macro_f1": metrics.macro_f1(pred, truth)}
     if not train.empty:
-        res["majority_baseline"] = tmx.majority_baseline(list(train["label"]), truth)
+        res["majority_baseline"] = metrics.majority_baseline(list(train["label"]), truth)
     if task == "cell_type_prediction":  # one Cell Ontology label per answer
         try:
-            scores = [tmx.ontology_score(p, lid or t) for p, t, lid in zip(pred, truth, df["label_id"],
+            scores = [metrics.ontology_score(p, lid or t) for p, t, lid in zip(pred, truth, df["label_id"],
                                                                               strict=True)]
             res["ontology_score"] = float(np.mean(scores))
         except ImportError as e:
@@ -171,62 +133,6 @@ def predictions(model, tok, corpus, task: str, cfg: EvaluateConfig) -> dict:
 # ---------------------------------------------------------------------------------------- generation
 
 
-@dataclass
-class Space:
-    """One organism's expression space: vocabulary, inverse-transform fits, and the embedder."""
-
-    genes: list[str]
-    fits: dict[str, dict]
-    embed: Any = None
-    pca: Any = None
-    embed_text: bool = False  # --embedder model: mean hidden states of the sentence text
-
-    def fit_for(self, dataset_id: str | None) -> dict:
-        organism_fit = next(v for k, v in self.fits.items() if k.startswith("pooled:"))
-        return self.fits.get(f"dataset:{dataset_id}", organism_fit)
-
-    def expression(self, sentences: list[list[str]], dataset_ids: list[str | None]) -> np.ndarray:
-        from etl.inverse import sentence_to_expression
-
-        index = {g: i for i, g in enumerate(self.genes)}
-        rows = []
-        for s, d in zip(sentences, dataset_ids, strict=True):
-            f = self.fit_for(d)
-            rows.append(sentence_to_expression(s, index, f["slope"], f["intercept"]))
-        return np.vstack(rows) if rows else np.zeros((0, len(self.genes)), np.float32)
-
-
-def _space(corpus, organism: str, cfg: EvaluateConfig, model, tok, out_dir: Path) -> Space:
-    from training.embed import PCAEmbedder, load_embedder
-
-    vocab = corpus.vocab(organism)
-    space = Space(list(vocab["gene_symbol"]), corpus.fits(organism))
-    if cfg.embedder == "pca":
-        if cfg.embedder_path:
-            path = Path(cfg.embedder_path)
-            path = path / f"pca_{organism}.npz" if path.is_dir() else path
-            if not path.is_file():
-                raise EvaluateError(f"--embedder-path {cfg.embedder_path}: no PCA for {organism} ({path})")
-            space.pca = PCAEmbedder.load(str(path))
-        else:
-            train = _samples(corpus, GENERATION_TASK, "train", ["completion", "organism", "dataset_id"])
-            train = train[train["organism"] == organism].head(cfg.pca_cells)
-            if len(train) < 3:
-                raise EvaluateError(f"corpus {corpus.uri}: fewer than 3 train cells of {organism} to fit the PCA "
-                                    "on; give --embedder-path FILE")
-            x = space.expression([_words(c) for c in train["completion"]], list(train["dataset_id"]))
-            space.pca = PCAEmbedder.fit(np.expm1(x.astype(np.float64) * math.log(10)), space.genes,
-                                        n_components=min(50, len(train) - 1), seed=cfg.seed)
-            space.pca.save(str(out_dir / f"pca_{organism}.npz"))
-        space.embed = lambda x: space.pca.transform(x, space.genes, input="log10p")
-    elif cfg.embedder == "model":
-        space.embed_text = True  # cells are embedded as their sentences, by the evaluated model itself
-    else:
-        fn = load_embedder(cfg.embedder)
-        space.embed = lambda x: fn(x, space.genes)
-    return space
-
-
 def _sample_conditions(df, key: str, cfg: EvaluateConfig) -> dict[str, Any]:
     """The largest conditions (at least n_per_condition samples each), n_per_condition rows each, seeded."""
     counts = df[key].value_counts()
@@ -235,11 +141,10 @@ def _sample_conditions(df, key: str, cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def _distances(real: dict[str, np.ndarray], gen: dict[str, np.ndarray], seed: int) -> dict:
-    from training import metrics as tmx
 
-    fid = tmx.scfid(real, gen, seed=seed)
-    per = {c: {"scfid": fid["per_condition"].get(c), "mmd": tmx.mmd_rbf(real[c], gen[c]),
-               "energy_distance": tmx.energy_distance(real[c], gen[c])} for c in real if c in gen}
+    fid = metrics.scfid(real, gen, seed=seed)
+    per = {c: {"scfid": fid["per_condition"].get(c), "mmd": metrics.mmd_rbf(real[c], gen[c]),
+               "energy_distance": metrics.energy_distance(real[c], gen[c])} for c in real if c in gen}
     mean = {k: float(np.mean([v[k] for v in per.values() if v[k] is not None])) if per else None
             for k in ("scfid", "mmd", "energy_distance")}
     return {"mean": mean, "per_condition": per, "n_cells": fid["n_cells"], "skipped": fid["skipped"]}
@@ -247,15 +152,13 @@ def _distances(real: dict[str, np.ndarray], gen: dict[str, np.ndarray], seed: in
 
 def generation(model, tok, corpus, cfg: EvaluateConfig, out_dir: Path) -> dict:
     """Generated vs real cells per cell type, in the embedding; floor and ceiling beside them."""
-    from training import metrics as tmx
-    from training.generate import generate_texts
 
-    df = _samples(corpus, GENERATION_TASK, cfg.split, ["prompt", "completion", "organism", "dataset_id",
-                                                        "cell_ids"])
+    df = corpus.samples(GENERATION_TASK, cfg.split, ["prompt", "completion", "organism", "dataset_id",
+                                                        "cell_ids"]).to_pandas()
     if df.empty:
         return {"skipped": f"no {GENERATION_TASK} samples in {cfg.split}"}
     keys = {(d, ids[0]) for d, ids in zip(df["dataset_id"], df["cell_ids"], strict=True)}
-    types = _cell_types(corpus, keys)
+    types = corpus.cell_labels(keys)
     df["condition"] = [f"{o}|{types.get((d, ids[0]), 'unknown')}" for o, d, ids in
                        zip(df["organism"], df["dataset_id"], df["cell_ids"], strict=True)]
     chosen = _sample_conditions(df, "condition", cfg)
@@ -266,8 +169,8 @@ def generation(model, tok, corpus, cfg: EvaluateConfig, out_dir: Path) -> dict:
     texts = generate_texts(model, tok, [r.prompt for r in rows], max_new_tokens=_max_new(tok, rows),
                            batch_size=cfg.batch_size, temperature=cfg.temperature, top_k=cfg.top_k,
                            top_p=cfg.top_p, seed=cfg.seed, progress=False)
-    generated = [_words(t) for t, _ in texts]
-    real_sent = [_words(r.completion) for r in rows]
+    generated = [first_sentence(t) for t, _ in texts]
+    real_sent = [first_sentence(r.completion) for r in rows]
     out: dict[str, Any] = {"n_per_condition": cfg.n_per_condition, "conditions": list(chosen)}
     by_org: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
@@ -278,14 +181,14 @@ def generation(model, tok, corpus, cfg: EvaluateConfig, out_dir: Path) -> dict:
     shuf_e: dict[str, np.ndarray] = {}
     rng = np.random.default_rng(cfg.seed)
     for org, idx in by_org.items():
-        space = _space(corpus, org, cfg, model, tok, out_dir)
+        space = expression_space(corpus, org, embedder=cfg.embedder, embedder_path=cfg.embedder_path,
+                                 pca_cells=cfg.pca_cells, seed=cfg.seed, out_dir=out_dir)
         spaces[org] = space
-        validity[org] = tmx.gene_validity([generated[i] for i in idx], set(space.genes))
+        validity[org] = metrics.gene_validity([generated[i] for i in idx], set(space.genes))
         ds = [rows[i].dataset_id for i in idx]
         sets = ([real_sent[i] for i in idx], [generated[i] for i in idx],
                 [list(rng.permutation(real_sent[i])) for i in idx])
         if space.embed_text:
-            from training.embed import model_embedder
 
             xr, xg, xs = (np.asarray(model_embedder(model, tok, [" ".join(s) for s in group],
                                                     batch_size=cfg.batch_size), np.float64) for group in sets)
@@ -323,50 +226,12 @@ def _max_new(tok, rows) -> int:
 # ---------------------------------------------------------------------------------------- perturbation
 
 
-def _perturbation_of(corpus, cell_ids: set[str]) -> dict[str, str]:
-    """Perturbed cell id -> its perturbation label, from the perturbation files the corpus records."""
-    import anndata as ad
-
-    samples = corpus.manifest.get("samples", {})
-    column = samples.get("options", {}).get("perturbation", {}).get("column", "perturbation")
-    out: dict[str, str] = {}
-    for path in samples.get("inputs", {}).get("perturbation", []) or []:
-        if not os.path.exists(path):
-            continue
-        a = ad.read_h5ad(path, backed="r")
-        try:
-            obs = a.obs
-            if column in obs:
-                hit = obs.index.isin(list(cell_ids))
-                out.update(dict(zip(obs.index[hit], obs[column][hit].astype(str), strict=True)))
-        finally:
-            a.file.close()
-    return out
-
-
-def _control_sentence(prompt: str, genes: set[str]) -> list[str]:
-    """The longest run of gene symbols in a prompt: the control cell's sentence."""
-    best: list[str] = []
-    run: list[str] = []
-    for w in prompt.replace("\n", " ").split():
-        w = w.rstrip(".,:;")
-        if w in genes:
-            run.append(w)
-            if len(run) > len(best):
-                best = list(run)
-        else:
-            run = []
-    return best
-
-
 def perturbation(model, tok, corpus, cfg: EvaluateConfig) -> dict:
-    from training import metrics as tmx
-    from training.generate import generate_texts
 
-    df = _samples(corpus, PERTURBATION_TASK, cfg.split, ["prompt", "completion", "organism", "cell_ids"])
+    df = corpus.samples(PERTURBATION_TASK, cfg.split, ["prompt", "completion", "organism", "cell_ids"]).to_pandas()
     if df.empty:
         return {"skipped": f"no {PERTURBATION_TASK} samples in {cfg.split}"}
-    labels = _perturbation_of(corpus, {ids[1] for ids in df["cell_ids"]})
+    labels = corpus.perturbation_labels({ids[1] for ids in df["cell_ids"]})
     if not labels:
         return {"skipped": "the corpus's perturbation files are not readable here (their paths are in the "
                            "manifest's samples.inputs)"}
@@ -377,20 +242,20 @@ def perturbation(model, tok, corpus, cfg: EvaluateConfig) -> dict:
         return {"skipped": f"no perturbation has {cfg.n_per_condition} samples in {cfg.split}"}
     rows = [r for c in chosen for r in chosen[c].itertuples()]
     organism = rows[0].organism
-    space = Space(list(corpus.vocab(organism)["gene_symbol"]), corpus.fits(organism))
+    space = Space(corpus.vocab(organism, ["token_id", "gene_symbol"])["gene_symbol"].to_pylist(), corpus.fits(organism))
     genes = set(space.genes)
     texts = generate_texts(model, tok, [r.prompt for r in rows], max_new_tokens=_max_new(tok, rows),
                            batch_size=cfg.batch_size, temperature=0.0, seed=cfg.seed, progress=False)
-    pred = space.expression([_words(t) for t, _ in texts], [None] * len(rows))
-    real = space.expression([_words(r.completion) for r in rows], [None] * len(rows))
-    ctrl = space.expression([_control_sentence(r.prompt, genes) for r in rows], [None] * len(rows))
+    pred = space.expression([first_sentence(t) for t, _ in texts], [None] * len(rows))
+    real = space.expression([first_sentence(r.completion) for r in rows], [None] * len(rows))
+    ctrl = space.expression([longest_gene_run(r.prompt, genes) for r in rows], [None] * len(rows))
     by = defaultdict(list)
     for i, r in enumerate(rows):
         by[r.condition].append(i)
     import importlib.util
 
     use = cfg.cell_eval and importlib.util.find_spec("cell_eval") is not None
-    res = tmx.perturbation_metrics({c: pred[i] for c, i in by.items()}, {c: real[i] for c, i in by.items()},
+    res = metrics.perturbation_metrics({c: pred[i] for c, i in by.items()}, {c: real[i] for c, i in by.items()},
                                    ctrl, genes=space.genes, top_n=20, use_cell_eval=use)
     res["cell_eval"] = res.get("cell_eval") if use else (
         "not installed (pip install cell-eval): direct metrics only" if cfg.cell_eval else "off")
@@ -403,8 +268,6 @@ def perturbation(model, tok, corpus, cfg: EvaluateConfig) -> dict:
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
-    from training.generate import open_corpus
-    from training.models import load_model_and_tokenizer, read_provenance
 
     t0 = time.perf_counter()
     prov = read_provenance(cfg.model) or {}
@@ -418,7 +281,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
         model = PeftModel.from_pretrained(model, cfg.adapter)
     model.eval()
-    present = _split_tasks(corpus, cfg.split)
+    present = corpus.split_tasks(cfg.split)
     wanted = cfg.tasks or present
     unknown = [t for t in wanted if t not in present]
     if unknown:
@@ -430,7 +293,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     for task in wanted:
         if task in (GENERATION_TASK, PERTURBATION_TASK):
             continue
-        labelled = _samples(corpus, task, cfg.split, ["label"])["label"].notna().any()
+        labelled = corpus.samples(task, cfg.split, ["label"]).to_pandas()["label"].notna().any()
         if labelled:
             log.info("evaluating %s (prediction)", task)
             per_task[task] = predictions(model, tok, corpus, task, cfg)
@@ -545,9 +408,9 @@ def plots(r: dict, embedded: dict, out_dir: Path, model_dir: str) -> list[str]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(str(path))
-    metrics = Path(model_dir).parent / "metrics.jsonl"
-    if metrics.is_file():
-        recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    log_file = Path(model_dir).parent / "metrics.jsonl"
+    if log_file.is_file():
+        recs = [json.loads(x) for x in log_file.read_text().splitlines() if x.strip()]
         pts = [(q["step"], q["loss"]) for q in recs if "loss" in q]
         if pts:
             fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -570,7 +433,6 @@ EPILOG = """examples:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    from schemas.cli import parse
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)

@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from etl.sources.base import InputError
+from schemas.errors import InputError
 
 TOKENS_PER_GENE = 3.3
 CHARS_PER_TOKEN = 4.0
@@ -112,3 +112,9 @@ class TokenBudget:
             else:
                 hi = mid - 1
         return lo
+
+
+def genes_cap(budget: TokenBudget, cap: int = 1024) -> int:
+    """The most genes of a cell any prompt can show (a gene costs at least one token, or the estimate): gene
+    lists are cut to this before the shuffle, so it moves no gene a prompt could never hold."""
+    return min(cap, budget.max_tokens if budget.exact else int(budget.max_tokens / budget.tokens_per_gene) + 1)

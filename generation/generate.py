@@ -1,4 +1,4 @@
-"""c2s-generate / python -m training.generate: cells written by a trained model, back as expression (.h5ad).
+"""c2s-generate / python -m generation.generate: cells written by a trained model, back as expression (.h5ad).
 
 Prompts come from the corpus's own templates (etl/tasks/templates, filled and cut to the token budget by the
 builder's `etl.tasks.common.render`, as in training), from a split's samples (`--from-split test`: the prompts
@@ -6,7 +6,7 @@ of that task as written, with the labels of the cells they were made from), or f
 model continues each prompt (HF `generate`: batches of prompts of similar token length, left padding, KV
 cache), the completions are parsed into cell sentences, and each sentence is turned back into an expression
 vector by the C2S inverse transform of the corpus (the fit of the condition's dataset when known, else the
-organism's pooled fit). Non-gene words and repeated genes follow cell2sentence's rule (etl.inverse.
+organism's pooled fit). Non-gene words and repeated genes follow cell2sentence's rule (language.inverse.
 c2s_postprocess): a non-gene word keeps its rank but gets no expression; a repeated gene is put once at the
 mean of its positions.
 
@@ -28,12 +28,29 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from language import templates
+from language.budget import genes_cap
+from language.corpus import Corpus, open_corpus
+from language.inverse import c2s_postprocess, ranked_to_matrix
+from language.organisms import normalise_organism
+from language.prompts import (
+    cell_type_list,
+    cell_values,
+    n_templates,
+    parse_cells,
+    perturbation_words,
+    prompt_for,
+)
+from schemas import UNKNOWN
 from schemas.cli import option as _f  # a config field: default, --help text, option metadata
-from schemas.errors import ConfigError, InputError
-from schemas.layout import open_parquet
-from schemas.tasks import LABEL_FIELDS, SPLITS
+from schemas.cli import parse
+from schemas.errors import ConfigError, CorpusError, InputError
+from schemas.layout import filesystem, open_parquet
+from schemas.tasks import LABEL_FIELDS, SPLITS, TASKS
+from training import models as tm
+from training.data import encode_prompts
 
-log = logging.getLogger("training.generate")
+log = logging.getLogger("generation.generate")
 
 # response fields that hold generated cells: a task whose response has one of them outputs cells
 CELL_OUTPUTS = ("cell_sentence", "cells", "perturbed_sentence", "neighbor_sentence")
@@ -141,15 +158,13 @@ class GenerateConfig:
 
 def generation_tasks() -> dict[str, set[str]]:
     """task -> the conditions its prompts take, for every task whose response is one or more cells."""
-    from etl.tasks import templates as tpl
-    from schemas.tasks import TASKS
 
     out = {}
     for name in TASKS:
-        spec = tpl.load(name)
-        if not tpl.fields(spec["response"]) & set(CELL_OUTPUTS):
+        spec = templates.load(name)
+        if not templates.fields(spec["response"]) & set(CELL_OUTPUTS):
             continue
-        fields = set().union(*(tpl.fields(p) for p in spec["prompts"])) - {"num_genes"}
+        fields = set().union(*(templates.fields(p) for p in spec["prompts"])) - {"num_genes"}
         unknown = fields - FIELD_CONDITION.keys()
         if unknown:  # a template field nobody can fill: a new template needs a FIELD_CONDITION entry
             raise GenerateError(f"task {name}: template field(s) {sorted(unknown)} have no condition")
@@ -164,14 +179,12 @@ def is_multi(task: str | None) -> bool | None:
     """True when the task's response is several cells ("Cell 1: ..."); None for an unknown task."""
     if task is None:
         return None
-    from etl.tasks import templates as tpl
 
-    return "cells" in tpl.fields(tpl.load(task)["response"])
+    return "cells" in templates.fields(templates.load(task)["response"])
 
 
 def check_task(task: str) -> set[str]:
     """The conditions of a task that outputs cells; GenerateError naming the tasks that do otherwise."""
-    from schemas.tasks import TASKS
 
     tasks = generation_tasks()
     if task not in TASKS:
@@ -218,104 +231,7 @@ def check_conditions(task: str, conditions: dict[str, str]) -> None:
             raise GenerateError(f"--condition num_cells={conditions['num_cells']!r}: give a number of cells >= 1")
 
 
-# ---------------------------------------------------------------- corpus: vocabulary, fits, budget
 
-
-@dataclass
-class Corpus:
-    uri: str
-    version: Any  # schemas.layout.CorpusVersion
-
-    @property
-    def manifest(self) -> dict:
-        return self.version.manifest
-
-    def organisms(self) -> list[str]:
-        from schemas.layout import filesystem
-
-        fs, path = filesystem(self.version.path("vocab"))
-        import pyarrow.fs as pafs
-
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-        return sorted(os.path.basename(i.path)[: -len(".parquet")] for i in infos if i.path.endswith(".parquet"))
-
-    def vocab(self, organism: str):
-        """The organism's vocabulary as a pandas DataFrame (token_id order)."""
-        import pyarrow.parquet as pq
-
-        from schemas.layout import filesystem
-
-        fs, path = filesystem(self.version.path("vocab", f"{organism}.parquet"))
-        try:
-            table = pq.read_table(path, filesystem=fs)
-        except (OSError, FileNotFoundError):
-            raise GenerateError(f"corpus {self.uri}: no vocabulary for organism {organism!r}; organisms: "
-                                f"{', '.join(self.organisms()) or 'none'}") from None
-        return table.to_pandas().sort_values("token_id").reset_index(drop=True)
-
-    def fits(self, organism: str) -> dict[str, dict]:
-        """{"dataset:<id>": fit, ..., "pooled:<organism>": fit}: each {slope, intercept, r2, n_cells, kind}; the
-        pooled fit merges the datasets' sufficient statistics. Datasets whose fit is not a line are left out."""
-        import math
-
-        import pyarrow.parquet as pq
-
-        from etl.inverse import FitStats
-        from schemas.layout import filesystem
-
-        fs, path = filesystem(self.version.path("stats", "inverse_transform.parquet"))
-        try:
-            rows = pq.read_table(path, filesystem=fs).to_pylist()
-        except (OSError, FileNotFoundError):
-            raise GenerateError(f"corpus {self.uri}: no stats/inverse_transform.parquet (rebuild the corpus with "
-                                "this version of the builder)") from None
-        out: dict[str, dict] = {}
-        pooled = FitStats()
-        for r in rows:
-            if r["organism"] != organism:
-                continue
-            s = FitStats(int(r["n_cells"]), float(r["n_points"]), r["sum_x"], r["sum_y"], r["sum_xx"], r["sum_xy"],
-                         r["sum_yy"])
-            pooled = pooled + s
-            slope, intercept, r2 = s.solve()
-            if math.isfinite(slope) and math.isfinite(intercept):
-                out[f"dataset:{r['dataset_id']}"] = {"slope": slope, "intercept": intercept, "r2": r2,
-                                                     "n_cells": s.n_cells, "kind": "dataset",
-                                                     "normalize_target": float(r["normalize_target"])}
-        slope, intercept, r2 = pooled.solve()
-        if not (math.isfinite(slope) and math.isfinite(intercept)):
-            raise GenerateError(f"corpus {self.uri}: no inverse-transform fit for organism {organism!r} (its "
-                                "datasets' points define no line)")
-        target = next(iter(out.values()))["normalize_target"] if out else 1e4
-        out[f"pooled:{organism}"] = {"slope": slope, "intercept": intercept, "r2": r2, "n_cells": pooled.n_cells,
-                                     "kind": "pooled", "normalize_target": target}
-        return out
-
-    def budget(self):
-        """The token budget the corpus's samples were cut to (an exact one when built with --tokenizer)."""
-        from etl.tasks.budget import TokenBudget, load_tokenizer_json
-
-        samples = self.manifest.get("samples", {})
-        opts = samples.get("options", {})
-        tok_json = None
-        path = samples.get("tokenizer")
-        if path:
-            try:
-                tok_json = load_tokenizer_json(path)
-            except InputError:
-                log.warning("corpus %s was cut with tokenizer %s, which is not readable here: prompts are cut "
-                            "with the estimate of %s tokens per gene", self.uri, path, opts.get("tokens_per_gene"))
-        kw = {"tokens_per_gene": float(opts["tokens_per_gene"])} if opts.get("tokens_per_gene") else {}
-        return TokenBudget(max_tokens=int(opts.get("max_tokens") or 1024), tokenizer_json=tok_json, **kw)
-
-
-def open_corpus(uri: str) -> Corpus:
-    from schemas.layout import CorpusNotFound, resolve
-
-    try:
-        return Corpus(uri, resolve(uri))
-    except CorpusNotFound as e:
-        raise GenerateError(str(e)) from None
 
 
 # ---------------------------------------------------------------- prompts
@@ -337,27 +253,18 @@ def _placeholder_genes(vocab, n: int) -> list[str]:
 
 def condition_prompts(cfg: GenerateConfig, corpus: Corpus, organism: str, vocab, n_genes: int) -> list[Prompt]:
     """cfg.n copies of the prompt of cfg.task filled with the conditions, cut to the corpus budget."""
-    from etl.stages.samples_plan import genes_cap
-    from etl.tasks import common
-    from etl.tasks import templates as tpl
-    from etl.tasks.perturbation import perturbation_words
-    from schemas import UNKNOWN
-
     task = cfg.task
     cond = parse_conditions(cfg.condition)
     check_conditions(task, cond)
     if "organism" in cond:
-        from etl.sources.base import normalise_organism
-
         if normalise_organism(cond["organism"]) != organism:
             raise GenerateError(f"--condition organism={cond['organism']} and --organism {organism} differ")
         cond.pop("organism")
-    n_templates = len(tpl.load(task)["prompts"])
-    if cfg.template >= n_templates:
-        raise GenerateError(f"--template {cfg.template}: task {task} has {n_templates} templates (0-"
-                            f"{n_templates - 1})")
+    count = n_templates(task)
+    if cfg.template >= count:
+        raise GenerateError(f"--template {cfg.template}: task {task} has {count} templates (0-{count - 1})")
     record = {"organism": organism, **{k: cond.get(k, UNKNOWN) for k in LABELS}}
-    values = common.labels(record)
+    values = cell_values(record)
     types = [t.strip() for t in cond.get("cell_types", "").split(";") if t.strip()]
     if "cell_types" in cond and not types:
         raise GenerateError("--condition cell_types: give cell types separated by '; ' (e.g. \"T cell; B cell\")")
@@ -365,7 +272,7 @@ def condition_prompts(cfg: GenerateConfig, corpus: Corpus, organism: str, vocab,
         raise GenerateError(f"--condition num_cells={cond['num_cells']} but cell_types lists {len(types)}")
     num_cells = len(types) or int(cond.get("num_cells", DEFAULT_NUM_CELLS))
     if types:
-        values["cell_types"] = common.cell_type_list([{"cell_type": t} for t in types])
+        values["cell_types"] = cell_type_list([{"cell_type": t} for t in types])
     values["num_cells"] = num_cells
     if "abstract" in cond:
         values["abstract"] = cond["abstract"]
@@ -384,9 +291,9 @@ def condition_prompts(cfg: GenerateConfig, corpus: Corpus, organism: str, vocab,
     else:
         sentences = [placeholder]
     budget = corpus.budget()
-    ctx = common.SampleContext(mixture={}, budget=budget, max_genes=min(n_genes, genes_cap(budget)))
     try:
-        out = common.render(task, "", values, sentences, ctx, common.Counts(), template=cfg.template)
+        out = prompt_for(task, values, sentences, budget, template=cfg.template,
+                         max_genes=min(n_genes, genes_cap(budget)))
     except KeyError as e:
         raise GenerateError(f"task {task}: the template needs {{{e.args[0]}}}; pass --condition "
                             f"{FIELD_CONDITION.get(e.args[0], e.args[0])}=...") from None
@@ -406,11 +313,10 @@ def condition_prompts(cfg: GenerateConfig, corpus: Corpus, organism: str, vocab,
 def split_prompts(cfg: GenerateConfig, corpus: Corpus, organism: str | None) -> tuple[list[Prompt], str]:
     """The first cfg.n prompts of cfg.task in cfg.from_split (of one organism), with the labels of the cells
     each was built from; -> (prompts, organism)."""
-    from training.data import CorpusError, corpus_files
 
     check_task(cfg.task)
     try:
-        files = corpus_files(corpus.uri, cfg.from_split, [cfg.task])[cfg.task]
+        files = corpus.sample_parts(cfg.from_split, [cfg.task])[cfg.task]
     except CorpusError as e:
         raise GenerateError(str(e)) from None
     found: dict[str, int] = {}  # prompts per organism: the organism column alone, read first
@@ -460,7 +366,6 @@ def _cell_labels(corpus: Corpus, organism: str, rows: list[dict]) -> dict[tuple[
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    from schemas.layout import filesystem
 
     wanted: dict[str, set[str]] = {}
     for r in rows:
@@ -486,7 +391,6 @@ def file_prompts(cfg: GenerateConfig) -> tuple[list[Prompt], str | None]:
         raise GenerateError(f"--prompts {path}: file not found")
     prompts: list[Prompt] = []
     organisms: set[str] = set()
-    from etl.sources.base import normalise_organism
 
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
@@ -526,7 +430,6 @@ def load_model(cfg: GenerateConfig) -> tuple[Any, Any, dict | None]:
     """(model in eval mode on its device, tokenizer, provenance: the c2s.json of the model or adapter)."""
     import torch
 
-    from training import models as tm
 
     device = cfg.device
     if device == "auto":
@@ -605,7 +508,6 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: 
     from tqdm.auto import tqdm
     from transformers import GenerationConfig, LogitsProcessorList
 
-    from training.data import encode_prompts
 
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise GenerateError("generate_texts: prompts must be a list of strings")
@@ -643,35 +545,6 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: 
                 out[i] = (text, truncated)
             bar.update(len(idx))
     return out  # type: ignore[return-value]
-
-
-_CELL_MARK = re.compile(r"(?:^|\n)[ \t]*Cell[ \t]+\d+[ \t]*:")
-
-
-def parse_cells(text: str, multi: bool | None) -> list[list[str]]:
-    """The cell sentences of a completion, as word lists. A sentence is one line and ends at its first word
-    that ends with "." (the response format " A B C."; a symbol never ends with "."); what follows is not part
-    of the cell. multi: the "Cell i:" blocks of a multi-cell answer, each a sentence (None: blocks if the text
-    has them); else the first sentence only. Always at least one (possibly empty) sentence."""
-    marks = list(_CELL_MARK.finditer(text)) if multi is not False else []
-    if marks:
-        bodies = [text[m.end(): marks[k + 1].start() if k + 1 < len(marks) else len(text)]
-                  for k, m in enumerate(marks)]
-    else:
-        bodies = [text]
-    return [_sentence(b) for b in bodies] or [[]]
-
-
-def _sentence(body: str) -> list[str]:
-    line = body.strip().split("\n", 1)[0] if body.strip() else ""
-    words = []
-    for w in line.split():
-        if w.endswith("."):
-            if w.rstrip("."):
-                words.append(w.rstrip("."))
-            break
-        words.append(w)
-    return words
 
 
 # ---------------------------------------------------------------- the run
@@ -737,7 +610,6 @@ def run(cfg: GenerateConfig) -> GenerateResult:
     if trained_on and corpus.version.version and trained_on != corpus.version.version:
         log.warning("the model was trained on corpus version %s; generating against version %s", trained_on,
                     corpus.version.version)
-    from etl.sources.base import normalise_organism
 
     organism = normalise_organism(cfg.organism) if cfg.organism else None
     if cfg.prompts:
@@ -756,7 +628,7 @@ def run(cfg: GenerateConfig) -> GenerateResult:
     if organism is None:
         orgs = corpus.organisms()
         organism = orgs[0] if len(orgs) == 1 else "homo_sapiens"
-    vocab = corpus.vocab(organism)
+    vocab = corpus.vocab(organism).to_pandas()
     # how the corpus's sentences were written (symbol case, gene cap): the corpus's own options, else the model's
     encoding = {**((provenance or {}).get("encoding") or {}), **corpus.manifest.get("options", {})}
     if source == "conditions":
@@ -771,7 +643,6 @@ def run(cfg: GenerateConfig) -> GenerateResult:
             raise GenerateError(f"dataset_id {ds!r}: no inverse-transform fit of {organism} for it; datasets: "
                                 f"{', '.join(known[:10])}{' ...' if len(known) > 10 else ''}")
 
-    from training.data import encode_prompts
 
     lengths = [len(x) for x in encode_prompts(tok, [p.text for p in prompts])]
     context = getattr(model.config, "max_position_embeddings", None)
@@ -816,13 +687,12 @@ def run(cfg: GenerateConfig) -> GenerateResult:
 
 def to_anndata(prompts: list[Prompt], texts: list[tuple[str, bool]], multi: bool | None, cfg: GenerateConfig,
                vocab, fits: dict[str, dict], organism: str, pooled_key: str, encoding: dict):
-    """One obs row per generated cell, X by the inverse transform (etl.inverse.c2s_postprocess +
+    """One obs row per generated cell, X by the inverse transform (language.inverse.c2s_postprocess +
     ranked_to_matrix), var the organism's vocabulary."""
     import anndata as ad
     import numpy as np
     import pandas as pd
 
-    from etl.inverse import c2s_postprocess, ranked_to_matrix
 
     uppercase = bool(encoding.get("uppercase", True))
     symbols = vocab["gene_symbol"].astype(str).tolist()
@@ -907,7 +777,6 @@ end of text within --max-new-tokens), inverse_fit; uns: model, corpus, sampling,
 def parse_args(argv: list[str] | None, prog: str | None = None) -> GenerateConfig:
     """Defaults < --config YAML < flags (schemas.cli.parse). --condition values are taken whole (a cell type
     may hold commas; the field's `whole` option); in YAML `condition` is a mapping or a list of KEY=VALUE."""
-    from schemas.cli import parse
 
     cfg = parse(GenerateConfig, argv, DESCRIPTION, EPILOG, prog=prog)
     parse_conditions(cfg.condition)

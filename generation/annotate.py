@@ -1,4 +1,4 @@
-"""c2s-annotate / python -m training.annotate: annotate your own cells with a model trained here.
+"""c2s-annotate / python -m generation.annotate: annotate your own cells with a model trained here.
 
 Each cell of an .h5ad file is rank-encoded exactly as the model's corpus encoded its cells (the builder's
 encoder, symbol rule, gene cap, tie-break seed and case; read from the model's final/c2s.json), asked the
@@ -40,10 +40,20 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from language import h5ad
+from language.budget import TokenBudget, genes_cap, load_tokenizer_json
+from language.encode import SKIP_REASONS, Encoder, Vocabulary
+from language.organisms import normalise_organism
+from language.prompts import answer_budget, cell_values, fill, n_templates, predicted_label, prompt_for
+from language.symbols import var_words
+from schemas import UNKNOWN
 from schemas.cli import option as _f  # a config field: default, --help text, option metadata
 from schemas.cli import parse
 from schemas.errors import ConfigError, InputError
+from schemas.layout import CorpusNotFound, filesystem, resolve
 from schemas.tasks import LABEL_FIELDS
+from training.data import _encode, _eos_id, encode_prompts
+from training.models import PROVENANCE, load_model_and_tokenizer, prompt_batch, read_provenance
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +160,6 @@ class Speech:
     def of_model(cls, model_dir: str, corpus: str | None = None) -> Speech:
         """From MODEL/c2s.json (training.trainer.training_provenance), or from the manifest of `corpus` for a
         model without one; `corpus` also replaces the corpus path c2s.json names."""
-        from training.models import PROVENANCE, read_provenance
 
         try:
             prov = read_provenance(model_dir)
@@ -185,7 +194,6 @@ class Speech:
 
 
 def _open_corpus(corpus: str):
-    from schemas.layout import CorpusNotFound, resolve
 
     try:
         return resolve(corpus)
@@ -208,17 +216,9 @@ class Prompter:
     """A cell's genes -> its cell_type_prediction prompt, by the builder's template, budget and render."""
 
     def __init__(self, speech: Speech, organism: str, template: int = 0, budget_tokenizer: str | None = None):
-        from etl.stages.samples_plan import genes_cap
-        from etl.tasks import common
-        from etl.tasks import templates as tpl
-        from etl.tasks.budget import TokenBudget, load_tokenizer_json
-        from schemas import UNKNOWN
-
-        self._render, self._counts = common.render, common.Counts
-        spec = tpl.load(TASK)
-        if template >= len(spec["prompts"]):
-            raise AnnotateError(f"--template {template}: {TASK} has {len(spec['prompts'])} prompt wordings "
-                                f"(0-{len(spec['prompts']) - 1})")
+        count = n_templates(TASK)
+        if template >= count:
+            raise AnnotateError(f"--template {template}: {TASK} has {count} prompt wordings (0-{count - 1})")
         path = budget_tokenizer or speech.budget_tokenizer
         tok_json = None
         if path:
@@ -227,25 +227,23 @@ class Prompter:
             except InputError as e:
                 raise AnnotateError(f"the corpus's token budget counted with tokenizer {path!r}, which cannot be "
                                     f"read here ({e}); give --budget-tokenizer PATH") from None
-        budget = TokenBudget(max_tokens=speech.max_tokens, tokens_per_gene=speech.tokens_per_gene,
-                             tokenizer_json=tok_json)
-        # the samples stage's context: the same budget, gene cap and minimum genes
-        self.ctx = common.SampleContext(mixture={}, budget=budget, max_genes=genes_cap(budget))
+        # the samples stage's budget, gene cap and minimum genes
+        self.budget = TokenBudget(max_tokens=speech.max_tokens, tokens_per_gene=speech.tokens_per_gene,
+                                  tokenizer_json=tok_json)
+        self.max_genes = genes_cap(self.budget)
         cell = {**dict.fromkeys(LABEL_FIELDS, UNKNOWN), "organism": organism}
-        self.fields = common.labels(cell)  # no label is known: the answer counts as 'unknown' in the budget
+        self.fields = cell_values(cell)  # no label is known: the answer counts as 'unknown' in the budget
         self.template = template
-        self.response = spec["response"]
-        self._fill = tpl.fill
 
     def __call__(self, genes: list[str]) -> tuple[str, int] | None:
         """(prompt, genes shown), or None when even a few genes do not fit the budget."""
-        out = self._render(TASK, "", self.fields, [genes[: self.ctx.max_genes]], self.ctx, self._counts(),
-                           template=self.template)
-        return None if out is None else (out[0], out[2])
+        out = prompt_for(TASK, self.fields, [genes[: self.max_genes]], self.budget, template=self.template,
+                         max_genes=self.max_genes)
+        return None if out is None else (out.prompt, out.n_genes)
 
     def completion(self, label: str) -> str:
         """The training completion of `label` (" <label>.")."""
-        return self._fill(self.response, {**self.fields, "cell_type": label}).rstrip("\n")
+        return fill(TASK, self.template, {**self.fields, "cell_type": label}, [], self.budget)[1]
 
 
 # ---------------------------------------------------------------- cells: the file's matrix, ranked
@@ -263,14 +261,12 @@ class Cells:
             self._use_anndata(source, layer)
 
     def _open_file(self, path: str, layer: str | None) -> None:
-        from etl.sources import h5ad as src
-
         if not os.path.isfile(path):
             raise AnnotateError(f"--h5ad {path}: file not found")
         self.where = path
-        f = self._file = src.open_h5ad(path)
+        f = self._file = h5ad.open_h5ad(path)
         try:
-            mpath, vpath = src.matrix_paths(layer)
+            mpath, vpath = h5ad.matrix_paths(layer)
             have = (["X"] if "X" in f else []) + (["raw"] if "raw" in f and "X" in f["raw"] else []) \
                 + sorted(f.get("layers", {}).keys())
             if mpath not in f:
@@ -278,11 +274,11 @@ class Cells:
                                     f"{', '.join(have) or 'none'}")
             if "obs" not in f or vpath not in f:
                 raise AnnotateError(f"{path}: not an AnnData file (no obs/var groups)")
-            self.obs_names = np.asarray([str(x) for x in src.read_index(f["obs"], path)], dtype=object)
+            self.obs_names = np.asarray([str(x) for x in h5ad.read_index(f["obs"], path)], dtype=object)
             var = f[vpath]
-            self.ids = [str(x) for x in src.read_index(var, path)]
-            names = src.read_column(var, "feature_name", 0, len(self.ids), path) \
-                if "feature_name" in src.column_names(var) else self.ids
+            self.ids = [str(x) for x in h5ad.read_index(var, path)]
+            names = h5ad.read_column(var, "feature_name", 0, len(self.ids), path) \
+                if "feature_name" in h5ad.column_names(var) else self.ids
             self.names = list(names)
             el = f[mpath]
             shape = tuple(int(x) for x in (el.attrs.get("shape", (-1, -1)) if hasattr(el, "keys") else el.shape))
@@ -291,14 +287,14 @@ class Cells:
                                     f"{vpath} {len(self.ids)}")
             if not len(self.obs_names) or not self.ids:
                 raise AnnotateError(f"{path}: {len(self.obs_names)} cells and {len(self.ids)} genes; nothing to rank")
-            src.probe_values(f, mpath, len(self.obs_names), path, layer)  # refuses scaled data, warns on normalised
+            h5ad.probe_values(f, mpath, len(self.obs_names), path, layer)  # refuses scaled data, warns on normalised
         except KeyError as e:
             self.close()
             raise AnnotateError(f"{path}: not a readable AnnData file (missing {e})") from None
         except BaseException:
             self.close()
             raise
-        self._read = lambda lo, hi: src.read_rows(f, mpath, lo, hi)
+        self._read = lambda lo, hi: h5ad.read_rows(f, mpath, lo, hi)
         self.matrix = f"{mpath}"
 
     def _use_anndata(self, adata: Any, layer: str | None) -> None:
@@ -363,8 +359,6 @@ class Ranker:
     the model corpus's options writes for the cell (same symbols, cap, case and tie-break by row number)."""
 
     def __init__(self, cells: Cells, speech: Speech):
-        from etl.encode import Encoder, Vocabulary
-        from etl.symbols import var_words
 
         self.cells = cells
         self.words, _ = var_words(cells.ids, cells.names, uppercase=speech.uppercase, source=f"{cells.where} var")
@@ -374,7 +368,6 @@ class Ranker:
         self.symbols = np.asarray(vocab.symbols.to_pylist(), dtype=object)
 
     def sentences(self, rows: np.ndarray, block_cells: int) -> Iterator[Sentence]:
-        from etl.encode import SKIP_REASONS
 
         pos = 0
         for chunk in _chunks(rows, block_cells):
@@ -414,7 +407,6 @@ def cell_prompts(source: Any, speech: Speech, organism: str, *, template: int = 
                  rows: np.ndarray | None = None, block_cells: int = 4096,
                  budget_tokenizer: str | None = None) -> Iterator[tuple[str, str | None, int, str | None]]:
     """(cell id, prompt or None, genes shown, why no prompt) per cell of `source` (an .h5ad path or AnnData)."""
-    from etl.sources.base import normalise_organism
 
     cells = Cells(source, layer)
     try:
@@ -444,7 +436,6 @@ class Reader:
                  embed: bool = False, label_batch: int = 256):
         import torch
 
-        from training.data import _encode, _eos_id
 
         self.torch = torch
         self.model, self.tok = model, tokenizer
@@ -468,7 +459,6 @@ class Reader:
             self.label_mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=self.device)
 
     def __call__(self, prompts: list[str]) -> tuple[list[str], np.ndarray, np.ndarray | None]:
-        from training.models import prompt_batch
 
         torch = self.torch
         enc = prompt_batch(self.tok, prompts, self.device)
@@ -486,7 +476,6 @@ class Reader:
         return ((hidden.float() * m).sum(1) / m.sum(1).clamp(min=1)).cpu().numpy()
 
     def _generate(self, enc):
-        from training.evaluate import predicted_label
 
         torch = self.torch
         out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
@@ -569,7 +558,6 @@ def annotate_cells(source: Any, model, tokenizer, speech: Speech, organism: str,
     default a new array."""
     from tqdm.auto import tqdm
 
-    from etl.sources.base import normalise_organism
 
     organism = normalise_organism(organism)
     cells = Cells(source, layer)
@@ -599,7 +587,6 @@ def annotate_cells(source: Any, model, tokenizer, speech: Speech, organism: str,
             if vectors is not None:
                 emb[where] = vectors
             if speech.max_length:
-                from training.data import encode_prompts
 
                 long_prompts += sum(len(x) >= speech.max_length for x in encode_prompts(tokenizer, [p for _, p in
                                                                                                   pending]))
@@ -637,7 +624,6 @@ def corpus_labels(version, organism: str | None) -> list[str]:
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    from schemas.layout import filesystem
 
     uri = version.path("samples", TASK, "train")
     fs, path = filesystem(uri)
@@ -671,7 +657,6 @@ def file_labels(path: str) -> list[str]:
 def corpus_vocab(version, organism: str) -> set[str] | None:
     import pyarrow.parquet as pq
 
-    from schemas.layout import filesystem
 
     fs, path = filesystem(version.path("vocab", f"{organism}.parquet"))
     try:
@@ -815,8 +800,6 @@ def run(cfg: AnnotateConfig) -> dict:
         labels = None if cfg.labels == "corpus" else file_labels(cfg.labels)
     # the input first: a bad file fails before the model is loaded
     cells = Cells(cfg.h5ad, cfg.layer)
-    from etl.sources.base import normalise_organism
-    from etl.symbols import var_words
 
     try:
         words, _ = var_words(cells.ids, cells.names, uppercase=speech.uppercase, source=f"{cfg.h5ad} var")
@@ -845,14 +828,12 @@ def run(cfg: AnnotateConfig) -> dict:
     if cfg.labels == "corpus":
         labels = corpus_labels(version, organism)
     Prompter(speech, organism, cfg.template, cfg.budget_tokenizer)  # template and budget checked before the model
-    from training.models import load_model_and_tokenizer
 
     device, dtype = _device_and_dtype(cfg)
     model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=dtype)
     model.to(device)
     budget = cfg.max_new_tokens
     if budget is None and labels is None and version is not None:
-        from training.evaluate import answer_budget
 
         try:
             budget = answer_budget(tokenizer, corpus_labels(version, None))

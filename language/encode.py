@@ -24,7 +24,7 @@ import numba as nb
 import numpy as np
 import pyarrow as pa
 
-from etl.jit import njit
+from language.jit import njit
 
 # Bump whenever the encoder's output bytes may change for the same input (it goes into the build's run
 # key, so a changed encoder never reuses parts written by an older one). 1: the first release; 2: the

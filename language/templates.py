@@ -1,6 +1,6 @@
 """Task templates as data (templates/<task>.json): at least 8 prompts per task and one response format.
 
-A field may carry a phrase spec (etl/tasks/phrases.py): `{cell_kind:a}` "a T cell" / "an NK cell",
+A field may carry a phrase spec (language/phrases.py): `{cell_kind:a}` "a T cell" / "an NK cell",
 `{tissue:+tissue}` "lung tissue" / "adipose tissue"; `fill` applies them. Templates are parsed once.
 """
 
@@ -11,11 +11,11 @@ import string
 from functools import cache
 from importlib import resources
 
-from etl.sources.base import InputError
-from etl.tasks.phrases import apply_spec, check_spec
+from language.phrases import apply_spec, check_spec
+from schemas.errors import InputError
 
 # through importlib.resources: also read when the package is imported from a zip (spark-submit --py-files)
-DIR = resources.files("etl.tasks") / "templates"
+DIR = resources.files("language") / "templates"
 MIN_TEMPLATES = 8
 
 Parsed = tuple[tuple[str, str | None, str], ...]  # (literal text, field or None, phrase spec)

@@ -5,7 +5,7 @@ C2S fits, per dataset, y = log10(1 + normalised expression) against x = log10(1 
 statistics (n, Σx, Σy, Σx², Σxy, Σy²), so Spark tasks compute it in the encoding pass and the driver merges
 the per-task sums; slope, intercept and R² follow in closed form.
 
-Generated sentences (training/generate.py) go through `c2s_postprocess` (cell2sentence 1.2.0's rule for
+Generated sentences (generation/generate.py) go through `c2s_postprocess` (cell2sentence 1.2.0's rule for
 non-gene words and repeated genes, exactly) and `ranked_to_matrix` (one CSR row per cell, a fit per cell).
 `sentence_to_expression` keeps every word's own position and puts a repeat at its mean rank without moving
 the others: a lighter rule for sentences of the corpus, which hold no repeats.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from etl.encode import FIT_MAX_RANK, NORMALIZE_TARGET
+from language.encode import FIT_MAX_RANK, NORMALIZE_TARGET
 
 
 @dataclass

@@ -10,17 +10,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from language.corpus import open_corpus
+from language.prompts import answer_budget, predicted_label
 from schemas.layout import open_parquet
 from training import data as td
-from training.answers import answer_budget, predicted_label
 from training.losses import collate_mode, model_inputs, response_loss
+from training.models import generate
 from training.packing import collate, sample_from_tokens
 from training.stream import Sample
 
 log = logging.getLogger(__name__)
 
 CELL_TYPE_TASK = "cell_type_prediction"
-__all__ = ["CELL_TYPE_TASK", "EvalSet", "answer_budget", "cell_type_accuracy", "loss_per_task", "main",
+__all__ = ["CELL_TYPE_TASK", "EvalSet", "answer_budget", "cell_type_accuracy", "loss_per_task",
            "predicted_label"]
 
 
@@ -50,7 +52,7 @@ class EvalSet:
              cells: int) -> EvalSet:
         """The first `per_task` samples of each task in `split` (tasks the split lacks are left out and
         logged), and the first `cells` cell_type_prediction samples for the accuracy."""
-        parts = td.split_parts(corpus, split)
+        parts = open_corpus(corpus).split_parts(split)
         out = cls()
         missing = []
         for task in tasks:
@@ -78,7 +80,6 @@ class EvalSet:
 def cell_type_accuracy(model, tokenizer, cells: list[tuple[str, str]], max_new_tokens: int | None = None) -> float:
     """Share of cells whose greedy continuation names their cell type (case-insensitive, exact label); the
     generation budget fits the longest label unless given."""
-    from training.models import generate
 
     if not cells:
         return 0.0
@@ -102,16 +103,3 @@ def loss_per_task(model, evalset: EvalSet, pad_id: int, device, mode: str, dtype
             n += batch["n_labels"]
         out[task] = (total / max(n, 1), n)
     return out
-
-
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """python -m training.evaluate / c2s evaluate: the full evaluation (training/evaluation.py)."""
-    from training.evaluation import main as evaluation_main
-
-    return evaluation_main(argv, prog=prog)
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())
