@@ -21,7 +21,7 @@ __all__ = ["ConfigError", "InputError", "build_corpus", "load_corpus", "read_tab
            "to_sentences"]
 
 _HOME = {"build_corpus": "c2s.build", "load_corpus": "c2s.corpus", "read_table": "c2s.corpus",
-         "render_prompt": "c2s.sentences", "to_sentences": "c2s.sentences",
+         "render_prompt": "c2s.prompts", "to_sentences": "c2s.sentences",
          "InputError": "schemas.errors", "ConfigError": "schemas.errors"}
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from etl import manifest as mf
 from etl.sources.base import SourcePlan, Task
 from etl.storage import Store
-from language.inverse import FitStats
+from language.fit import FitStats
 from schemas.layout import CorpusVersion, gene_counts_rel, parse_sentence_rel, part_path
 
 log = logging.getLogger("etl.incremental")

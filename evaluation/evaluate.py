@@ -36,6 +36,7 @@ from evaluation.embed import model_embedder
 from evaluation.space import GENERATION_TASK, Space, expression_space
 from generation.generate import generate_texts
 from language.corpus import open_corpus
+from language.h5ad import obs_values
 from language.prompts import answer_budget, first_sentence, longest_gene_run, predicted_label
 from schemas.cli import option as _f  # a config field: default, --help text, option metadata
 from schemas.cli import parse
@@ -231,7 +232,7 @@ def perturbation(model, tok, corpus, cfg: EvaluateConfig) -> dict:
     df = corpus.samples(PERTURBATION_TASK, cfg.split, ["prompt", "completion", "organism", "cell_ids"]).to_pandas()
     if df.empty:
         return {"skipped": f"no {PERTURBATION_TASK} samples in {cfg.split}"}
-    labels = corpus.perturbation_labels({ids[1] for ids in df["cell_ids"]})
+    labels = obs_values(*corpus.perturbation_inputs(), {ids[1] for ids in df["cell_ids"]})
     if not labels:
         return {"skipped": "the corpus's perturbation files are not readable here (their paths are in the "
                            "manifest's samples.inputs)"}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,9 +21,8 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from language import h5ad
 from language.budget import TokenBudget, load_tokenizer_json
-from language.inverse import FitStats
+from language.fit import FitStats
 from schemas import SAMPLES, SchemaMismatch, check
 from schemas.errors import CorpusError, InputError
 from schemas.layout import CorpusVersion, filesystem, list_files, open_parquet, parse_sample_rel, resolve
@@ -157,22 +155,12 @@ class Corpus:
         return {(d, c): v for d, c, v in zip(t["dataset_id"].to_pylist(), t["cell_id"].to_pylist(),
                                              t[column].to_pylist(), strict=True) if (d, c) in keys}
 
-    def perturbation_labels(self, cell_ids: set[str]) -> dict[str, str]:
-        """Perturbed cell id -> its perturbation label, from the perturbation files the manifest records (those
-        readable here; a corpus built elsewhere may name files this machine lacks)."""
+    def perturbation_inputs(self) -> tuple[list[str], str]:
+        """The perturbation files the manifest records and their perturbation column (read them with
+        `language.h5ad.obs_values`; a corpus built elsewhere may name files this machine lacks)."""
         samples = self.manifest.get("samples", {})
         column = samples.get("options", {}).get("perturbation", {}).get("column", "perturbation")
-        out: dict[str, str] = {}
-        for path in samples.get("inputs", {}).get("perturbation", []) or []:
-            if not os.path.exists(path):
-                continue
-            with h5ad.open_h5ad(path) as f:
-                obs = f["obs"]
-                if column not in h5ad.column_names(obs):
-                    continue
-                names, values = h5ad.read_index(obs, path), h5ad.read_column(obs, column, 0, None, path)
-                out.update({str(n): str(v) for n, v in zip(names, values, strict=True) if str(n) in cell_ids})
-        return out
+        return list(samples.get("inputs", {}).get("perturbation", []) or []), column
 
     def organisms(self) -> list[str]:
         """The organisms the corpus has a vocabulary of."""

@@ -24,6 +24,7 @@ import numba as nb
 import numpy as np
 import pyarrow as pa
 
+from language.fit import FIT_MAX_RANK, NORMALIZE_TARGET
 from language.jit import njit
 
 # Bump whenever the encoder's output bytes may change for the same input (it goes into the build's run
@@ -33,8 +34,6 @@ ENCODER_VERSION = 2
 
 # Why a cell was skipped, indexed by the kernel's status code (0 = written).
 SKIP_REASONS: tuple[str, ...] = ("nan_or_inf", "negative", "no_expressed_genes")
-FIT_MAX_RANK = 999  # C2S fits on log10(1 + rank) < 3, i.e. 0-based ranks 0..998
-NORMALIZE_TARGET = 1e4  # counts scaled to this per-cell total before log10(1 + x) (see docs/ARCHITECTURE.md)
 _CAP = 4096  # counting-sort buckets: integer counts 1.._CAP; larger values are few and take a comparison sort
 _U = nb.uint64
 _M32 = 0xFFFFFFFF

@@ -129,3 +129,18 @@ def read_rows(f, mpath: str, lo: int, hi: int) -> sp.csr_matrix:
     if hasattr(el, "keys"):
         return sp.csr_matrix(sparse_dataset(el)[lo:hi])
     return sp.csr_matrix(el[lo:hi])
+
+
+def obs_values(paths: list[str], column: str, names: set[str]) -> dict[str, str]:
+    """obs name -> the value of `column`, for the cells named, over the files that exist and have the column."""
+    out: dict[str, str] = {}
+    for path in paths:
+        if not os.path.exists(path):
+            continue
+        with open_h5ad(path) as f:
+            obs = f["obs"]
+            if column not in column_names(obs):
+                continue
+            index, values = read_index(obs, path), read_column(obs, column, 0, None, path)
+            out.update({str(n): str(v) for n, v in zip(index, values, strict=True) if str(n) in names})
+    return out

@@ -13,8 +13,9 @@ import pyarrow as pa
 import pytest
 import scipy.sparse as sp
 
-from language.encode import FIT_MAX_RANK, NORMALIZE_TARGET, Encoder, Vocabulary
-from language.inverse import FitStats, expression_from_ranks, sentence_to_expression, sentences_to_matrix
+from language.encode import Encoder, Vocabulary
+from language.fit import FIT_MAX_RANK, NORMALIZE_TARGET, FitStats
+from language.inverse import expression_from_ranks, sentence_to_expression, sentences_to_matrix
 from language.symbols import var_words
 
 

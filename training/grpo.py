@@ -30,6 +30,7 @@ import numpy as np
 
 from evaluation.space import expression_space
 from language.corpus import open_corpus
+from language.h5ad import obs_values
 from language.prompts import first_sentence, longest_gene_run
 from schemas.cli import option as _f  # a config field: default, --help text, option metadata
 from schemas.cli import parse
@@ -121,7 +122,7 @@ def _perturbation_rows(corpus, cfg: GRPORunConfig) -> list[dict]:
     df = corpus.samples(PERTURBATION, "train", ["prompt", "completion", "organism", "cell_ids"]).to_pandas()
     if df.empty:
         return []
-    labels = corpus.perturbation_labels({ids[1] for ids in df["cell_ids"]})
+    labels = obs_values(*corpus.perturbation_inputs(), {ids[1] for ids in df["cell_ids"]})
     if not labels:
         raise GRPOError("the corpus's perturbation files (manifest samples.inputs) are not readable here: "
                         "gene_program needs each sample's perturbation")

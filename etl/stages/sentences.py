@@ -28,7 +28,7 @@ from etl.sources import census, h5ad
 from etl.sources.base import InputError, Task, read_ahead
 from etl.storage import Store
 from language.encode import Encoder
-from language.inverse import FitStats
+from language.fit import FitStats
 from schemas import GENE_COUNTS, SENTENCES
 from schemas.layout import gene_counts_rel
 
