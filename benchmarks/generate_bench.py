@@ -60,7 +60,6 @@ def train_model(corpus: str, steps: int, seed: int) -> str:
 def prompts_of(corpus: str, n: int) -> list[str]:
     import pyarrow.parquet as pq
 
-
     out: list[str] = []
     for split in ("test", "val", "train"):
         for path in open_corpus(corpus).sample_parts(split, ["cell_type_generation"])["cell_type_generation"]:
@@ -72,13 +71,14 @@ def prompts_of(corpus: str, n: int) -> list[str]:
 
 
 def ours(model, tok, prompts: list[str], vocab: list[str], fit: tuple[float, float], a) -> dict:
-    from generation.generate import generate_texts, parse_cells
     from language.inverse import c2s_postprocess, ranked_to_matrix
+    from language.prompts import parse_cells
+    from training.decode import decode
 
     index = {s: i for i, s in enumerate(vocab)}
     t0 = time.perf_counter()
-    texts = generate_texts(model, tok, prompts, max_new_tokens=a.max_new_tokens, batch_size=a.batch,
-                           temperature=1.0, seed=a.seed, progress=False)
+    texts = [(d.text, d.truncated) for d in decode(model, tok, prompts, max_new_tokens=a.max_new_tokens,
+                                                   batch_size=a.batch, temperature=1.0, seed=a.seed)]
     t1 = time.perf_counter()
     ranked, invalid, words = [], 0, 0
     for text, _ in texts:

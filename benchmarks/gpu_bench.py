@@ -138,14 +138,14 @@ def run_trl(a) -> dict:
 
 
 def run_generate(a) -> dict:
-    """Generated tokens/s of c2s generate's batched generation (generation.generate.generate_texts: prompts
+    """Generated tokens/s of c2s generate's batched generation (training.decode.decode: prompts
     sorted by length, batches with left padding) against one model.generate per prompt; a random-init model
     of the shape, so every completion runs to --max-new-tokens (no early eos) and both make the same count."""
     import pyarrow.parquet as pq
     import torch
 
-    from generation.generate import generate_texts
     from training import models as tm
+    from training.decode import decode
 
     name, over = SHAPES[a.shape]
     model, tok = tm.load_model_and_tokenizer(name, corpus=a.corpus, tiny_overrides=over or None)
@@ -154,13 +154,12 @@ def run_generate(a) -> dict:
     model.generation_config.eos_token_id = None  # every completion runs to max_new_tokens: equal work
     path = open_corpus(a.corpus).sample_parts("train", ["cell_type_generation"])["cell_type_generation"][0]
     prompts = pq.read_table(path, columns=["prompt"])["prompt"].to_pylist()[: a.prompts]
-    generate_texts(model, tok, prompts[: min(4, len(prompts))], max_new_tokens=8, batch_size=a.gen_batch,
-                   temperature=1.0, seed=0, progress=False)  # warm-up
+    decode(model, tok, prompts[: min(4, len(prompts))], max_new_tokens=8, batch_size=a.gen_batch,
+           temperature=1.0, seed=0)  # warm-up
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    generate_texts(model, tok, prompts, max_new_tokens=a.max_new_tokens, batch_size=a.gen_batch, temperature=1.0,
-                   seed=0, progress=False)
+    decode(model, tok, prompts, max_new_tokens=a.max_new_tokens, batch_size=a.gen_batch, temperature=1.0, seed=0)
     sync()
     batched = time.perf_counter() - t0
     singles = prompts[: a.single_prompts]

@@ -56,7 +56,6 @@ def build_corpus(output_dir: PathLike, *, h5ad: PathLike | Sequence[PathLike] | 
         return build(cfg, None)
     from pyspark.sql import SparkSession
 
-
     owned = SparkSession.getActiveSession() is None
     started: list = []
 
@@ -76,7 +75,6 @@ def _build_options(options: dict[str, Any]) -> dict[str, Any]:
     import dataclasses
     import difflib
     import typing
-
 
     fields = {f.name: f for f in dataclasses.fields(BuildConfig)}
     hints = typing.get_type_hints(BuildConfig)

@@ -59,7 +59,6 @@ def read_table(path: PathLike, table: str = "samples", *, task: str | None = Non
     """
     import pandas as pd
 
-
     uri = os.fspath(path)
     v = resolve(uri)
     where = f"read_table({uri!r}, {table!r})"
@@ -100,7 +99,6 @@ def read_table(path: PathLike, table: str = "samples", *, task: str | None = Non
 def _exists(uri: str) -> bool:
     import pyarrow.fs as pafs
 
-
     fs, path = filesystem(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
@@ -109,7 +107,6 @@ def _read_parts(parts: list[str], columns: list[str] | None, where: str):
     """Every parquet file under `parts` (files or folders) as one Arrow table."""
     import pyarrow as pa
     import pyarrow.dataset as pads
-
 
     if not parts:
         raise InputError(f"{where}: no files")

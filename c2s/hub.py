@@ -54,7 +54,6 @@ def _list(uri: str) -> list[str]:
     """Every file under `uri` (local or object store), relative to it."""
     from pyarrow import fs as pafs
 
-
     fs, base = filesystem(uri)
     infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
     return sorted(posixpath.relpath(i.path, base) for i in infos if i.type == pafs.FileType.File)

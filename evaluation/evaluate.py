@@ -34,14 +34,14 @@ import numpy as np
 from evaluation import metrics
 from evaluation.embed import model_embedder
 from evaluation.space import GENERATION_TASK, Space, expression_space
-from generation.generate import generate_texts
 from language.corpus import open_corpus
 from language.h5ad import obs_values
 from language.prompts import answer_budget, first_sentence, longest_gene_run, predicted_label
 from schemas.cli import option as _f  # a config field: default, --help text, option metadata
 from schemas.cli import parse
 from schemas.errors import InputError
-from training.models import generate, load_model_and_tokenizer, read_provenance
+from training.decode import decode
+from training.models import load_model_and_tokenizer, read_provenance
 
 log = logging.getLogger("evaluation.evaluate")
 PERTURBATION_TASK = "perturbation_prediction"
@@ -113,7 +113,8 @@ def predictions(model, tok, corpus, task: str, cfg: EvaluateConfig) -> dict:
         return {"skipped": f"no labelled samples of {task} in {cfg.split}"}
     train = corpus.samples(task, "train", ["label"]).to_pandas().dropna()
     budget = answer_budget(tok, list(df["label"]) + list(train["label"].head(2000)))
-    outs = generate(model, tok, list(df["prompt"]), max_new_tokens=budget, batch_size=cfg.batch_size)
+    outs = [d.text for d in decode(model, tok, list(df["prompt"]), max_new_tokens=budget, batch_size=cfg.batch_size,
+                                   skip_special_tokens=True)]
     pred = [predicted_label(o) for o in outs]
     truth = list(df["label"])
     res = {"n": len(df), "accuracy": metrics.accuracy(pred, truth), "macro_f1": metrics.macro_f1(pred, truth)}
@@ -142,7 +143,6 @@ def _sample_conditions(df, key: str, cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def _distances(real: dict[str, np.ndarray], gen: dict[str, np.ndarray], seed: int) -> dict:
-
     fid = metrics.scfid(real, gen, seed=seed)
     per = {c: {"scfid": fid["per_condition"].get(c), "mmd": metrics.mmd_rbf(real[c], gen[c]),
                "energy_distance": metrics.energy_distance(real[c], gen[c])} for c in real if c in gen}
@@ -167,9 +167,9 @@ def generation(model, tok, corpus, cfg: EvaluateConfig, out_dir: Path) -> dict:
         return {"skipped": f"no cell type has {cfg.n_per_condition} {GENERATION_TASK} samples in {cfg.split}; "
                            "lower --n-per-condition"}
     rows = [r for c in chosen for r in chosen[c].itertuples()]
-    texts = generate_texts(model, tok, [r.prompt for r in rows], max_new_tokens=_max_new(tok, rows),
-                           batch_size=cfg.batch_size, temperature=cfg.temperature, top_k=cfg.top_k,
-                           top_p=cfg.top_p, seed=cfg.seed, progress=False)
+    texts = [(d.text, d.truncated) for d in decode(
+        model, tok, [r.prompt for r in rows], max_new_tokens=_max_new(tok, rows), batch_size=cfg.batch_size,
+        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed)]
     generated = [first_sentence(t) for t, _ in texts]
     real_sent = [first_sentence(r.completion) for r in rows]
     out: dict[str, Any] = {"n_per_condition": cfg.n_per_condition, "conditions": list(chosen)}
@@ -228,7 +228,6 @@ def _max_new(tok, rows) -> int:
 
 
 def perturbation(model, tok, corpus, cfg: EvaluateConfig) -> dict:
-
     df = corpus.samples(PERTURBATION_TASK, cfg.split, ["prompt", "completion", "organism", "cell_ids"]).to_pandas()
     if df.empty:
         return {"skipped": f"no {PERTURBATION_TASK} samples in {cfg.split}"}
@@ -245,8 +244,9 @@ def perturbation(model, tok, corpus, cfg: EvaluateConfig) -> dict:
     organism = rows[0].organism
     space = Space(corpus.vocab(organism, ["token_id", "gene_symbol"])["gene_symbol"].to_pylist(), corpus.fits(organism))
     genes = set(space.genes)
-    texts = generate_texts(model, tok, [r.prompt for r in rows], max_new_tokens=_max_new(tok, rows),
-                           batch_size=cfg.batch_size, temperature=0.0, seed=cfg.seed, progress=False)
+    texts = [(d.text, d.truncated) for d in decode(
+        model, tok, [r.prompt for r in rows], max_new_tokens=_max_new(tok, rows), batch_size=cfg.batch_size,
+        seed=cfg.seed)]
     pred = space.expression([first_sentence(t) for t, _ in texts], [None] * len(rows))
     real = space.expression([first_sentence(r.completion) for r in rows], [None] * len(rows))
     ctrl = space.expression([longest_gene_run(r.prompt, genes) for r in rows], [None] * len(rows))
@@ -269,7 +269,6 @@ def perturbation(model, tok, corpus, cfg: EvaluateConfig) -> dict:
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
-
     t0 = time.perf_counter()
     prov = read_provenance(cfg.model) or {}
     corpus_uri = cfg.corpus or prov.get("corpus")
@@ -434,7 +433,6 @@ EPILOG = """examples:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
 from language.budget import TokenBudget, genes_cap, load_tokenizer_json
 from language.cells import Cells, Ranker
@@ -52,6 +53,7 @@ from schemas.errors import ConfigError, InputError
 from schemas.layout import CorpusNotFound, filesystem, resolve
 from schemas.tasks import LABEL_FIELDS
 from training.data import _encode, _eos_id, encode_prompts
+from training.decode import decode, mean_pool
 from training.models import PROVENANCE, load_model_and_tokenizer, prompt_batch, read_provenance
 
 log = logging.getLogger(__name__)
@@ -193,7 +195,6 @@ class Speech:
 
 
 def _open_corpus(corpus: str):
-
     try:
         return resolve(corpus)
     except CorpusNotFound as e:
@@ -283,10 +284,6 @@ class Reader:
     def __init__(self, model, tokenizer, *, labels: list[str] | None = None,
                  completion: Callable[[str], str] | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  embed: bool = False, label_batch: int = 256):
-        import torch
-
-
-        self.torch = torch
         self.model, self.tok = model, tokenizer
         self.device = next(model.parameters()).device
         self.embed, self.max_new_tokens, self.label_batch = embed, max_new_tokens, label_batch
@@ -308,41 +305,21 @@ class Reader:
             self.label_mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=self.device)
 
     def __call__(self, prompts: list[str]) -> tuple[list[str], np.ndarray, np.ndarray | None]:
-
-        torch = self.torch
+        if self.labels is None:  # greedy answers, by the one batched generator
+            out = decode(self.model, self.tok, prompts, max_new_tokens=self.max_new_tokens, batch_size=len(prompts),
+                         scores=True, embed=self.embed, skip_special_tokens=True)
+            return ([predicted_label(d.text) for d in out], np.asarray([d.score for d in out], np.float64),
+                    np.stack([d.embedding for d in out]) if self.embed else None)
         enc = prompt_batch(self.tok, prompts, self.device)
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.inference_mode():
-                out = self._generate(enc) if self.labels is None else self._choose(enc)
+                return self._choose(enc)
         finally:
             self.model.train(was_training)
-        return out
-
-    def _pool(self, hidden, mask) -> np.ndarray:
-        m = mask.unsqueeze(-1).float()
-        return ((hidden.float() * m).sum(1) / m.sum(1).clamp(min=1)).cpu().numpy()
-
-    def _generate(self, enc):
-
-        torch = self.torch
-        out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                  pad_token_id=self.tok.pad_token_id, eos_token_id=self.eos,
-                                  return_dict_in_generate=True, output_logits=True,
-                                  output_hidden_states=self.embed)
-        new = out.sequences[:, enc["input_ids"].shape[1]:]
-        logits = torch.stack(out.logits, 1)[:, : new.shape[1]].float()
-        logp = torch.log_softmax(logits, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
-        is_eos = (new == self.eos).long()
-        valid = (is_eos.cumsum(1) - is_eos) == 0  # up to and including the first eos
-        scores = ((logp * valid).sum(1) / valid.sum(1).clamp(min=1)).cpu().numpy()
-        texts = self.tok.batch_decode(new, skip_special_tokens=True)
-        emb = self._pool(out.hidden_states[0][-1], enc["attention_mask"]) if self.embed else None
-        return [predicted_label(t) for t in texts], scores.astype(np.float64), emb
 
     def _choose(self, enc):
-        torch = self.torch
         ids, mask = enc["input_ids"], enc["attention_mask"]
         b = ids.shape[0]
         positions = (mask.cumsum(1) - 1).clamp(min=0)
@@ -370,7 +347,7 @@ class Reader:
             scores[:, lo:hi] = (logp.sum(1) / xm.sum(1)).view(b, c)
         best = scores.argmax(1)
         chosen = [self.labels[i] for i in best.tolist()]
-        emb = self._pool(out.hidden_states[-1], mask) if self.embed else None
+        emb = mean_pool(out.hidden_states[-1], mask) if self.embed else None
         return chosen, scores.gather(1, best.unsqueeze(1)).squeeze(1).cpu().numpy().astype(np.float64), emb
 
 
@@ -406,7 +383,6 @@ def annotate_cells(source: Any, model, tokenizer, speech: Speech, organism: str,
     `embed_into`: an (n, hidden) array-like (an h5py dataset) the embeddings are written into, batch by batch;
     default a new array."""
     from tqdm.auto import tqdm
-
 
     organism = normalise_organism(organism)
     cells = Cells(source, layer)
@@ -473,7 +449,6 @@ def corpus_labels(version, organism: str | None) -> list[str]:
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-
     uri = version.path("samples", TASK, "train")
     fs, path = filesystem(uri)
     try:
@@ -505,7 +480,6 @@ def file_labels(path: str) -> list[str]:
 
 def corpus_vocab(version, organism: str) -> set[str] | None:
     import pyarrow.parquet as pq
-
 
     fs, path = filesystem(version.path("vocab", f"{organism}.parquet"))
     try:
@@ -615,8 +589,6 @@ def _write_sample(cfg: AnnotateConfig, result: Annotation, meta: dict) -> None:
 
 
 def _device_and_dtype(cfg: AnnotateConfig):
-    import torch
-
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)

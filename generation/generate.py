@@ -49,6 +49,7 @@ from schemas.layout import filesystem, open_parquet
 from schemas.tasks import LABEL_FIELDS, SPLITS, TASKS
 from training import models as tm
 from training.data import encode_prompts
+from training.decode import decode
 
 log = logging.getLogger("generation.generate")
 
@@ -366,7 +367,6 @@ def _cell_labels(corpus: Corpus, organism: str, rows: list[dict]) -> dict[tuple[
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-
     wanted: dict[str, set[str]] = {}
     for r in rows:
         wanted.setdefault(r["dataset_id"], set()).update(r["cell_ids"] or [])
@@ -430,7 +430,6 @@ def load_model(cfg: GenerateConfig) -> tuple[Any, Any, dict | None]:
     """(model in eval mode on its device, tokenizer, provenance: the c2s.json of the model or adapter)."""
     import torch
 
-
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -469,82 +468,6 @@ def load_model(cfg: GenerateConfig) -> tuple[Any, Any, dict | None]:
     return model, tok, provenance
 
 
-def _sampler(temperature: float, top_k: int, top_p: float, seed: int, device):
-    """A logits processor that draws the next token itself (HF's temperature, top-k and top-p warpers, then
-    inverse-CDF sampling: one uniform per row from its own generator seeded with `seed`) and marks that token
-    +inf, so greedy decoding takes it. The same distribution as `do_sample=True`, without
-    torch.multinomial's exponential draw per vocabulary entry: about half the step time of a small model on
-    CPU, and draws that no other use of the global RNG can move."""
-    import torch
-    from transformers import LogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-    warpers = ([TemperatureLogitsWarper(temperature)] if temperature != 1 else []) + \
-        ([TopKLogitsWarper(top_k)] if top_k > 0 else []) + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-
-    class Sample(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            for w in warpers:
-                scores = w(input_ids, scores)
-            cdf = torch.softmax(scores.float(), dim=-1).cumsum_(-1)
-            u = torch.rand((scores.shape[0], 1), generator=generator, device=scores.device)
-            token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=scores.shape[-1] - 1)
-            return scores.scatter_(1, token, float("inf"))  # the only +inf: greedy's argmax takes it
-
-    return Sample()
-
-
-def generate_texts(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 64,
-                   temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                   progress: bool = True) -> list[tuple[str, bool]]:
-    """Continuations of `prompts`, in order, as (text, truncated): prompts encoded as in training
-    (training.data.encode_prompts), sorted by token length (longest first) and generated `batch_size` at a
-    time by HF `generate` (left padding, KV cache); text is the continuation up to the first eos (special
-    tokens such as <unk> kept as words), truncated is True where no eos came within max_new_tokens.
-    temperature 0: greedy; else sampling with temperature, top_k (0: off) and top_p (1: off) from a generator
-    seeded with `seed`, so the same call (same prompts, settings and batch size) gives the same texts."""
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import GenerationConfig, LogitsProcessorList
-
-
-    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-        raise GenerateError("generate_texts: prompts must be a list of strings")
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    if pad is None or eos is None:
-        raise GenerateError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} needs pad and eos tokens")
-    ids = encode_prompts(tokenizer, list(prompts))
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # stable: equal lengths keep their order
-    device = next(model.parameters()).device
-    # greedy decoding; when sampling, the processor has already drawn the token greedy decoding takes
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos,
-                           use_cache=True)
-    processors = LogitsProcessorList([_sampler(temperature, top_k, top_p, seed, device)] if temperature > 0
-                                     else [])
-    out: list[tuple[str, bool] | None] = [None] * len(ids)
-    with tqdm(total=len(ids), desc="generate", unit="prompt", disable=not progress, file=sys.stderr) as bar, \
-            torch.inference_mode():
-        for lo in range(0, len(order), batch_size):
-            idx = order[lo:lo + batch_size]
-            width = max(len(ids[i]) for i in idx)
-            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):
-                input_ids[r, width - len(ids[i]):] = torch.tensor(ids[i], dtype=torch.long)
-                mask[r, width - len(ids[i]):] = 1
-            new = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                 generation_config=gen, logits_processor=processors)[:, width:].tolist()
-            cut = []
-            for row in new:
-                k = row.index(eos) if eos in row else len(row)
-                cut.append(([t for t in row[:k] if t != pad], eos not in row))
-            texts = tokenizer.batch_decode([c for c, _ in cut], skip_special_tokens=False,
-                                           clean_up_tokenization_spaces=False)
-            for i, text, (_, truncated) in zip(idx, texts, cut, strict=True):
-                out[i] = (text, truncated)
-            bar.update(len(idx))
-    return out  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------- the run
@@ -643,7 +566,6 @@ def run(cfg: GenerateConfig) -> GenerateResult:
             raise GenerateError(f"dataset_id {ds!r}: no inverse-transform fit of {organism} for it; datasets: "
                                 f"{', '.join(known[:10])}{' ...' if len(known) > 10 else ''}")
 
-
     lengths = [len(x) for x in encode_prompts(tok, [p.text for p in prompts])]
     context = getattr(model.config, "max_position_embeddings", None)
     multi = is_multi(cfg.task)
@@ -653,9 +575,9 @@ def run(cfg: GenerateConfig) -> GenerateResult:
         raise GenerateError(f"the longest prompt ({max(lengths)} tokens) + --max-new-tokens {max_new} exceed the "
                             f"model's context of {context} tokens")
     t_gen = time.perf_counter()
-    texts = generate_texts(model, tok, [p.text for p in prompts], max_new_tokens=max_new,
-                           batch_size=cfg.batch_size, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                           seed=cfg.seed, progress=cfg.progress)
+    texts = [(d.text, d.truncated) for d in decode(
+        model, tok, [p.text for p in prompts], max_new_tokens=max_new, batch_size=cfg.batch_size,
+        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed, progress=cfg.progress)]
     gen_s = time.perf_counter() - t_gen
     adata = to_anndata(prompts, texts, multi, cfg, vocab, fits, organism, pooled_key, encoding)
     adata.uns.update(_uns_safe({
@@ -692,7 +614,6 @@ def to_anndata(prompts: list[Prompt], texts: list[tuple[str, bool]], multi: bool
     import anndata as ad
     import numpy as np
     import pandas as pd
-
 
     uppercase = bool(encoding.get("uppercase", True))
     symbols = vocab["gene_symbol"].astype(str).tolist()
@@ -798,7 +719,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return 0
 
 
-__all__ = ["GenerateConfig", "GenerateError", "generate_texts", "main", "parse_cells", "run", "to_anndata"]
+__all__ = ["GenerateConfig", "GenerateError", "main", "parse_cells", "run", "to_anndata"]
 
 if __name__ == "__main__":
     sys.exit(main())

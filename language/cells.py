@@ -135,7 +135,6 @@ class Ranker:
         self.symbols = np.asarray(vocab.symbols.to_pylist(), dtype=object)
 
     def sentences(self, rows: np.ndarray, block_cells: int) -> Iterator[Sentence]:
-
         pos = 0
         for chunk in _chunks(rows, block_cells):
             lo, hi = int(chunk[0]), int(chunk[-1]) + 1

@@ -28,6 +28,7 @@ from language.prompts import predicted_label
 from tests.conftest import corpus_path, write_h5ad
 from training import models as tm
 from training.data import encode_prompts, tokenize_batch
+from training.decode import decode
 
 N_CELLS = 24
 
@@ -130,8 +131,8 @@ def test_annotates_every_cell_as_greedy_decoding_would(model_dir, cells, loaded,
         label, score = _greedy(model, tok, prompts[i], budget)
         assert a.obs["c2s_cell_type"].iloc[i] == label
         assert scores[i] == pytest.approx(score, abs=1e-4)
-    # and as training.models.generate + predicted_label, what evaluation measures
-    gen = tm.generate(model, tok, prompts, max_new_tokens=budget, batch_size=7)
+    # and as training.decode + predicted_label, what evaluation measures
+    gen = [d.text for d in decode(model, tok, prompts, max_new_tokens=budget, batch_size=7, skip_special_tokens=True)]
     assert [predicted_label(g) for g in gen] == list(a.obs["c2s_cell_type"].astype(str))
 
 

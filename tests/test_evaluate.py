@@ -28,7 +28,8 @@ def tiny_model(train_corpus, tmp_path_factory) -> str:
 def test_evaluate_writes_every_key_and_its_files(tiny_model, train_corpus, tmp_path):
     from evaluation.evaluate import main
     from language.prompts import predicted_label
-    from training.models import generate, load_model_and_tokenizer
+    from training.decode import decode
+    from training.models import load_model_and_tokenizer
 
     out = tmp_path / "eval" / "report.json"
     args = ["--model", tiny_model, "--split", "test", "--n-per-condition", "4", "--max-samples", "12",
@@ -45,8 +46,8 @@ def test_evaluate_writes_every_key_and_its_files(tiny_model, train_corpus, tmp_p
     df = pd.read_parquet(Path(train_corpus) / "samples" / "cell_type_prediction" / "test").head(12)
     model, tok = load_model_and_tokenizer(tiny_model)
     budget = max(len(tok(f" {x}.", add_special_tokens=False)["input_ids"]) for x in df["label"]) + 8
-    answers = [predicted_label(o).strip().lower() for o in generate(model, tok, list(df["prompt"]),
-                                                                     max_new_tokens=budget)]
+    outs = decode(model, tok, list(df["prompt"]), max_new_tokens=budget, skip_special_tokens=True)
+    answers = [predicted_label(o.text).strip().lower() for o in outs]
     want = sum(a == t.lower() for a, t in zip(answers, df["label"], strict=True)) / len(df)
     assert r["cell_type_accuracy"] == pytest.approx(want)
     train_labels = pd.read_parquet(Path(train_corpus) / "samples" / "cell_type_prediction" / "train")["label"]

@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
-from generation.generate import GenerateError, generate_texts, main, parse_args, parse_cells, run
+from generation.generate import GenerateError, main, parse_args, parse_cells, run
 from language.inverse import c2s_postprocess, ranked_to_matrix
 from schemas.errors import ConfigError, InputError
+from training.decode import decode, sampler
 
 QUICK = {"per_device_batch_size": 4, "max_length": 512, "shuffle_buffer": 64, "eval_samples_per_task": 4,
          "eval_cells": 0, "report_to": "none", "logging_steps": 5, "warmup_steps": 2,
@@ -179,11 +180,11 @@ def test_batched_greedy_equals_one_at_a_time(model_dir, train_corpus):
         files = sorted((Path(train_corpus) / "samples" / task / "val").glob("*.parquet"))
         prompts += pq.read_table(files[0], columns=["prompt"])["prompt"].to_pylist()[:4]
     kw = {"max_new_tokens": 12, "temperature": 0.0, "progress": False}
-    batched = generate_texts(model, tok, prompts, batch_size=8, **kw)
-    single = generate_texts(model, tok, prompts, batch_size=1, **kw)
+    batched = [(d.text, d.truncated) for d in decode(model, tok, prompts, batch_size=8, **kw)]
+    single = [(d.text, d.truncated) for d in decode(model, tok, prompts, batch_size=1, **kw)]
     assert batched == single and len(batched) == len(prompts)
-    sampled = [generate_texts(model, tok, prompts, batch_size=8, max_new_tokens=12, seed=s, progress=False)
-               for s in (5, 5, 6)]
+    sampled = [[d.text for d in decode(model, tok, prompts, batch_size=8, max_new_tokens=12, temperature=1.0,
+                                       seed=s)] for s in (5, 5, 6)]
     assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
 
 
@@ -221,12 +222,10 @@ def test_sampler_draws_from_the_warped_distribution():
     / top-p set when those are on (HF's warpers)."""
     import torch
 
-    from generation.generate import _sampler
-
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(40000, 1)
 
     def freq(**kw):
-        out = _sampler(seed=3, device="cpu", **kw)(None, logits.clone())
+        out = sampler(seed=3, device="cpu", **kw)(None, logits.clone())
         assert bool(torch.isposinf(out).sum(-1).eq(1).all())  # exactly one token marked per row
         return torch.bincount(out.argmax(-1), minlength=5).double() / len(logits)
 
@@ -235,7 +234,7 @@ def test_sampler_draws_from_the_warped_distribution():
     top2 = freq(temperature=1.0, top_k=2, top_p=1.0)
     assert top2[2:].sum() == 0 and torch.allclose(top2[:2], torch.softmax(logits[0, :2], -1).double(), atol=0.01)
     assert freq(temperature=1.0, top_k=0, top_p=0.5)[1:].sum() == 0  # token 0 alone holds > 0.5
-    a, b = _sampler(1.0, 0, 1.0, 7, "cpu"), _sampler(1.0, 0, 1.0, 7, "cpu")
+    a, b = sampler(1.0, 0, 1.0, 7, "cpu"), sampler(1.0, 0, 1.0, 7, "cpu")
     assert torch.equal(a(None, logits[:50].clone()), b(None, logits[:50].clone()))
 
 

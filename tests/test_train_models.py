@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from training import models as tm
+from training.decode import decode
 
 PUNCT = ".,;:"
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
@@ -333,13 +334,13 @@ def test_save_final_lora_unmerged_keeps_the_base_beside_the_adapters(tok_dir, sa
     assert torch.allclose(got, want, atol=1e-5)
 
 
-def test_generate_batches_with_left_padding_and_returns_only_continuations(tok_dir, samples):
+def test_decode_batches_with_left_padding_and_returns_only_continuations(tok_dir, samples):
     model, tok = tm.load_model_and_tokenizer("tiny-pythia", tokenizer=tok_dir, seed=0)
     prompts = [s["prompt"] for s in samples if s["task"] == "cell_type_prediction"][:3]
     prompts += ["The tissue is:", "Cell sentence: MT-CO1 B2M"]
     assert len({len(tok(p)["input_ids"]) for p in prompts}) > 1  # the batch needs padding
     model.train()
-    outs = tm.generate(model, tok, prompts, max_new_tokens=6, batch_size=4)
+    outs = [d.text for d in decode(model, tok, prompts, max_new_tokens=6, batch_size=4, skip_special_tokens=True)]
     assert model.training and tok.padding_side == "right"
     assert len(outs) == len(prompts) and all(isinstance(o, str) for o in outs)
     model.eval()

@@ -119,7 +119,6 @@ class SFTConfig:
         "output_dir": "outputs, logging and checkpoints"}
 
     def __post_init__(self) -> None:
-
         if not self.model:
             raise CorpusError("no --model given: name a hub model (--model EleutherAI/pythia-410m), a local folder, "
                               "or --model tiny-pythia to try a small random model on this machine")

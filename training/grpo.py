@@ -186,7 +186,6 @@ def add_reference_embeddings(rows: list[dict], corpus, cfg: GRPORunConfig, out: 
     (inverse transform, then PCA of real train cells), and the `embed` it scores generated cells with."""
     from collections import Counter
 
-
     counts = Counter(r["organism"] for r in rows if r.get("real"))
     if not counts:
         raise GRPOError("expression_distance needs prompts whose real cells are known (cell_type_generation, "
@@ -212,7 +211,6 @@ def add_reference_embeddings(rows: list[dict], corpus, cfg: GRPORunConfig, out: 
 
 
 def build_rows(corpus, cfg: GRPORunConfig) -> tuple[list[dict], list[str]]:
-
     present = corpus.split_tasks("train")
     tasks = cfg.tasks or ([PERTURBATION] if PERTURBATION in present else
                           [t for t in ("cell_type_generation", "cell_type_prediction") if t in present])
@@ -302,7 +300,6 @@ def _generation_options(cfg: GRPORunConfig) -> dict:
 def run(cfg: GRPORunConfig) -> dict:
     from datasets import IterableDataset
     from trl import GRPOConfig
-
 
     prov = tm.read_provenance(cfg.model) or {}
     corpus_uri = cfg.corpus or prov.get("corpus")
@@ -396,7 +393,6 @@ EPILOG = """examples:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:

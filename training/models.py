@@ -560,27 +560,3 @@ def prompt_batch(tokenizer, prompts: list[str], device=None) -> dict[str, torch.
     if device is not None:
         input_ids, mask = input_ids.to(device), mask.to(device)
     return {"input_ids": input_ids, "attention_mask": mask}
-
-
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 16, batch_size: int = 16) -> list[str]:
-    """Greedy generation in batches (left padding; prompts encoded exactly as in training); returns the decoded
-    continuations only, in order."""
-    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-        raise ModelError("generate: prompts must be a list of strings")
-    if tokenizer.pad_token_id is None:
-        raise ModelError(f"generate: tokenizer {_tokenizer_name(tokenizer)} has no pad token")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    outs: list[str] = []
-    try:
-        for lo in range(0, len(prompts), batch_size):
-            enc = prompt_batch(tokenizer, prompts[lo:lo + batch_size], device)
-            with torch.no_grad():
-                ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            new = ids[:, enc["input_ids"].shape[1]:]
-            outs += tokenizer.batch_decode(new, skip_special_tokens=True)
-    finally:
-        model.train(was_training)
-    return outs

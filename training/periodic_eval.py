@@ -14,8 +14,8 @@ from language.corpus import open_corpus
 from language.prompts import answer_budget, predicted_label
 from schemas.layout import open_parquet
 from training import data as td
+from training.decode import decode
 from training.losses import collate_mode, model_inputs, response_loss
-from training.models import generate
 from training.packing import collate, sample_from_tokens
 from training.stream import Sample
 
@@ -84,7 +84,8 @@ def cell_type_accuracy(model, tokenizer, cells: list[tuple[str, str]], max_new_t
     if not cells:
         return 0.0
     budget = max_new_tokens or answer_budget(tokenizer, [label for _, label in cells])
-    outs = generate(model, tokenizer, [p for p, _ in cells], max_new_tokens=budget)
+    outs = [d.text for d in decode(model, tokenizer, [p for p, _ in cells], max_new_tokens=budget, batch_size=16,
+                                   skip_special_tokens=True)]
     hits = sum(predicted_label(o).lower() == label.lower() for o, (_, label) in zip(outs, cells, strict=True))
     return hits / max(len(cells), 1)
 
