@@ -32,21 +32,24 @@ import time
 
 import numpy as np
 
+from etl.config import BuildConfig
+from etl.demo import ensure_demo_census
+from etl.pipeline import build
+from etl.sources.census import open_census, tiledb_config
+from language.encode import Encoder, Vocabulary
+from language.symbols import var_words
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
 def census(cells: int, genes: int, nnz: int) -> str:
-    from etl.demo import ensure_demo_census
-
     uri = os.path.join(ROOT, ".bench", f"census_{cells}_{genes}_{nnz}")
     return ensure_demo_census(uri, n_cells=cells, n_genes=genes, mean_nnz=nnz, organisms=("homo_sapiens",), seed=7)
 
 
 def _blockwise(uri: str, block: int):
     import tiledbsoma as soma
-
-    from etl.sources.census import open_census, tiledb_config
 
     exp = open_census(uri, tiledb_config(cores=1))["census_data"]["homo_sapiens"]
     with exp.axis_query("RNA", obs_query=soma.AxisQuery()) as q:
@@ -66,10 +69,6 @@ def blocks_in_memory(uri: str, block: int):
 
 
 def make_encoder(uri: str):
-    from etl.sources.census import open_census
-    from language.encode import Encoder, Vocabulary
-    from language.symbols import var_words
-
     var = open_census(uri)["census_data"]["homo_sapiens"].ms["RNA"].var.read().concat().to_pandas()
     var = var.sort_values("soma_joinid")
     words, _ = var_words(var["feature_id"], var["feature_name"])
@@ -102,8 +101,6 @@ def c2s_speed(uri: str, blocks) -> tuple[float, float]:
     from cell2sentence.csdata import CSData
     from cell2sentence.utils import generate_sentences, generate_vocabulary
 
-    from etl.sources.census import open_census
-
     var = open_census(uri)["census_data"]["homo_sapiens"].ms["RNA"].var.read().concat().to_pandas()
     x = sp.vstack([m for m, _ in blocks]).tocsr()
     adata = ad.AnnData(x)
@@ -121,8 +118,6 @@ def c2s_speed(uri: str, blocks) -> tuple[float, float]:
 
 def end_to_end(uri: str, cells_per_task: int, block_cells: int, stages: list[str]) -> float:
     """Cells/s of one whole build of `stages` in one process: plan, the stages, validation, commit."""
-    from etl.config import BuildConfig
-    from etl.pipeline import build
 
     with tempfile.TemporaryDirectory(dir=os.path.join(ROOT, ".bench")) as d:
         t = time.perf_counter()

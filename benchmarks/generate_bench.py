@@ -22,17 +22,23 @@ import platform
 import sys
 import time
 
+from etl.config import BuildConfig
+from etl.demo import ensure_demo_census
+from etl.pipeline import build
 from language.corpus import open_corpus
+from language.inverse import c2s_postprocess, ranked_to_matrix
+from language.prompts import parse_cells
+from training import models as tm
+from training.config import SFTConfig
+from training.decode import decode
+from training.models import read_provenance
+from training.trainer import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
 def build_corpus(cells: int, max_genes: int) -> str:
-    from etl.config import BuildConfig
-    from etl.demo import ensure_demo_census
-    from etl.pipeline import build
-
     os.makedirs(os.path.join(ROOT, ".bench"), exist_ok=True)
     uri = ensure_demo_census(os.path.join(ROOT, ".bench", f"gen_census_{cells}"), n_cells=cells, n_genes=2000,
                              mean_nnz=600, seed=5)
@@ -43,10 +49,6 @@ def build_corpus(cells: int, max_genes: int) -> str:
 
 
 def train_model(corpus: str, steps: int, seed: int) -> str:
-    from training.config import SFTConfig
-    from training.models import read_provenance
-    from training.trainer import train
-
     out = corpus.replace("gen_corpus_", "gen_model_") + f"_{steps}"
     final = os.path.join(out, "final")
     if read_provenance(final) is None:
@@ -71,10 +73,6 @@ def prompts_of(corpus: str, n: int) -> list[str]:
 
 
 def ours(model, tok, prompts: list[str], vocab: list[str], fit: tuple[float, float], a) -> dict:
-    from language.inverse import c2s_postprocess, ranked_to_matrix
-    from language.prompts import parse_cells
-    from training.decode import decode
-
     index = {s: i for i, s in enumerate(vocab)}
     t0 = time.perf_counter()
     texts = [(d.text, d.truncated) for d in decode(model, tok, prompts, max_new_tokens=a.max_new_tokens,
@@ -162,16 +160,13 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     import torch
 
-    from generation.generate import open_corpus
-    from training import models as tm
-
     corpus = build_corpus(a.cells, a.max_genes)
     final = train_model(corpus, a.steps, a.seed)
     torch.set_num_threads(a.threads)
     model, tok = tm.load_model_and_tokenizer(final)
     model.eval()
     c = open_corpus(corpus)
-    vocab = c.vocab("homo_sapiens")["gene_symbol"].tolist()
+    vocab = c.vocab("homo_sapiens")["gene_symbol"].to_pylist()
     pooled = c.fits("homo_sapiens")["pooled:homo_sapiens"]
     fit = (pooled["slope"], pooled["intercept"])
     prompts = prompts_of(corpus, a.prompts)

@@ -27,6 +27,11 @@ import time
 from pathlib import Path
 
 from language.corpus import open_corpus
+from training import models as tm
+from training.config import SFTConfig
+from training.decode import decode
+from training.grpo import main as grpo
+from training.trainer import resolve_attention, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -75,8 +80,6 @@ def _shape_params(corpus: str, shape: str) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from training import models as tm
-
     name, over = SHAPES[shape]
     config = tm.tiny_config(name, tm.train_tokenizer(corpus), over or None)
     with torch.device("meta"):
@@ -85,9 +88,6 @@ def _shape_params(corpus: str, shape: str) -> int:
 
 def run_ours(a) -> dict:
     import torch
-
-    from training.config import SFTConfig
-    from training.trainer import resolve_attention, train
 
     name, over = SHAPES[a.shape]
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
@@ -144,9 +144,6 @@ def run_generate(a) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from training import models as tm
-    from training.decode import decode
-
     name, over = SHAPES[a.shape]
     model, tok = tm.load_model_and_tokenizer(name, corpus=a.corpus, tiny_overrides=over or None)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -182,9 +179,6 @@ def run_grpo(a) -> dict:
     """One GRPO run of --grpo-steps steps from a random-init model of the shape saved as an SFT output (2
     SFT steps), prompts of cell_type_prediction with the label reward: generation and training seconds per
     step apart, from c2s grpo's own metrics."""
-    from training.config import SFTConfig
-    from training.grpo import main as grpo
-    from training.trainer import train
 
     name, over = SHAPES[a.shape]
     sft = train(SFTConfig(model=name, corpus=a.corpus, output_dir=os.path.join(a.out, f"grpo_sft_{a.shape}"),

@@ -16,6 +16,12 @@ import sys
 import time
 from pathlib import Path
 
+from c2s.build import build_corpus
+from evaluation.evaluate import main as evaluate
+from training.config import SFTConfig
+from training.grpo import main as grpo
+from training.trainer import train
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -35,11 +41,6 @@ def main() -> None:
     p.add_argument("--aggregation", default="sum_then_normalize", choices=["sum_then_normalize", "normalize_then_sum"])
     p.add_argument("--sft-model", help="reuse this SFT output (its final/ folder) instead of training one")
     a = p.parse_args()
-    from c2s.build import build_corpus
-    from evaluation.evaluate import main as evaluate
-    from training.config import SFTConfig
-    from training.grpo import main as grpo
-    from training.trainer import train
 
     bench = os.path.join(ROOT, ".bench", f"grpo_{a.sft_steps}_{a.grpo_steps}_{a.lr}_b{a.beta or 'default'}_{a.rewards.replace('=', '').replace(',', '_')}_{a.aggregation}")
     corpus = os.path.join(ROOT, ".bench", "demo", "corpus")

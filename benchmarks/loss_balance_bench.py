@@ -19,13 +19,18 @@ import sys
 import time
 from collections import Counter
 
+from c2s.build import build_corpus
+from schemas.layout import resolve
+from training.config import SFTConfig
+from training.models import load_model_and_tokenizer
+from training.periodic_eval import cell_type_accuracy
+from training.trainer import train
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
 def demo_corpus() -> str:
-    from c2s.build import build_corpus
-
     out = os.path.join(ROOT, ".bench", "demo", "corpus")
     build_corpus(out, demo=True, demo_dir=os.path.join(ROOT, ".bench", "demo", "data"))
     return out
@@ -34,19 +39,12 @@ def demo_corpus() -> str:
 def labelled(corpus: str, split: str) -> list[tuple[str, str]]:
     import pandas as pd
 
-    from schemas.layout import resolve
-
     df = pd.read_parquet(resolve(corpus).path("samples", "cell_type_prediction", split),
                          columns=["prompt", "label"])
     return list(zip(df["prompt"], df["label"], strict=True))
 
 
 def run(corpus: str, norm: str, a) -> dict:
-    from training.config import SFTConfig
-    from training.models import load_model_and_tokenizer
-    from training.periodic_eval import cell_type_accuracy
-    from training.trainer import train
-
     out = os.path.join(ROOT, ".bench", f"loss_{norm}")
     cfg = SFTConfig(model="tiny-pythia", corpus=corpus, output_dir=out, max_steps=a.steps, seed=a.seed,
                     tasks=a.tasks.split(","), loss_normalization=norm, eval_steps=0, save_steps=0,

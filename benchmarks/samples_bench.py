@@ -16,6 +16,12 @@ import platform
 import sys
 import time
 
+from etl.config import BuildConfig
+from etl.demo import ensure_demo_census
+from etl.pipeline import build
+from etl.spark import get_spark
+from etl.stages import samples_plan
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -27,10 +33,6 @@ def main() -> None:
     p.add_argument("--spark", action="store_true", help="run the stage on local[*] Spark (all cores) instead of "
                    "in one process; samples/s per core = samples/s / cores")
     a = p.parse_args()
-    from etl.config import BuildConfig
-    from etl.demo import ensure_demo_census
-    from etl.pipeline import build
-    from etl.stages import samples_plan
 
     os.makedirs(os.path.join(ROOT, ".bench"), exist_ok=True)
     uri = ensure_demo_census(os.path.join(ROOT, ".bench", f"samples_census_{a.cells}"), n_cells=a.cells,
@@ -43,7 +45,6 @@ def main() -> None:
                       keep_versions=1, **k)
     spark = None
     if a.spark:
-        from etl.spark import get_spark
 
         spark = get_spark("samples-bench", "local[*]")
     cold = None

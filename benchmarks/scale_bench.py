@@ -26,13 +26,14 @@ import time
 
 import psutil
 
+from etl.demo import ensure_demo_census
+from schemas.layout import resolve
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
 def census(cells: int, genes: int, nnz: int) -> tuple[str, float]:
-    from etl.demo import ensure_demo_census
-
     uri = os.path.join(ROOT, ".bench", f"scale_census_{cells}_{genes}_{nnz}")
     t = time.perf_counter()
     ensure_demo_census(uri, n_cells=cells, n_genes=genes, mean_nnz=nnz, organisms=("homo_sapiens",), seed=11)
@@ -119,7 +120,6 @@ def run(cells: int, genes: int, nnz: int, driver_memory: str = "4g") -> dict:
     if proc.returncode != 0:
         with open(log_path) as f:
             raise SystemExit(f"build of {cells} cells failed (log: {log_path}):\n{f.read()[-3000:]}")
-    from schemas.layout import resolve
 
     m = resolve(out).manifest
     written = m["counts"]["totals"]["written"]

@@ -21,18 +21,25 @@ import platform
 import sys
 import time
 
+from etl.config import BuildConfig
+from etl.demo import ensure_demo_census
+from etl.pipeline import build
+from etl.stages import samples_plan
 from language.corpus import open_corpus
+from training import data as td
+from training import models as tm
+from training.config import SFTConfig
+from training.loader import BatchSpec, PackedBatches, make_loader
+from training.packing import Packer, batches, collate
+from training.stream import Sample
+from training.tokens import pretokenize
+from training.trainer import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
 def build_corpus(cells: int) -> str:
-    from etl.config import BuildConfig
-    from etl.demo import ensure_demo_census
-    from etl.pipeline import build
-    from etl.stages import samples_plan
-
     os.makedirs(os.path.join(ROOT, ".bench"), exist_ok=True)
     uri = ensure_demo_census(os.path.join(ROOT, ".bench", f"train_census_{cells}"), n_cells=cells,
                              n_genes=2000, mean_nnz=600, seed=5)
@@ -43,9 +50,6 @@ def build_corpus(cells: int) -> str:
 
 
 def ours(corpus: str, a, out: str) -> dict:
-    from training.config import SFTConfig
-    from training.trainer import train
-
     cfg = SFTConfig(model="tiny-pythia", loss_normalization="token",  # TRL's normalisation: like for like
                     corpus=corpus, output_dir=out, max_steps=a.steps, per_device_batch_size=a.batch,
                     max_length=a.max_length, logging_steps=1, eval_steps=0, save_steps=0, eval_cells=0,
@@ -71,8 +75,6 @@ def baseline(corpus: str, a, out: str) -> dict:
     per-batch padding (DataCollatorForSeq2Seq), no packing; loss on the response tokens as ours."""
     import datasets
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
-
-    from training import models as tm
 
     model, tok = tm.load_model_and_tokenizer("tiny-pythia", corpus=corpus, attn_implementation="sdpa",
                                              seed=a.seed)
@@ -111,8 +113,6 @@ def _rows(corpus: str, tok, max_length: int) -> list[tuple[str, str, list[int], 
     """The training rows both peers train on: (prompt, response, input_ids, labels), samples that fit."""
     import pyarrow.parquet as pq
 
-    from training import data as td
-
     rows = []
     for paths in open_corpus(corpus).sample_parts("train").values():
         for p in paths:
@@ -136,8 +136,6 @@ def trl_peer(corpus: str, a, out: str, packing: bool = True, *, model_name: str 
     from transformers import TrainerCallback
     from trl import SFTConfig as TRLConfig
     from trl import SFTTrainer
-
-    from training import models as tm
 
     model, tok = tm.load_model_and_tokenizer(model_name, corpus=corpus, attn_implementation="sdpa",
                                              seed=a.seed, tiny_overrides=shape)
@@ -188,13 +186,6 @@ def data_path(corpus: str, a) -> dict:
     import tempfile
 
     import numpy as np
-
-    from training import data as td
-    from training import models as tm
-    from training.loader import BatchSpec, PackedBatches, make_loader
-    from training.packing import Packer, batches, collate
-    from training.stream import Sample
-    from training.tokens import pretokenize
 
     _, tok = tm.load_model_and_tokenizer("tiny-pythia", corpus=corpus)
     files = open_corpus(corpus).sample_parts("train")

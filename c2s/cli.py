@@ -8,6 +8,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from schemas.extras import missing_package
+
 # name -> (one line for `c2s --help`, "module:function" taking (argv, prog))
 COMMANDS: dict[str, tuple[str, str]] = {
     "build": ("build a corpus: cells -> cell sentences -> multi-task samples (Spark; --demo for a try)",
@@ -84,9 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return _load(COMMANDS[name][1])(rest, prog=f"c2s {name}")
-    except ModuleNotFoundError as e:  # an install without the extra this command needs
-        extra = "etl" if COMMANDS[name][1].startswith("etl.") else "train,etl,eval"
-        print(f"c2s {name}: needs the {e.name!r} package: pip install 'c2s-corpus[{extra}]'", file=sys.stderr)
+    except ImportError as e:  # an install without the extra this command needs
+        line = missing_package(e, f"c2s {name}")
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
         return 2
     except SystemExit as e:  # argparse's --help and usage errors
         return int(e.code or 0) if isinstance(e.code, int | None) else 2

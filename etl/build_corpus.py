@@ -12,7 +12,11 @@ import os
 import sys
 
 from etl.config import BuildConfig
+from etl.spark import get_spark
+from etl.tasks.catalog import describe_tasks
 from schemas.cli import parse
+from schemas.errors import InputError  # ConfigError among them
+from schemas.layout import CorpusNotFound, resolve
 
 DESCRIPTION = """Build the cell-sentence corpus: cells from the CELLxGENE Census (or .h5ad files), rank-encoded
 into sharded parquet with a vocabulary, inverse-transform statistics and a manifest, then the multi-task
@@ -87,8 +91,6 @@ def main(argv: list[str] | None = None, prog: str | None = None, refresh: bool =
     debug = _log_level(argv).lower() == "debug"
     setup_logging(_log_level(argv))
     log = logging.getLogger("etl")
-    from schemas.errors import InputError  # ConfigError among them
-    from schemas.layout import CorpusNotFound
 
     session, owned = None, False
     try:
@@ -106,8 +108,6 @@ def main(argv: list[str] | None = None, prog: str | None = None, refresh: bool =
         def start_spark():
             nonlocal session, owned
             from pyspark.sql import SparkSession
-
-            from etl.spark import get_spark
 
             owned = SparkSession.getActiveSession() is None  # one that existed before (tests) is left running
             session = get_spark("c2s-build-corpus", cfg.master)
@@ -153,14 +153,11 @@ def refresh_main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 def _list_tasks() -> str:
-    from etl.tasks.catalog import describe_tasks
-
     return describe_tasks()
 
 
 def _latest_manifest(output: str) -> dict | None:
     """The manifest of the version readers of `output` see before this build (None: none, or unreadable)."""
-    from schemas.layout import resolve
 
     try:
         return resolve(output).manifest

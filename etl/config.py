@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from etl.sources.base import InputError
 from schemas.cli import option as _f  # a config field: default, --help text, option metadata
 
 STAGES = ("sentences", "samples")  # stages that exist, in order
@@ -146,8 +147,6 @@ class BuildConfig:
         "demo": "demo"}
 
     def __post_init__(self) -> None:
-        from etl.sources.base import InputError
-
         if self.output is None:
             self.output = "demo/corpus" if self.demo else "corpus"
         if not self.stages:

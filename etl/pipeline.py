@@ -19,12 +19,14 @@ import numpy as np
 import pyarrow as pa
 
 import schemas
-from etl import incremental
+from etl import incremental, rowhash
 from etl import manifest as mf
 from etl.config import BuildConfig
+from etl.demo import ensure_demo_census
 from etl.sources import census, h5ad
 from etl.sources.base import InputError, SourcePlan
-from etl.stages import sentences
+from etl.spark import task_cores
+from etl.stages import samples_plan, sentences
 from etl.storage import Store
 from etl.validate import validate
 from etl.versions import WORK, LegacyLayout, Versions, sweep
@@ -42,7 +44,6 @@ def plan_source(cfg: BuildConfig) -> SourcePlan:
                          cell_type_column=cfg.cell_type_column, label_columns=cfg.label_columns,
                          layer=cfg.h5ad_layer, spatial_key=cfg.spatial_key, **common)
     if cfg.source_kind == "demo":
-        from etl.demo import ensure_demo_census
 
         log.info("demo: the generated demo Census at %s (made at first use)", cfg.demo_uri)
         source = census.resolve(None, ensure_demo_census(cfg.demo_uri, n_cells=cfg.demo_cells))
@@ -173,7 +174,6 @@ def build(cfg: BuildConfig, spark=None) -> dict:
     if "sentences" in cfg.stages:
         plan = plan_source(cfg)
         if "samples" in cfg.stages:  # before hours of encoding: what the samples stage would refuse
-            from etl.stages import samples_plan
 
             inputs = samples_plan.preflight(cfg, {d for ds in plan.planned.values() for d in ds}, {},
                                             samples_only=False)
@@ -200,12 +200,10 @@ def build(cfg: BuildConfig, spark=None) -> dict:
         manifest = latest.manifest
         _same_source(cfg, manifest)
         if "samples" in cfg.stages:
-            from etl.stages import samples_plan
 
             inputs = samples_plan.preflight(cfg, {d for o in manifest["counts"]["organisms"].values()
                                                   for d in o["datasets"]}, manifest, samples_only=True)
     if "samples" in cfg.stages:
-        from etl.stages import samples_plan
 
         sentences_root = base.sentences_root if base is not None else versions.store(vid).uri
         job = samples_plan.prepare(cfg, manifest, sentences_root, samples_only="sentences" not in cfg.stages,
@@ -320,7 +318,6 @@ def build_sentences(cfg: BuildConfig, plan: SourcePlan, key: str, store: Store, 
     t = time.perf_counter()
     session = spark() if spark is not None and spark.enabled and tasks else None
     if session is not None:
-        from etl.spark import task_cores
 
         opts.cores = task_cores(session)
         summary = sentences.run_spark(session, tasks, store.uri, shared, opts)
@@ -357,7 +354,6 @@ def build_sentences(cfg: BuildConfig, plan: SourcePlan, key: str, store: Store, 
         log.info("removed %d leftover file(s) of an earlier killed run", swept)
     timings["tables"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
-    from etl import rowhash
 
     total = 0
     for info in summary.files.values():

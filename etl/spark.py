@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
+from etl.sources.base import InputError
+
 
 def get_spark(app: str = "c2s-corpus", master: str | None = None):
     from pyspark.sql import SparkSession
@@ -97,8 +99,6 @@ class SparkJob:
         """Run `action()` (the Spark action) in a job group; returns its result, or raises the first input error."""
         import threading
         import uuid
-
-        from etl.sources.base import InputError
 
         group = f"c2s-{self.label}-{uuid.uuid4().hex[:8]}"
         self.sc.setJobGroup(group, self.label)

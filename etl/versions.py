@@ -22,6 +22,7 @@ import re
 
 from etl.card import dataset_card
 from etl.storage import TMP_MARK, Store
+from etl.validate import CorpusInvalid, validate
 from schemas.layout import (
     LEASES,
     MANIFEST,
@@ -275,7 +276,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             sp.add_argument("--keep", type=int, required=True, metavar="N")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from etl.validate import CorpusInvalid, validate
 
     v = Versions(args.dir)
     try:

@@ -39,7 +39,8 @@ from language.h5ad import obs_values
 from language.prompts import answer_budget, first_sentence, longest_gene_run, predicted_label
 from schemas.cli import option as _f  # a config field: default, --help text, option metadata
 from schemas.cli import parse
-from schemas.errors import InputError
+from schemas.errors import ConfigError, CorpusError, InputError, ModelError
+from schemas.extras import missing_package
 from training.decode import decode
 from training.models import load_model_and_tokenizer, read_provenance
 
@@ -47,8 +48,6 @@ log = logging.getLogger("evaluation.evaluate")
 PERTURBATION_TASK = "perturbation_prediction"
 
 
-class EvaluateError(InputError):
-    """A bad evaluation input; the message names it."""
 
 
 @dataclass
@@ -90,12 +89,12 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         if not self.model:
-            raise EvaluateError("no --model given: the folder of a trained model (OUTPUT/final)")
+            raise ConfigError("no --model given: the folder of a trained model (OUTPUT/final)")
         for name in ("max_samples", "n_per_condition", "max_conditions", "pca_cells", "batch_size"):
             if getattr(self, name) < 1:
-                raise EvaluateError(f"--{name.replace('_', '-')} must be at least 1")
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.n_per_condition < 4:
-            raise EvaluateError("--n-per-condition must be at least 4 (two halves of 2 cells for the floor)")
+            raise ConfigError("--n-per-condition must be at least 4 (two halves of 2 cells for the floor)")
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -273,7 +272,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     prov = read_provenance(cfg.model) or {}
     corpus_uri = cfg.corpus or prov.get("corpus")
     if not corpus_uri:
-        raise EvaluateError(f"{cfg.model}: no c2s.json naming the corpus it was trained on; give --corpus DIR")
+        raise ModelError(f"{cfg.model}: no c2s.json naming the corpus it was trained on; give --corpus DIR")
     corpus = open_corpus(corpus_uri)
     model, tok = load_model_and_tokenizer(cfg.model)
     if cfg.adapter:
@@ -285,7 +284,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     wanted = cfg.tasks or present
     unknown = [t for t in wanted if t not in present]
     if unknown:
-        raise EvaluateError(f"task(s) {unknown} have no samples in the {cfg.split} split of {corpus_uri}; "
+        raise CorpusError(f"task(s) {unknown} have no samples in the {cfg.split} split of {corpus_uri}; "
                             f"present: {', '.join(present)}")
     out_dir = Path(cfg.out).resolve().parent
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -443,8 +442,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except InputError as e:
         log.error("%s", e)
         return 2
-    except ModuleNotFoundError as e:
-        log.error("evaluate needs the %r package: pip install 'c2s-corpus[train,etl,eval]'", e.name)
+    except ImportError as e:
+        line = missing_package(e, "c2s evaluate")
+        if line is None:
+            raise
+        log.error("%s", line)
         return 2
     keys = ("cell_type_accuracy", "majority_baseline", "gene_validity", "scfid", "scfid_floor_real_vs_real",
             "scfid_ceiling_shuffled", "mmd", "energy_distance")

@@ -49,6 +49,8 @@ from typing import Any
 
 import numpy as np
 
+from schemas.extras import require
+
 # ------------------------------------------------------------------ input checks
 
 
@@ -474,10 +476,7 @@ def _cell_eval_metrics(pred: Mapping[str, np.ndarray], real: Mapping[str, np.nda
     import os
     import tempfile
 
-    try:
-        from cell_eval import MetricsEvaluator
-    except ImportError as e:
-        raise ImportError("use_cell_eval=True needs Arc Institute's cell-eval: pip install cell-eval") from e
+    MetricsEvaluator = require("cell_eval", "use_cell_eval=True (Arc Institute's cell-eval)").MetricsEvaluator
     if control_name in pred:
         raise ValueError(f"control_name {control_name!r} is also a perturbation name")
     pert_col = "target"

@@ -36,21 +36,22 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 
+from generation.annotate_config import DEFAULT_MAX_NEW_TOKENS, AnnotateConfig
 from language.budget import TokenBudget, genes_cap, load_tokenizer_json
 from language.cells import Cells, Ranker
+from language.corpus import Corpus, open_corpus
 from language.organisms import normalise_organism
 from language.prompts import answer_budget, cell_values, fill, n_templates, predicted_label, prompt_for
 from language.symbols import var_words
 from schemas import UNKNOWN
-from schemas.cli import option as _f  # a config field: default, --help text, option metadata
 from schemas.cli import parse
-from schemas.errors import ConfigError, InputError
-from schemas.layout import CorpusNotFound, filesystem, resolve
+from schemas.errors import ConfigError, CorpusError, InputError, ModelError
+from schemas.extras import missing_package
 from schemas.tasks import LABEL_FIELDS
 from training.data import _encode, _eos_id, encode_prompts
 from training.decode import decode, mean_pool
@@ -59,9 +60,6 @@ from training.models import PROVENANCE, load_model_and_tokenizer, prompt_batch, 
 log = logging.getLogger(__name__)
 
 TASK = "cell_type_prediction"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-ETL_PACKAGES = ("anndata", "h5py", "numba", "scipy", "pandas", "xxhash")
-DEFAULT_MAX_NEW_TOKENS = 32  # when no label list tells the longest answer (no corpus, no --labels)
 SAMPLE_SEED = 0  # --max-cells draws its sample with this seed, as the builder's --max-cells does
 
 DESCRIPTION = """Annotate the cells of an .h5ad file with a cell-sentence model trained by `c2s train`.
@@ -82,65 +80,6 @@ EPILOG = """examples:
 --labels FILE: one label per line. Each is scored by the model and the likeliest wins, so every answer is one
 of them. Without --labels the model writes its answer freely (greedy), as evaluation measures it.
 A model without c2s.json (not trained here) needs --corpus DIR: the corpus whose encoding and budget to use."""
-
-
-@dataclass
-class AnnotateConfig:
-    # model and input
-    model: str | None = _f(None, "Required. The trained model's folder (OUTPUT/final of `c2s train`, holding "
-                           "c2s.json).", metavar="DIR")
-    h5ad: str | None = _f(None, "Required. The AnnData file whose cells to annotate.", metavar="FILE")
-    layer: str | None = _f(None, "Matrix holding the raw counts: X (default), raw (raw.X) or a layer name.",
-                           metavar="NAME", aliases=("h5ad-layer",))
-    organism: str | None = _f(None, "Organism of the cells (homo_sapiens, mus_musculus, human, mouse; default: "
-                              "the model corpus's organism, the one whose vocabulary shares most symbols with "
-                              "the file when it has several).", metavar="NAME")
-    max_cells: int | None = _f(None, "Annotate a seeded random sample of this many cells only (a trial); the "
-                               "output then holds just them.", metavar="N")
-    corpus: str | None = _f(None, "The corpus the model was trained on (default: the one c2s.json names); needed "
-                            "for a model without c2s.json, or when the corpus moved.", metavar="DIR")
-    budget_tokenizer: str | None = _f(None, "The tokenizer the corpus's token budget counted with, when the path "
-                                      "in c2s.json is not readable here.", metavar="PATH")
-    # prompts and answers
-    template: int = _f(0, "Which cell_type_prediction prompt wording (0-based).", metavar="N")
-    labels: str | None = _f(None, "Pick the likeliest of known labels instead of generating: 'corpus' (the "
-                            "corpus's train labels) or a file with one label per line.", metavar="FILE|corpus")
-    max_new_tokens: int | None = _f(None, "Tokens the model may write (default: enough for the corpus's longest "
-                                    f"label; {DEFAULT_MAX_NEW_TOKENS} without a corpus).", metavar="N")
-    # output
-    out: str | None = _f(None, "Required. Where to write the annotated copy (.h5ad).", metavar="FILE",
-                         aliases=("output",))
-    embed: bool = _f(False, "Add obsm['X_c2s']: the model's last hidden layer mean-pooled over the prompt.")
-    # running
-    batch_size: int = _f(16, "Prompts per forward pass.", metavar="N")
-    label_batch: int = _f(256, "Candidate-label continuations scored per forward pass (--labels).", metavar="N")
-    block_cells: int = _f(4096, "Cells read from the file at once.", metavar="N")
-    device: str = _f("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available).")
-    dtype: str = _f("auto", "Model weights' dtype (auto: bfloat16 on CUDA, float32 on CPU).", choices=list(DTYPES))
-
-    GROUPS: ClassVar[dict[str, str]] = {"model": "model and input", "template": "prompts and answers",
-                                        "out": "output", "batch_size": "running"}
-
-    def __post_init__(self) -> None:
-        for name in ("model", "h5ad", "out"):
-            if not getattr(self, name):
-                raise ConfigError(f"--{name} is required (see --help)")
-        for name in ("batch_size", "label_batch", "block_cells"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.template < 0:
-            raise ConfigError(f"--template must be >= 0, got {self.template}")
-        if self.max_cells is not None and self.max_cells < 1:
-            raise ConfigError(f"--max-cells must be >= 1, got {self.max_cells}")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-
-
-class AnnotateError(InputError):
-    """An input of the annotation (file, layer, labels, model, option) that cannot be used; one line."""
-
-
-# ---------------------------------------------------------------- how the model was taught to read a cell
 
 
 @dataclass(frozen=True)
@@ -165,18 +104,18 @@ class Speech:
         try:
             prov = read_provenance(model_dir)
         except (OSError, ValueError) as e:
-            raise AnnotateError(f"--model {model_dir}: cannot read {PROVENANCE} ({e})") from None
+            raise ModelError(f"--model {model_dir}: cannot read {PROVENANCE} ({e})") from None
         if prov is not None:
             enc, samples = prov.get("encoding") or {}, prov.get("samples") or {}
             where = f"{Path(model_dir) / PROVENANCE}"
             return cls._make(enc, samples, corpus or prov.get("corpus"), prov.get("max_length"), where)
         if not corpus:
-            raise AnnotateError(f"--model {model_dir}: no {PROVENANCE} (a model not trained by `c2s train`); give "
+            raise ModelError(f"--model {model_dir}: no {PROVENANCE} (a model not trained by `c2s train`); give "
                                 "--corpus DIR, the corpus it was trained on, to take the encoding and budget from")
-        manifest = _open_corpus(corpus).manifest
+        manifest = open_corpus(corpus).manifest
         samples = manifest.get("samples") or {}
         if not samples:
-            raise AnnotateError(f"--corpus {corpus}: its manifest has no samples section (no prompts to imitate)")
+            raise CorpusError(f"--corpus {corpus}: its manifest has no samples section (no prompts to imitate)")
         opts = samples.get("options") or {}
         return cls._make(manifest.get("options") or {},
                          {"max_tokens": opts.get("max_tokens"), "tokens_per_gene": opts.get("tokens_per_gene"),
@@ -187,26 +126,19 @@ class Speech:
         missing = [k for k in ("max_genes", "uppercase", "seed") if enc.get(k) is None]
         missing += [k for k in ("max_tokens", "tokens_per_gene") if samples.get(k) is None]
         if missing:
-            raise AnnotateError(f"{where}: lacks {', '.join(missing)} (the encoding and budget of the corpus); "
+            raise InputError(f"{where}: lacks {', '.join(missing)} (the encoding and budget of the corpus); "
                                 "give --corpus DIR to read them from the corpus")
         return cls(max_genes=int(enc["max_genes"]), uppercase=bool(enc["uppercase"]), seed=int(enc["seed"]),
                    max_tokens=int(samples["max_tokens"]), tokens_per_gene=float(samples["tokens_per_gene"]),
                    budget_tokenizer=samples.get("tokenizer"), corpus=corpus, max_length=max_length, origin=where)
 
 
-def _open_corpus(corpus: str):
-    try:
-        return resolve(corpus)
-    except CorpusNotFound as e:
-        raise AnnotateError(str(e)) from None
-
-
 def _try_corpus(speech: Speech):
-    """The model's corpus version, or None (logged) when it cannot be read here."""
+    """The model's corpus, or None (logged) when it cannot be read here."""
     if not speech.corpus:
         return None
     try:
-        return _open_corpus(speech.corpus)
+        return open_corpus(speech.corpus)
     except InputError as e:
         log.warning("the model's corpus cannot be read here (%s); give --corpus DIR for its organism and labels", e)
         return None
@@ -218,14 +150,14 @@ class Prompter:
     def __init__(self, speech: Speech, organism: str, template: int = 0, budget_tokenizer: str | None = None):
         count = n_templates(TASK)
         if template >= count:
-            raise AnnotateError(f"--template {template}: {TASK} has {count} prompt wordings (0-{count - 1})")
+            raise ConfigError(f"--template {template}: {TASK} has {count} prompt wordings (0-{count - 1})")
         path = budget_tokenizer or speech.budget_tokenizer
         tok_json = None
         if path:
             try:
                 tok_json = load_tokenizer_json(path)
             except InputError as e:
-                raise AnnotateError(f"the corpus's token budget counted with tokenizer {path!r}, which cannot be "
+                raise CorpusError(f"the corpus's token budget counted with tokenizer {path!r}, which cannot be "
                                     f"read here ({e}); give --budget-tokenizer PATH") from None
         # the samples stage's budget, gene cap and minimum genes
         self.budget = TokenBudget(max_tokens=speech.max_tokens, tokens_per_gene=speech.tokens_per_gene,
@@ -289,14 +221,14 @@ class Reader:
         self.embed, self.max_new_tokens, self.label_batch = embed, max_new_tokens, label_batch
         self.eos = _eos_id(tokenizer)
         if tokenizer.pad_token_id is None:
-            raise AnnotateError("the model's tokenizer has no pad token")
+            raise ModelError("the model's tokenizer has no pad token")
         self.labels = labels
         params = inspect.signature(model.forward).parameters
         self._keep_arg = "logits_to_keep" in params
         self._cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
         if labels is not None:
             if not labels:
-                raise AnnotateError("--labels: no labels to choose from")
+                raise ConfigError("--labels: no labels to choose from")
             completion = completion or (lambda label: f" {label}.")
             ids = [[*x, self.eos] for x in _encode(tokenizer, [completion(label) for label in labels])]
             width = max(len(x) for x in ids)
@@ -444,23 +376,11 @@ def annotate_cells(source: Any, model, tokenizer, speech: Speech, organism: str,
 # ---------------------------------------------------------------- corpus look-ups: organism, labels, coverage
 
 
-def corpus_labels(version, organism: str | None) -> list[str]:
+def corpus_labels(corpus: Corpus, organism: str | None) -> list[str]:
     """Distinct labels of the corpus's cell_type_prediction train split, of `organism` when it has any."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
-    uri = version.path("samples", TASK, "train")
-    fs, path = filesystem(uri)
-    try:
-        table = pads.dataset(path, format="parquet", filesystem=fs).to_table(columns=["label", "organism"])
-    except (OSError, ValueError) as e:
-        raise AnnotateError(f"--labels corpus: cannot read {uri} ({str(e).splitlines()[0]})") from None
-    if organism is not None:
-        own = table.filter(pc.equal(table["organism"], organism))
-        table = own if own.num_rows else table
-    labels = sorted({x for x in table["label"].to_pylist() if x})
+    labels = corpus.labels(TASK, "train", organism)
     if not labels:
-        raise AnnotateError(f"--labels corpus: {uri} holds no labels")
+        raise CorpusError(f"--labels corpus: {corpus.uri} holds no {TASK} labels")
     return labels
 
 
@@ -468,40 +388,36 @@ def file_labels(path: str) -> list[str]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise AnnotateError(f"--labels {path}: file not found (give a file with one label per line, or "
+        raise ConfigError(f"--labels {path}: file not found (give a file with one label per line, or "
                             "'corpus')") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise AnnotateError(f"--labels {path}: cannot read it ({e})") from None
+        raise ConfigError(f"--labels {path}: cannot read it ({e})") from None
     labels = list(dict.fromkeys(line.strip() for line in text.splitlines() if line.strip()))
     if not labels:
-        raise AnnotateError(f"--labels {path}: no labels in it (one label per line)")
+        raise ConfigError(f"--labels {path}: no labels in it (one label per line)")
     return labels
 
 
-def corpus_vocab(version, organism: str) -> set[str] | None:
-    import pyarrow.parquet as pq
-
-    fs, path = filesystem(version.path("vocab", f"{organism}.parquet"))
+def corpus_vocab(corpus: Corpus, organism: str) -> set[str] | None:
     try:
-        with fs.open_input_file(path) as f:
-            return set(pq.read_table(f, columns=["gene_symbol"]).column(0).to_pylist())
-    except (OSError, ValueError):
+        return set(corpus.vocab(organism, ["gene_symbol"])["gene_symbol"].to_pylist())
+    except CorpusError:
         return None
 
 
-def corpus_organisms(version) -> list[str]:
-    return sorted((version.manifest.get("counts") or {}).get("organisms") or {})
+def corpus_organisms(corpus: Corpus) -> list[str]:
+    return sorted((corpus.manifest.get("counts") or {}).get("organisms") or {})
 
 
-def choose_organism(version, words: list[str]) -> str:
+def choose_organism(corpus: Corpus, words: list[str]) -> str:
     """The corpus's organism; with several, the one whose vocabulary holds most of the file's words."""
-    organisms = corpus_organisms(version)
+    organisms = corpus_organisms(corpus)
     if len(organisms) == 1:
         return organisms[0]
     if not organisms:
-        raise AnnotateError("the model's corpus names no organism; give --organism")
+        raise ModelError("the model's corpus names no organism; give --organism")
     mine = set(words)
-    overlap = {o: len(mine & (corpus_vocab(version, o) or set())) for o in organisms}
+    overlap = {o: len(mine & (corpus_vocab(corpus, o) or set())) for o in organisms}
     best = max(organisms, key=lambda o: overlap[o])
     log.info("organism %s: its corpus vocabulary holds %d of the file's %d gene symbols (%s)", best, overlap[best],
              len(mine), ", ".join(f"{o}: {n}" for o, n in overlap.items()))
@@ -538,7 +454,7 @@ def _write_copy(cfg: AnnotateConfig, run: Callable[[Any], Annotation], hidden: i
             try:
                 obs = read_elem(f["obs"])
             except (KeyError, TypeError, ValueError) as e:
-                raise AnnotateError(f"{cfg.h5ad}: cannot read its obs table to add the columns to ({e})") from None
+                raise InputError(f"{cfg.h5ad}: cannot read its obs table to add the columns to ({e})") from None
             _add_columns(obs, result)
             del f["obs"]
             write_elem(f, "obs", obs)
@@ -593,9 +509,9 @@ def _device_and_dtype(cfg: AnnotateConfig):
     try:
         dev = torch.device(device)
     except RuntimeError as e:
-        raise AnnotateError(f"--device {cfg.device!r}: {e}") from None
+        raise ModelError(f"--device {cfg.device!r}: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise AnnotateError(f"--device {cfg.device}: CUDA is not available here (use --device cpu)")
+        raise ModelError(f"--device {cfg.device}: CUDA is not available here (use --device cpu)")
     name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if dev.type == "cuda" else "float32")
     return dev, getattr(torch, name)
 
@@ -604,19 +520,19 @@ def run(cfg: AnnotateConfig) -> dict:
     """Annotate cfg.h5ad with cfg.model into cfg.out; returns the summary printed by main."""
     started = time.time()
     if not os.path.isfile(cfg.h5ad):
-        raise AnnotateError(f"--h5ad {cfg.h5ad}: file not found")
+        raise ConfigError(f"--h5ad {cfg.h5ad}: file not found")
     if not os.path.isdir(cfg.model):
-        raise AnnotateError(f"--model {cfg.model}: not a folder (give OUTPUT/final of `c2s train`)")
+        raise ModelError(f"--model {cfg.model}: not a folder (give OUTPUT/final of `c2s train`)")
     if os.path.abspath(cfg.out) == os.path.abspath(cfg.h5ad):
-        raise AnnotateError(f"--out {cfg.out}: the same file as --h5ad; write the annotated copy elsewhere")
+        raise ConfigError(f"--out {cfg.out}: the same file as --h5ad; write the annotated copy elsewhere")
     if os.path.isdir(cfg.out):
-        raise AnnotateError(f"--out {cfg.out}: a folder; give a file name (annotated.h5ad)")
+        raise ConfigError(f"--out {cfg.out}: a folder; give a file name (annotated.h5ad)")
     speech = Speech.of_model(cfg.model, cfg.corpus)
-    version = _try_corpus(speech)
+    model_corpus = _try_corpus(speech)
     labels = None
     if cfg.labels is not None:
-        if cfg.labels == "corpus" and version is None:
-            raise AnnotateError("--labels corpus: the model's corpus cannot be read here; give --corpus DIR or "
+        if cfg.labels == "corpus" and model_corpus is None:
+            raise CorpusError("--labels corpus: the model's corpus cannot be read here; give --corpus DIR or "
                                 "--labels FILE")
         labels = None if cfg.labels == "corpus" else file_labels(cfg.labels)
     # the input first: a bad file fails before the model is loaded
@@ -629,16 +545,16 @@ def run(cfg: AnnotateConfig) -> dict:
         cells.close()
     if cfg.organism:
         organism = normalise_organism(cfg.organism)
-    elif version is not None:
-        organism = choose_organism(version, words)
+    elif model_corpus is not None:
+        organism = choose_organism(model_corpus, words)
     else:
-        raise AnnotateError("no --organism given and the model's corpus cannot be read here to tell it; give "
+        raise ConfigError("no --organism given and the model's corpus cannot be read here to tell it; give "
                             "--organism (homo_sapiens, mus_musculus, ...)")
-    if version is not None and corpus_organisms(version) and organism not in corpus_organisms(version):
+    if model_corpus is not None and corpus_organisms(model_corpus) and organism not in corpus_organisms(model_corpus):
         log.warning("organism %s: the model's corpus has no cells of it (it has %s)", organism,
-                    ", ".join(corpus_organisms(version)))
+                    ", ".join(corpus_organisms(model_corpus)))
     coverage = None
-    vocab = corpus_vocab(version, organism) if version is not None else None
+    vocab = corpus_vocab(model_corpus, organism) if model_corpus is not None else None
     if vocab:
         coverage = sum(w in vocab for w in words) / max(len(words), 1)
         if coverage < 0.5:
@@ -647,18 +563,18 @@ def run(cfg: AnnotateConfig) -> dict:
                         "missing: %s): the model has not seen the others; are the symbols in var['feature_name'] "
                         "(not Ensembl ids)?", 100 * coverage, len(words), organism, ", ".join(missing))
     if cfg.labels == "corpus":
-        labels = corpus_labels(version, organism)
+        labels = corpus_labels(model_corpus, organism)
     Prompter(speech, organism, cfg.template, cfg.budget_tokenizer)  # template and budget checked before the model
 
     device, dtype = _device_and_dtype(cfg)
     model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=dtype)
     model.to(device)
     budget = cfg.max_new_tokens
-    if budget is None and labels is None and version is not None:
+    if budget is None and labels is None and model_corpus is not None:
 
         try:
-            budget = answer_budget(tokenizer, corpus_labels(version, None))
-        except AnnotateError as e:
+            budget = answer_budget(tokenizer, corpus_labels(model_corpus, None))
+        except InputError as e:
             log.warning("%s; the model may write %d tokens", e, DEFAULT_MAX_NEW_TOKENS)
     rows = sample_rows(n_obs, cfg.max_cells)
     meta = {k: v for k, v in {"model": os.path.abspath(cfg.model), "corpus": speech.corpus,
@@ -701,14 +617,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         cfg = parse(AnnotateConfig, list(sys.argv[1:] if argv is None else argv), DESCRIPTION, EPILOG,
                     prog=prog)
         summary = run(cfg)
-    except InputError as e:  # AnnotateError, ModelError, ConfigError, the ETL's InputError: one line
+    except InputError as e:  # ModelError, ConfigError, CorpusError, the ETL's InputError: one line
         log.error("%s", " ".join(str(e).split()))
         return 2
     except ImportError as e:
-        if (e.name or "").split(".")[0] not in ETL_PACKAGES:
+        line = missing_package(e, "c2s annotate")
+        if line is None:
             raise
-        log.error("c2s-annotate reads .h5ad files and ranks cells with the corpus builder: it needs the %r "
-                  "package: pip install 'c2s-corpus[etl]'", e.name)
+        log.error("%s", line)
         return 2
     print(json.dumps(summary))
     return 0

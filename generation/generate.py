@@ -26,8 +26,9 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
+from generation.generate_config import GenerateConfig
 from language import templates
 from language.budget import genes_cap
 from language.corpus import Corpus, open_corpus
@@ -42,11 +43,10 @@ from language.prompts import (
     prompt_for,
 )
 from schemas import UNKNOWN
-from schemas.cli import option as _f  # a config field: default, --help text, option metadata
 from schemas.cli import parse
-from schemas.errors import ConfigError, CorpusError, InputError
+from schemas.errors import ConfigError, CorpusError, InputError, ModelError
 from schemas.layout import filesystem, open_parquet
-from schemas.tasks import LABEL_FIELDS, SPLITS, TASKS
+from schemas.tasks import LABEL_FIELDS, TASKS
 from training import models as tm
 from training.data import encode_prompts
 from training.decode import decode
@@ -70,91 +70,6 @@ OBS_COLUMNS = ("prompt_index", "cell_index", "task", "prompt", "cell_sentence", 
                "n_duplicate", "truncated", "inverse_fit")
 
 
-class GenerateError(InputError):
-    """A bad generation input (task, condition, prompt file, corpus table); the message names it."""
-
-
-@dataclass
-class GenerateConfig:
-    # model
-    model: str | None = _f(None, "Required. A model this project trained (an SFT OUTPUT/final folder, with its "
-                           "c2s.json), a hub id or folder, or the base model of --adapter.", metavar="DIR")
-    adapter: str | None = _f(None, "A PEFT (LoRA) adapter folder to apply to --model (e.g. OUTPUT/final/"
-                             "adapter); merged before generating.", metavar="DIR")
-    device: str = _f("auto", "Where to generate (auto: cuda when available).", choices=["auto", "cpu", "cuda"])
-    dtype: str = _f("auto", "Model weights' dtype (auto: bfloat16 on CUDA, float32 on CPU).",
-                    choices=["auto", "float32", "bfloat16", "float16"])
-    # prompts
-    corpus: str | None = _f(None, "Corpus directory (default: the one named in the model's c2s.json): its "
-                            "vocabulary, inverse-transform fits, token budget and split samples.", metavar="DIR")
-    task: str | None = _f(None, "A task that outputs cells: cell_lm, cell_type_generation, multi_cell_lm, "
-                          "tissue_conditional_generation, cell_types_conditional_generation, "
-                          "abstract_conditional_generation, perturbation_prediction, neighbor_generation.",
-                          metavar="TASK")
-    condition: list[str] = _f([], "KEY=VALUE filling the task's template, repeatable; the value is taken whole "
-                              "(commas kept): cell_type=\"CD8-positive, alpha-beta T cell\", tissue=lung, "
-                              "cell_types=\"T cell; B cell\", num_cells=4, abstract=..., perturbation=KLF1 "
-                              "(perturbation_type=CRISPRi), input_sentence=\"GENE1 GENE2 ...\" (the control / "
-                              "centre cell), disease=..., dataset_id=ID (that dataset's inverse fit).",
-                              metavar="KEY=VALUE", whole=True)
-    organism: str | None = _f(None, "Organism of the prompts and of the output's genes (default: the corpus's "
-                              "only organism, else homo_sapiens; with --from-split: the split's only one).",
-                              metavar="NAME")
-    n: int | None = _f(None, "Prompts to generate from (default: 100 with --task/--condition; every prompt of "
-                       "--from-split or --prompts). A multi-cell prompt gives several cells.", metavar="N")
-    n_genes: int | None = _f(None, "Genes per cell the prompt asks for, before the corpus's token budget cuts it "
-                             "as in training (default: the corpus's --max-genes).", metavar="N")
-    template: int = _f(0, "Which of the task's prompt wordings (0: C2S's own).", metavar="I")
-    from_split: str | None = _f(None, "Use the prompts of --task in this split of the corpus samples, with the "
-                                "labels of the cells each was built from.", choices=list(SPLITS))
-    prompts: str | None = _f(None, "A JSON-lines file: {\"prompt\": ..., optional condition fields (organism, "
-                             "dataset_id, cell_type, ...)} per line.", metavar="FILE.jsonl")
-    # sampling
-    temperature: float = _f(1.0, "Sampling temperature (0: greedy decoding).", metavar="T")
-    top_p: float = _f(1.0, "Nucleus sampling: keep the smallest set of tokens with this probability (1: off).",
-                      metavar="P")
-    top_k: int = _f(0, "Sample among the k most likely tokens (0: off).", metavar="K")
-    max_new_tokens: int | None = _f(None, "Tokens to generate at most per prompt (default: room for the genes the "
-                                    "prompts ask for at the tokenizer's tokens per gene, and a tenth more; at most the "
-                                    "corpus's token budget, the model's training length and context, minus the "
-                                    "longest prompt).", metavar="N")
-    seed: int = _f(0, "Seed of the sampling: the same seed, prompts and settings (batch size included) give the "
-                   "same cells.")
-    batch_size: int = _f(64, "Prompts generated together (sorted by token length, so a batch pads little).",
-                         metavar="N")
-    # output
-    out: str = _f("generated.h5ad", "The .h5ad file written.", metavar="FILE.h5ad", aliases=("output",))
-    progress: bool = _f(True, "Show a progress bar (stderr).")
-
-    GROUPS: ClassVar[dict[str, str]] = {"model": "model", "corpus": "prompts", "temperature": "sampling",
-                                        "out": "output"}
-
-    def __post_init__(self) -> None:
-        if not self.model:
-            raise ConfigError("no --model given: name a trained model folder (e.g. outputs/sft/final), a hub id, "
-                              "or a base model with --adapter")
-        lows = {"n": 1, "n_genes": 1, "max_new_tokens": 1, "batch_size": 1, "template": 0, "top_k": 0}
-        for name, low in lows.items():
-            v = getattr(self, name)
-            if v is not None and v < low:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
-        if self.temperature < 0:
-            raise ConfigError(f"--temperature must be >= 0 (0: greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if not self.out.endswith(".h5ad"):
-            raise ConfigError(f"--out {self.out!r}: give a file name ending in .h5ad")
-        if self.prompts and (self.from_split or self.condition):
-            raise ConfigError("--prompts FILE brings its own prompts and conditions: drop --from-split and "
-                              "--condition")
-        if self.from_split and self.condition:
-            raise ConfigError("--from-split takes the conditions from the split's cells: drop --condition")
-        if not self.prompts and not self.task:
-            raise ConfigError("no --task given: name a task that outputs cells (e.g. cell_type_generation), "
-                              "or give --prompts FILE.jsonl")
-
-
-# ---------------------------------------------------------------- tasks and conditions
 
 
 def generation_tasks() -> dict[str, set[str]]:
@@ -168,7 +83,7 @@ def generation_tasks() -> dict[str, set[str]]:
         fields = set().union(*(templates.fields(p) for p in spec["prompts"])) - {"num_genes"}
         unknown = fields - FIELD_CONDITION.keys()
         if unknown:  # a template field nobody can fill: a new template needs a FIELD_CONDITION entry
-            raise GenerateError(f"task {name}: template field(s) {sorted(unknown)} have no condition")
+            raise InputError(f"task {name}: template field(s) {sorted(unknown)} have no condition")
         conds = {FIELD_CONDITION[f] for f in fields} | set(ALWAYS_ALLOWED)
         if "perturbation" in conds:
             conds.add("perturbation_type")
@@ -185,13 +100,13 @@ def is_multi(task: str | None) -> bool | None:
 
 
 def check_task(task: str) -> set[str]:
-    """The conditions of a task that outputs cells; GenerateError naming the tasks that do otherwise."""
+    """The conditions of a task that outputs cells; a ConfigError naming the tasks that do otherwise."""
 
     tasks = generation_tasks()
     if task not in TASKS:
-        raise GenerateError(f"--task {task!r}: unknown task; tasks that output cells: {', '.join(tasks)}")
+        raise ConfigError(f"--task {task!r}: unknown task; tasks that output cells: {', '.join(tasks)}")
     if task not in tasks:
-        raise GenerateError(f"--task {task}: its answers are not cells; tasks that output cells: "
+        raise ConfigError(f"--task {task}: its answers are not cells; tasks that output cells: "
                             f"{', '.join(tasks)}")
     return tasks[task]
 
@@ -215,21 +130,21 @@ def check_conditions(task: str, conditions: dict[str, str]) -> None:
     allowed = check_task(task)
     wrong = sorted(set(conditions) - allowed)
     if wrong:
-        raise GenerateError(f"--condition {wrong[0]}: task {task} prompts take no {wrong[0]}; they take: "
+        raise ConfigError(f"--condition {wrong[0]}: task {task} prompts take no {wrong[0]}; they take: "
                             f"{', '.join(sorted(allowed))}")
     optional = OPTIONAL | ({"cell_type"} if task == "perturbation_prediction" else set())
     if "cell_types" in allowed:
         optional = optional | {"num_cells"}
     missing = sorted(allowed - optional - set(conditions))
     if missing:
-        raise GenerateError(f"task {task} needs --condition {missing[0]}=... (needed: {', '.join(missing)})")
+        raise InputError(f"task {task} needs --condition {missing[0]}=... (needed: {', '.join(missing)})")
     if "num_cells" in conditions:
         try:
             k = int(conditions["num_cells"])
         except ValueError:
             k = 0
         if k < 1:
-            raise GenerateError(f"--condition num_cells={conditions['num_cells']!r}: give a number of cells >= 1")
+            raise ConfigError(f"--condition num_cells={conditions['num_cells']!r}: give a number of cells >= 1")
 
 
 
@@ -259,18 +174,18 @@ def condition_prompts(cfg: GenerateConfig, corpus: Corpus, organism: str, vocab,
     check_conditions(task, cond)
     if "organism" in cond:
         if normalise_organism(cond["organism"]) != organism:
-            raise GenerateError(f"--condition organism={cond['organism']} and --organism {organism} differ")
+            raise ConfigError(f"--condition organism={cond['organism']} and --organism {organism} differ")
         cond.pop("organism")
     count = n_templates(task)
     if cfg.template >= count:
-        raise GenerateError(f"--template {cfg.template}: task {task} has {count} templates (0-{count - 1})")
+        raise ConfigError(f"--template {cfg.template}: task {task} has {count} templates (0-{count - 1})")
     record = {"organism": organism, **{k: cond.get(k, UNKNOWN) for k in LABELS}}
     values = cell_values(record)
     types = [t.strip() for t in cond.get("cell_types", "").split(";") if t.strip()]
     if "cell_types" in cond and not types:
-        raise GenerateError("--condition cell_types: give cell types separated by '; ' (e.g. \"T cell; B cell\")")
+        raise ConfigError("--condition cell_types: give cell types separated by '; ' (e.g. \"T cell; B cell\")")
     if types and "num_cells" in cond and int(cond["num_cells"]) != len(types):
-        raise GenerateError(f"--condition num_cells={cond['num_cells']} but cell_types lists {len(types)}")
+        raise ConfigError(f"--condition num_cells={cond['num_cells']} but cell_types lists {len(types)}")
     num_cells = len(types) or int(cond.get("num_cells", DEFAULT_NUM_CELLS))
     if types:
         values["cell_types"] = cell_type_list([{"cell_type": t} for t in types])
@@ -284,7 +199,7 @@ def condition_prompts(cfg: GenerateConfig, corpus: Corpus, organism: str, vocab,
     if "input_sentence" in cond:  # the control (perturbation) or centre (neighbour) cell the prompt shows
         shown = cond["input_sentence"].strip().rstrip(".").split()
         if not shown:
-            raise GenerateError("--condition input_sentence: give the cell's gene symbols, most expressed first")
+            raise ConfigError("--condition input_sentence: give the cell's gene symbols, most expressed first")
         sentences = [shown, shown]  # the answer is as long as the cell shown
         values |= {"perturbed_sentence": "", "neighbor_sentence": ""}
     elif is_multi(task):
@@ -296,10 +211,10 @@ def condition_prompts(cfg: GenerateConfig, corpus: Corpus, organism: str, vocab,
         out = prompt_for(task, values, sentences, budget, template=cfg.template,
                          max_genes=min(n_genes, genes_cap(budget)))
     except KeyError as e:
-        raise GenerateError(f"task {task}: the template needs {{{e.args[0]}}}; pass --condition "
+        raise InputError(f"task {task}: the template needs {{{e.args[0]}}}; pass --condition "
                             f"{FIELD_CONDITION.get(e.args[0], e.args[0])}=...") from None
     if out is None:
-        raise GenerateError(f"task {task}: the prompt does not fit the corpus's token budget "
+        raise InputError(f"task {task}: the prompt does not fit the corpus's token budget "
                             f"({budget.max_tokens} tokens) even with few genes; shorten the conditions")
     prompt, _, shown_genes, _, _ = out
     obs = {"template": cfg.template, "prompt_n_genes": shown_genes,
@@ -316,22 +231,19 @@ def split_prompts(cfg: GenerateConfig, corpus: Corpus, organism: str | None) -> 
     each was built from; -> (prompts, organism)."""
 
     check_task(cfg.task)
-    try:
-        files = corpus.sample_parts(cfg.from_split, [cfg.task])[cfg.task]
-    except CorpusError as e:
-        raise GenerateError(str(e)) from None
+    files = corpus.sample_parts(cfg.from_split, [cfg.task])[cfg.task]
     found: dict[str, int] = {}  # prompts per organism: the organism column alone, read first
     for path in files:
         for d in open_parquet(path).read(columns=["organism"]).column(0).value_counts().to_pylist():
             found[d["values"]] = found.get(d["values"], 0) + d["counts"]
     if organism is None:
         if len(found) > 1:
-            raise GenerateError(f"--from-split {cfg.from_split}: task {cfg.task} has prompts of several organisms "
+            raise CorpusError(f"--from-split {cfg.from_split}: task {cfg.task} has prompts of several organisms "
                                 f"({', '.join(f'{o}: {k}' for o, k in sorted(found.items()))}); pick one with "
                                 "--organism (the output holds one organism's genes)")
         organism = next(iter(found), None)
     if organism not in found:
-        raise GenerateError(f"--from-split {cfg.from_split}: no prompts of task {cfg.task}"
+        raise CorpusError(f"--from-split {cfg.from_split}: no prompts of task {cfg.task}"
                             + (f" for organism {organism}" if organism else "")
                             + (f" (organisms there: {', '.join(sorted(found))})" if found else ""))
     cols = ["sample_id", "prompt", "organism", "dataset_id", "cell_ids", "n_genes", "template"]
@@ -388,7 +300,7 @@ def file_prompts(cfg: GenerateConfig) -> tuple[list[Prompt], str | None]:
     """Prompts of a JSON-lines file; -> (prompts, the organism the lines name, if any)."""
     path = cfg.prompts
     if not os.path.isfile(path):
-        raise GenerateError(f"--prompts {path}: file not found")
+        raise ConfigError(f"--prompts {path}: file not found")
     prompts: list[Prompt] = []
     organisms: set[str] = set()
 
@@ -399,16 +311,16 @@ def file_prompts(cfg: GenerateConfig) -> tuple[list[Prompt], str | None]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise GenerateError(f"--prompts {path}: line {i} is not JSON ({e.msg})") from None
+                raise ConfigError(f"--prompts {path}: line {i} is not JSON ({e.msg})") from None
             if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
-                raise GenerateError(f"--prompts {path}: line {i} has no \"prompt\" string")
+                raise ConfigError(f"--prompts {path}: line {i} has no \"prompt\" string")
             obs = {str(k): v for k, v in rec.items() if k != "prompt"}
             taken = [k for k in obs if k in OBS_COLUMNS]
             if taken:
-                raise GenerateError(f"--prompts {path}: line {i}: field {taken[0]!r} is an output column; rename it")
+                raise ConfigError(f"--prompts {path}: line {i}: field {taken[0]!r} is an output column; rename it")
             bad = [k for k, v in obs.items() if not isinstance(v, str | int | float | bool) or v is None]
             if bad:
-                raise GenerateError(f"--prompts {path}: line {i}: field {bad[0]!r} must be a string or number")
+                raise ConfigError(f"--prompts {path}: line {i}: field {bad[0]!r} must be a string or number")
             if "organism" in obs:
                 obs["organism"] = normalise_organism(str(obs["organism"]))
                 organisms.add(obs["organism"])
@@ -416,9 +328,9 @@ def file_prompts(cfg: GenerateConfig) -> tuple[list[Prompt], str | None]:
             if cfg.n and len(prompts) >= cfg.n:
                 break
     if not prompts:
-        raise GenerateError(f"--prompts {path}: no prompts in the file")
+        raise ConfigError(f"--prompts {path}: no prompts in the file")
     if len(organisms) > 1:
-        raise GenerateError(f"--prompts {path}: prompts of several organisms ({', '.join(sorted(organisms))}); the "
+        raise ConfigError(f"--prompts {path}: prompts of several organisms ({', '.join(sorted(organisms))}); the "
                             "output holds one organism's genes: split the file")
     return prompts, next(iter(organisms), None)
 
@@ -440,11 +352,11 @@ def load_model(cfg: GenerateConfig) -> tuple[Any, Any, dict | None]:
     for path, flag in ((cfg.model, "--model"), (cfg.adapter, "--adapter")):
         local = path and (path.startswith((".", "/", "~")) or path.count("/") >= 2)  # a hub id is owner/name
         if local and not os.path.isdir(os.path.expanduser(path)):
-            raise GenerateError(f"{flag} {path}: no such folder")
+            raise ConfigError(f"{flag} {path}: no such folder")
     provenance = None
     if cfg.adapter:
         if not os.path.isdir(cfg.adapter):
-            raise GenerateError(f"--adapter {cfg.adapter}: no such folder")
+            raise ModelError(f"--adapter {cfg.adapter}: no such folder")
         provenance = tm.read_provenance(cfg.adapter) or tm.read_provenance(os.path.dirname(
             os.path.abspath(cfg.adapter)))
         has_tok = os.path.isfile(os.path.join(cfg.adapter, "tokenizer.json")) or \
@@ -455,10 +367,10 @@ def load_model(cfg: GenerateConfig) -> tuple[Any, Any, dict | None]:
 
             model = PeftModel.from_pretrained(model, cfg.adapter).merge_and_unload()
         except (OSError, ValueError) as e:
-            raise GenerateError(f"--adapter {cfg.adapter}: cannot apply it to {cfg.model} ({e})") from None
+            raise ModelError(f"--adapter {cfg.adapter}: cannot apply it to {cfg.model} ({e})") from None
     else:
         if cfg.model in tm.TINY_MODELS:
-            raise GenerateError(f"--model {cfg.model}: a random untrained model; give a trained model folder "
+            raise ModelError(f"--model {cfg.model}: a random untrained model; give a trained model folder "
                                 "(an SFT OUTPUT/final)")
         model, tok = tm.load_model_and_tokenizer(cfg.model, dtype=dtype)
         if os.path.isdir(cfg.model):
@@ -526,7 +438,7 @@ def run(cfg: GenerateConfig) -> GenerateResult:
     model, tok, provenance = load_model(cfg)
     corpus_uri = cfg.corpus or (provenance or {}).get("corpus")
     if not corpus_uri:
-        raise GenerateError(f"--model {cfg.model}: no c2s.json naming its corpus; give --corpus DIR (the "
+        raise ModelError(f"--model {cfg.model}: no c2s.json naming its corpus; give --corpus DIR (the "
                             "vocabulary and inverse-transform fits come from it)")
     corpus = open_corpus(corpus_uri)
     trained_on = (provenance or {}).get("corpus_version")
@@ -538,7 +450,7 @@ def run(cfg: GenerateConfig) -> GenerateResult:
     if cfg.prompts:
         prompts, named = file_prompts(cfg)
         if organism and named and organism != named:
-            raise GenerateError(f"--prompts {cfg.prompts} names organism {named}, --organism {organism}")
+            raise ConfigError(f"--prompts {cfg.prompts} names organism {named}, --organism {organism}")
         organism = organism or named
         source = f"file:{cfg.prompts}"
     elif cfg.from_split:
@@ -563,7 +475,7 @@ def run(cfg: GenerateConfig) -> GenerateResult:
         ds = p.obs.get("dataset_id")
         if ds and f"dataset:{ds}" not in fits and source != f"split:{cfg.from_split}":
             known = sorted(k.split(":", 1)[1] for k in fits if k.startswith("dataset:"))
-            raise GenerateError(f"dataset_id {ds!r}: no inverse-transform fit of {organism} for it; datasets: "
+            raise CorpusError(f"dataset_id {ds!r}: no inverse-transform fit of {organism} for it; datasets: "
                                 f"{', '.join(known[:10])}{' ...' if len(known) > 10 else ''}")
 
     lengths = [len(x) for x in encode_prompts(tok, [p.text for p in prompts])]
@@ -572,7 +484,7 @@ def run(cfg: GenerateConfig) -> GenerateResult:
     max_new = cfg.max_new_tokens or _default_max_new_tokens(model, tok, corpus, provenance, prompts, max(lengths),
                                                             multi, vocab["gene_symbol"].astype(str).tolist())
     if context and max(lengths) + max_new > context:
-        raise GenerateError(f"the longest prompt ({max(lengths)} tokens) + --max-new-tokens {max_new} exceed the "
+        raise InputError(f"the longest prompt ({max(lengths)} tokens) + --max-new-tokens {max_new} exceed the "
                             f"model's context of {context} tokens")
     t_gen = time.perf_counter()
     texts = [(d.text, d.truncated) for d in decode(
@@ -712,14 +624,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         cfg = parse_args(argv, prog=prog)
         result = run(cfg)
-    except InputError as e:  # GenerateError, ModelError, ConfigError, CorpusError: the user's input, one line
+    except InputError as e:  # ModelError, ConfigError, CorpusError: the user's input, one line
         log.error("%s", " ".join(str(e).split()))
         return 2
     print(json.dumps(result.summary))
     return 0
 
 
-__all__ = ["GenerateConfig", "GenerateError", "main", "parse_cells", "run", "to_anndata"]
+__all__ = ["GenerateConfig", "main", "parse_cells", "run", "to_anndata"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
-from generation.generate import GenerateError, main, parse_args, parse_cells, run
+from generation.generate import main, parse_args, parse_cells, run
 from language.inverse import c2s_postprocess, ranked_to_matrix
 from schemas.errors import ConfigError, InputError
 from training.decode import decode, sampler
@@ -250,19 +250,19 @@ def test_default_max_new_tokens_fits_the_genes_asked_for(model_dir, tmp_path):
 def test_bad_inputs_are_one_line(model_dir, tmp_path, caplog):
     out = ["--out", str(tmp_path / "x.h5ad"), "--no-progress"]
     cases = [
-        (["--model", str(tmp_path / "missing" / "final"), "--task", "cell_lm", *out], GenerateError, "no such folder"),
-        (["--model", model_dir, "--task", "nope", *out], GenerateError, "unknown task"),
-        (["--model", model_dir, "--task", "cell_type_prediction", *out], GenerateError, "not cells"),
-        (["--model", model_dir, "--task", "cell_lm", "--condition", "cell_type=T cell", *out], GenerateError,
+        (["--model", str(tmp_path / "missing" / "final"), "--task", "cell_lm", *out], InputError, "no such folder"),
+        (["--model", model_dir, "--task", "nope", *out], InputError, "unknown task"),
+        (["--model", model_dir, "--task", "cell_type_prediction", *out], InputError, "not cells"),
+        (["--model", model_dir, "--task", "cell_lm", "--condition", "cell_type=T cell", *out], InputError,
          "take no cell_type"),
-        (["--model", model_dir, "--task", "cell_type_generation", *out], GenerateError, "needs --condition cell_type"),
+        (["--model", model_dir, "--task", "cell_type_generation", *out], InputError, "needs --condition cell_type"),
         (["--model", model_dir, "--task", "cell_lm", "--condition", "cell_type", *out], ConfigError, "KEY=VALUE"),
         (["--model", model_dir, "--task", "cell_lm", "--condition", "dataset_id=nope", "--n", "1", *out],
-         GenerateError, "no inverse-transform fit"),
+         InputError, "no inverse-transform fit"),
         (["--model", model_dir, "--task", "cell_lm", "--out", "x.csv"], ConfigError, ".h5ad"),
         (["--model", model_dir, "--task", "cell_lm", "--from-split", "val", "--condition", "tissue=lung", *out],
          ConfigError, "drop --condition"),
-        (["--model", model_dir, "--task", "cell_lm", "--from-split", "train", *out], GenerateError,
+        (["--model", model_dir, "--task", "cell_lm", "--from-split", "train", *out], InputError,
          "several organisms"),
     ]
     for argv, err, match in cases:

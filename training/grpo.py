@@ -34,7 +34,7 @@ from language.h5ad import obs_values
 from language.prompts import first_sentence, longest_gene_run
 from schemas.cli import option as _f  # a config field: default, --help text, option metadata
 from schemas.cli import parse
-from schemas.errors import InputError
+from schemas.errors import ConfigError, CorpusError, InputError, ModelError
 from training import models as tm
 from training.rewards import make_reward_funcs, program_from_gmt, reference_ranks
 
@@ -42,8 +42,6 @@ log = logging.getLogger("training.grpo")
 PERTURBATION = "perturbation_prediction"
 
 
-class GRPOError(InputError):
-    """A bad GRPO input; the message names it."""
 
 
 @dataclass
@@ -93,20 +91,20 @@ class GRPORunConfig:
 
     def __post_init__(self) -> None:
         if not self.model:
-            raise GRPOError("no --model given: an SFT output folder (OUTPUT/final)")
+            raise ConfigError("no --model given: an SFT output folder (OUTPUT/final)")
         if self.num_generations < 2:
-            raise GRPOError("--num-generations must be at least 2 (GRPO compares completions of one prompt)")
+            raise ConfigError("--num-generations must be at least 2 (GRPO compares completions of one prompt)")
         if self.per_device_batch_size % self.num_generations:
-            raise GRPOError(f"--per-device-batch-size ({self.per_device_batch_size}) must be a multiple of "
+            raise ConfigError(f"--per-device-batch-size ({self.per_device_batch_size}) must be a multiple of "
                             f"--num-generations ({self.num_generations})")
         for item in self.rewards:
             _, _, w = item.partition("=")
             try:
                 float(w or 1)
             except ValueError:
-                raise GRPOError(f"--rewards takes NAME=WEIGHT, got {item!r}") from None
+                raise ConfigError(f"--rewards takes NAME=WEIGHT, got {item!r}") from None
         if self.gene_sets and len(self.gene_sets) != 2:
-            raise GRPOError("--gene-sets takes FILE.gmt NAME")
+            raise ConfigError("--gene-sets takes FILE.gmt NAME")
 
     @property
     def reward_weights(self) -> dict[str, float]:
@@ -124,7 +122,7 @@ def _perturbation_rows(corpus, cfg: GRPORunConfig) -> list[dict]:
         return []
     labels = obs_values(*corpus.perturbation_inputs(), {ids[1] for ids in df["cell_ids"]})
     if not labels:
-        raise GRPOError("the corpus's perturbation files (manifest samples.inputs) are not readable here: "
+        raise CorpusError("the corpus's perturbation files (manifest samples.inputs) are not readable here: "
                         "gene_program needs each sample's perturbation")
     genes = set(corpus.vocab(df["organism"].iloc[0], ["token_id", "gene_symbol"])["gene_symbol"].to_pylist())
     by: dict[str, list[int]] = defaultdict(list)
@@ -188,7 +186,7 @@ def add_reference_embeddings(rows: list[dict], corpus, cfg: GRPORunConfig, out: 
 
     counts = Counter(r["organism"] for r in rows if r.get("real"))
     if not counts:
-        raise GRPOError("expression_distance needs prompts whose real cells are known (cell_type_generation, "
+        raise InputError("expression_distance needs prompts whose real cells are known (cell_type_generation, "
                         "cell_lm or perturbation_prediction)")
     organism = counts.most_common(1)[0][0]
     if len(counts) > 1:  # one embedding space: the other organisms' prompts are left out
@@ -216,7 +214,7 @@ def build_rows(corpus, cfg: GRPORunConfig) -> tuple[list[dict], list[str]]:
                           [t for t in ("cell_type_generation", "cell_type_prediction") if t in present])
     missing = [t for t in tasks if t not in present]
     if missing or not tasks:
-        raise GRPOError(f"task(s) {missing or tasks} have no train samples in {corpus.uri}; present: "
+        raise CorpusError(f"task(s) {missing or tasks} have no train samples in {corpus.uri}; present: "
                         f"{', '.join(present)}")
     rows: list[dict] = []
     for t in tasks:
@@ -293,7 +291,7 @@ def _generation_options(cfg: GRPORunConfig) -> dict:
     if choice == "auto":
         choice = "vllm" if gpu and importlib.util.find_spec("vllm") else "plain"
     if choice == "vllm" and not (gpu and importlib.util.find_spec("vllm")):
-        raise GRPOError("--generation vllm needs vllm installed and a GPU")
+        raise ConfigError("--generation vllm needs vllm installed and a GPU")
     return {"use_vllm": choice == "vllm", "use_transformers_continuous_batching": choice == "continuous"}, choice
 
 
@@ -304,14 +302,14 @@ def run(cfg: GRPORunConfig) -> dict:
     prov = tm.read_provenance(cfg.model) or {}
     corpus_uri = cfg.corpus or prov.get("corpus")
     if not corpus_uri:
-        raise GRPOError(f"{cfg.model}: no c2s.json naming its corpus; give --corpus DIR")
+        raise ModelError(f"{cfg.model}: no c2s.json naming its corpus; give --corpus DIR")
     corpus = open_corpus(corpus_uri)
     rows, tasks = build_rows(corpus, cfg)
     if not rows:
-        raise GRPOError(f"no train prompts for {tasks} in {corpus_uri}")
+        raise CorpusError(f"no train prompts for {tasks} in {corpus_uri}")
     weights = cfg.reward_weights or default_rewards(tasks)
     organisms = sorted({r["organism"] for r in rows})
-    vocab = {o: set(corpus.vocab(o)["gene_symbol"]) for o in organisms}
+    vocab = {o: set(corpus.vocab(o, ["token_id", "gene_symbol"])["gene_symbol"].to_pylist()) for o in organisms}
     context: dict = {"vocabulary": vocab} if "validity" in weights else {}
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -370,7 +368,7 @@ def run(cfg: GRPORunConfig) -> dict:
         ck = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         resume = str(ck[-1]) if ck else None
         if resume is None:
-            raise GRPOError(f"--resume-from-checkpoint latest: no checkpoint in {out}")
+            raise ConfigError(f"--resume-from-checkpoint latest: no checkpoint in {out}")
     log.info("GRPO on %d prompts of %s, rewards %s, generation %s", len(rows), ", ".join(tasks), weights, backend)
     trainer.train(resume_from_checkpoint=resume)
     final = out / "final"

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from etl.rowhash import sample_hash
 from etl.sources.base import InputError
+from etl.spark import SparkJob
 from etl.storage import AtomicParquetWriter, Store
 from etl.tasks.builders import build_samples, knowledge_samples
 from etl.tasks.common import CELL_FIELDS, Counts, SampleContext, cell_order
@@ -160,7 +161,6 @@ def run_spark(spark, root_uri: str, files: list[str], ctx: SampleContext, out_ur
     Python tasks read the sentence parts (one task per part, row group by row group) and cut the gene lists
     before anything crosses to the JVM, so the data cross twice (to the shuffle and back), and object stores
     need no Hadoop connector. An input error in a task stops the job and is raised once on the driver."""
-    from etl.spark import SparkJob
 
     job = SparkJob(spark, "samples", total_cells=n_cells, total_tasks=partitions)
     errors, cells_done = job.errors, job.cells

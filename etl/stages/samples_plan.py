@@ -14,8 +14,14 @@ import pyarrow as pa
 import schemas
 from etl import manifest as mf
 from etl.config import BuildConfig
+from etl.demo import ensure_demo_perturbation
+from etl.knowledge.biogrid import pair_index, read_biogrid
+from etl.knowledge.cellphonedb import ligand_receptor_pairs, read_cellphonedb
+from etl.knowledge.genesets import read_gmt
+from etl.knowledge.pubmed import fetch_abstracts, match_datasets, read_abstracts
 from etl.sources import perturbation as pert_source
 from etl.sources.base import InputError
+from etl.sources.census import open_census
 from etl.stages import perturbation as pert_stage
 from etl.stages import samples
 from etl.storage import Store
@@ -85,7 +91,6 @@ def knowledge_inputs(cfg: BuildConfig, manifest: dict, samples_only: bool) -> di
             log.info("demo: using the demo knowledge files in %s", DEMO_KNOWLEDGE)
             inputs.update(demo_knowledge())
         if not given["perturbation"] and cfg.source_kind == "demo" and pert_task.TASK in (cfg.tasks or TASKS):
-            from etl.demo import ensure_demo_perturbation
 
             log.info("demo: using the synthetic demo perturbation file %s (generated at first use)",
                      cfg.demo_perturbation_uri)
@@ -98,7 +103,6 @@ def knowledge_inputs(cfg: BuildConfig, manifest: dict, samples_only: bool) -> di
 def _datasets_table(source: dict) -> pa.Table | None:
     if source.get("kind") not in ("census", "demo") or not source.get("uri"):
         return None
-    from etl.sources.census import open_census
 
     return open_census(source["uri"], tag=source.get("fingerprint"))["census_info"]["datasets"].read().concat()
 
@@ -213,15 +217,12 @@ def preflight(cfg: BuildConfig, datasets: set[str], manifest: dict, samples_only
         if inputs[key] and not os.path.isfile(inputs[key]):
             raise InputError(f"{_NEEDS_FLAG[key]} {inputs[key]!r}: file not found")
     if inputs["cellphonedb"]:
-        from etl.knowledge.cellphonedb import read_cellphonedb
 
         read_cellphonedb(inputs["cellphonedb"])  # three small csv files: parsed whole, errors now
     for p in inputs["gene_sets"]:
-        from etl.knowledge.genesets import read_gmt
 
         read_gmt(p)
     if inputs["abstracts"]:
-        from etl.knowledge.pubmed import read_abstracts
 
         read_abstracts(inputs["abstracts"])
     if inputs["perturbation"]:
@@ -274,7 +275,6 @@ def run(cfg: BuildConfig, job: SamplesJob, out: Store, spark, manifest: dict) ->
     tables: dict[str, pa.Table] = {}
     biogrid: dict[str, dict[str, frozenset[str]]] = {}
     if inputs["biogrid"]:
-        from etl.knowledge.biogrid import pair_index, read_biogrid
 
         parts = []
         for org in organisms:
@@ -285,14 +285,12 @@ def run(cfg: BuildConfig, job: SamplesJob, out: Store, spark, manifest: dict) ->
         tables["biogrid"] = pa.concat_tables(parts)
     lr_pairs = []
     if inputs["cellphonedb"]:
-        from etl.knowledge.cellphonedb import ligand_receptor_pairs, read_cellphonedb
 
         tables["ligand_receptor"], knowledge_counts["cellphonedb"] = read_cellphonedb(inputs["cellphonedb"])
         lr_pairs = ligand_receptor_pairs(tables["ligand_receptor"])
     abstracts: dict[str, str] = {}
     ds_table = _datasets_table(manifest["source"])
     if inputs["abstracts"] or cfg.fetch_abstracts:
-        from etl.knowledge.pubmed import fetch_abstracts, match_datasets, read_abstracts
 
         paths = list(inputs["abstracts"])
         if cfg.fetch_abstracts:
@@ -316,7 +314,6 @@ def run(cfg: BuildConfig, job: SamplesJob, out: Store, spark, manifest: dict) ->
                                              "note": "h5ad source: no Census datasets table to match DOIs against"}
     gene_sets: list[tuple[str, list[str]]] = []
     if inputs["gene_sets"]:
-        from etl.knowledge.genesets import read_gmt
 
         gs = pa.concat_tables([read_gmt(p, uppercase=manifest["options"].get("uppercase", True))
                                for p in inputs["gene_sets"]])

@@ -26,6 +26,7 @@ import pyarrow as pa
 from etl import rowhash
 from etl.sources import census, h5ad
 from etl.sources.base import InputError, Task, read_ahead
+from etl.spark import SparkJob
 from etl.storage import Store
 from language.encode import Encoder
 from language.fit import FitStats
@@ -266,7 +267,6 @@ def run_spark(spark, tasks: list[Task], staging_uri: str, shared: dict, opts: Ta
     once, never pickled per task. An InputError in a task is reported, not raised (no retries, no Spark
     tracebacks): the job stops and the driver raises it as one line.
     """
-    from etl.spark import SparkJob
 
     if not tasks:
         return Summary()
