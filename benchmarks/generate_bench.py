@@ -28,11 +28,10 @@ from etl.pipeline import build
 from language.corpus import open_corpus
 from language.inverse import c2s_postprocess, ranked_to_matrix
 from language.prompts import parse_cells
-from training import models as tm
-from training.config import SFTConfig
 from training.decode import decode
-from training.models import read_provenance
-from training.trainer import train
+from training.models import load_model_and_tokenizer, read_provenance
+from training.sft_config import SFTConfig
+from training.sft_trainer import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -163,7 +162,7 @@ def main() -> None:
     corpus = build_corpus(a.cells, a.max_genes)
     final = train_model(corpus, a.steps, a.seed)
     torch.set_num_threads(a.threads)
-    model, tok = tm.load_model_and_tokenizer(final)
+    model, tok = load_model_and_tokenizer(final)
     model.eval()
     c = open_corpus(corpus)
     vocab = c.vocab("homo_sapiens")["gene_symbol"].to_pylist()

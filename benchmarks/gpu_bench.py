@@ -27,11 +27,11 @@ import time
 from pathlib import Path
 
 from language.corpus import open_corpus
-from training import models as tm
-from training.config import SFTConfig
 from training.decode import decode
-from training.grpo import main as grpo
-from training.trainer import resolve_attention, train
+from training.grpo import main as grpo_main
+from training.models import load_model_and_tokenizer, tiny_config, train_tokenizer
+from training.sft_config import SFTConfig
+from training.sft_trainer import resolve_attention, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -81,7 +81,7 @@ def _shape_params(corpus: str, shape: str) -> int:
     from transformers import AutoModelForCausalLM
 
     name, over = SHAPES[shape]
-    config = tm.tiny_config(name, tm.train_tokenizer(corpus), over or None)
+    config = tiny_config(name, train_tokenizer(corpus), over or None)
     with torch.device("meta"):
         return _matmul_params(AutoModelForCausalLM.from_config(config))
 
@@ -145,7 +145,7 @@ def run_generate(a) -> dict:
     import torch
 
     name, over = SHAPES[a.shape]
-    model, tok = tm.load_model_and_tokenizer(name, corpus=a.corpus, tiny_overrides=over or None)
+    model, tok = load_model_and_tokenizer(name, corpus=a.corpus, tiny_overrides=over or None)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(dev, dtype=torch.bfloat16 if dev == "cuda" else torch.float32).eval()
     model.generation_config.eos_token_id = None  # every completion runs to max_new_tokens: equal work
@@ -190,7 +190,7 @@ def run_grpo(a) -> dict:
     if os.path.exists(metrics):
         os.remove(metrics)
     t0 = time.perf_counter()
-    rc = grpo(["--model", sft.final_dir, "--corpus", a.corpus, "--tasks", "cell_type_prediction",
+    rc = grpo_main(["--model", sft.final_dir, "--corpus", a.corpus, "--tasks", "cell_type_prediction",
                "--rewards", "label=1", "--max-steps", str(a.grpo_steps), "--output-dir", out,
                "--num-generations", "4", "--per-device-batch-size", "8", "--max-completion-length", "64",
                "--logging-steps", "1", "--max-prompts", "64", "--report-to", "none"])

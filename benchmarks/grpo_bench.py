@@ -18,9 +18,9 @@ from pathlib import Path
 
 from c2s.build import build_corpus
 from evaluation.evaluate import main as evaluate
-from training.config import SFTConfig
-from training.grpo import main as grpo
-from training.trainer import train
+from training.grpo import main as grpo_main
+from training.sft_config import SFTConfig
+from training.sft_trainer import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -54,7 +54,7 @@ def main() -> None:
     if os.path.exists(os.path.join(out, "metrics.jsonl")):
         os.remove(os.path.join(out, "metrics.jsonl"))
     t0 = time.perf_counter()
-    assert grpo(["--model", sft_final, "--max-steps", str(a.grpo_steps), "--output-dir", out,
+    assert grpo_main(["--model", sft_final, "--max-steps", str(a.grpo_steps), "--output-dir", out,
                  "--max-completion-length", "200", "--num-generations", str(a.num_generations),
                  "--per-device-batch-size", str(a.batch), "--learning-rate", a.lr, "--temperature", a.temperature, *(["--beta", a.beta] if a.beta is not None else []),
                  *(["--rewards", a.rewards] if a.rewards else []), "--reward-aggregation", a.aggregation, "--seed", str(a.seed),

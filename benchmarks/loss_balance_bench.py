@@ -21,10 +21,10 @@ from collections import Counter
 
 from c2s.build import build_corpus
 from schemas.layout import resolve
-from training.config import SFTConfig
 from training.models import load_model_and_tokenizer
 from training.periodic_eval import cell_type_accuracy
-from training.trainer import train
+from training.sft_config import SFTConfig
+from training.sft_trainer import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

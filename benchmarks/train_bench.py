@@ -26,14 +26,14 @@ from etl.demo import ensure_demo_census
 from etl.pipeline import build
 from etl.stages import samples_plan
 from language.corpus import open_corpus
-from training import data as td
-from training import models as tm
-from training.config import SFTConfig
+from training.data import IGNORE_INDEX, parse_mixture, tokenize_batch, tokenize_sample
 from training.loader import BatchSpec, PackedBatches, make_loader
+from training.models import load_model_and_tokenizer
 from training.packing import Packer, batches, collate
+from training.sft_config import SFTConfig
+from training.sft_trainer import train
 from training.stream import Sample
 from training.tokens import pretokenize
-from training.trainer import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -76,7 +76,7 @@ def baseline(corpus: str, a, out: str) -> dict:
     import datasets
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-    model, tok = tm.load_model_and_tokenizer("tiny-pythia", corpus=corpus, attn_implementation="sdpa",
+    model, tok = load_model_and_tokenizer("tiny-pythia", corpus=corpus, attn_implementation="sdpa",
                                              seed=a.seed)
     ds = datasets.Dataset.from_list([{"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
                                      for _, _, ids, labels in _rows(corpus, tok, a.max_length)])
@@ -118,7 +118,7 @@ def _rows(corpus: str, tok, max_length: int) -> list[tuple[str, str, list[int], 
         for p in paths:
             t = pq.read_table(p, columns=["prompt", "completion"])
             for pr, rs in zip(t["prompt"].to_pylist(), t["completion"].to_pylist(), strict=True):
-                x = td.tokenize_sample(tok, pr, rs, max_length)
+                x = tokenize_sample(tok, pr, rs, max_length)
                 if x is not None:
                     rows.append((pr, rs, x[0], x[1]))
     return rows
@@ -137,7 +137,7 @@ def trl_peer(corpus: str, a, out: str, packing: bool = True, *, model_name: str 
     from trl import SFTConfig as TRLConfig
     from trl import SFTTrainer
 
-    model, tok = tm.load_model_and_tokenizer(model_name, corpus=corpus, attn_implementation="sdpa",
+    model, tok = load_model_and_tokenizer(model_name, corpus=corpus, attn_implementation="sdpa",
                                              seed=a.seed, tiny_overrides=shape)
     model.config.use_cache = False
     ds = datasets.Dataset.from_list([{"prompt": p, "completion": r} for p, r, _, _ in _rows(corpus, tok,
@@ -187,9 +187,9 @@ def data_path(corpus: str, a) -> dict:
 
     import numpy as np
 
-    _, tok = tm.load_model_and_tokenizer("tiny-pythia", corpus=corpus)
+    _, tok = load_model_and_tokenizer("tiny-pythia", corpus=corpus)
     files = open_corpus(corpus).sample_parts("train")
-    mixture = td.parse_mixture(None, files)
+    mixture = parse_mixture(None, files)
     index = {t: i for i, t in enumerate(sorted(mixture))}
     manifest = open_corpus(corpus).manifest
     rows = sum(pq_rows(f) for fs in files.values() for f in fs)
@@ -235,8 +235,8 @@ def data_path(corpus: str, a) -> dict:
                         if read_tokens:
                             pairs = zip(b["input_ids"], b["prompt_len"], strict=True)
                         else:
-                            toks = td.tokenize_batch(tok, b["prompt"], b["completion"], a.max_length)
-                            pairs = ((x[0], sum(v == td.IGNORE_INDEX for v in x[1])) for x in toks if x)
+                            toks = tokenize_batch(tok, b["prompt"], b["completion"], a.max_length)
+                            pairs = ((x[0], sum(v == IGNORE_INDEX for v in x[1])) for x in toks if x)
                         for ids, plen in pairs:
                             if len(ids) <= a.max_length:
                                 yield Sample(np.asarray(ids), int(plen), "t", (0, 0, 0))

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from etl import manifest as mf
+from etl.manifest import formats
 from etl.sources.base import SourcePlan, Task
 from etl.storage import Store
 from language.fit import FitStats
@@ -52,8 +52,8 @@ def _task_record(t: Task) -> list:
 
 def dataset_keys(plan: SourcePlan, options: dict) -> dict[str, str]:
     """`organism/dataset_id` -> the digest of what decides that dataset's rows (see the module docstring)."""
-    f = mf.formats()
-    formats = {k: f[k] for k in ("schema", "encoder", "row_hash")}
+    known = formats()
+    kept = {k: known[k] for k in ("schema", "encoder", "row_hash")}
     var_digest = {key: hashlib.sha256(json.dumps([v.feature_ids, v.words]).encode()).hexdigest()
                   for key, v in plan.vars.items()}
     by: dict[str, list[Task]] = {}
@@ -64,7 +64,7 @@ def dataset_keys(plan: SourcePlan, options: dict) -> dict[str, str]:
         identity = plan.identities.get(name)
         if identity is None:  # no per-dataset version: the whole source is the identity
             identity = json.dumps(plan.description, sort_keys=True, default=str)
-        blob = {"formats": formats, "options": options, "identity": identity,
+        blob = {"formats": kept, "options": options, "identity": identity,
                 "var": sorted({var_digest[t.var_key] for t in tasks}),
                 "tasks": [_task_record(t) for t in sorted(tasks, key=lambda t: t.index)]}
         keys[name] = hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()

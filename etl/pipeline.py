@@ -20,9 +20,9 @@ import pyarrow as pa
 
 import schemas
 from etl import incremental, rowhash
-from etl import manifest as mf
 from etl.config import BuildConfig
 from etl.demo import ensure_demo_census
+from etl.manifest import code_version, formats, now, run_key
 from etl.sources import census, h5ad
 from etl.sources.base import InputError, SourcePlan
 from etl.spark import task_cores
@@ -177,7 +177,7 @@ def build(cfg: BuildConfig, spark=None) -> dict:
 
             inputs = samples_plan.preflight(cfg, {d for ds in plan.planned.values() for d in ds}, {},
                                             samples_only=False)
-        key = mf.run_key(_identity(plan.description), _filters(cfg, plan), cfg.shaping_options())
+        key = run_key(_identity(plan.description), _filters(cfg, plan), cfg.shaping_options())
         keys = incremental.dataset_keys(plan, cfg.shaping_options())
         if latest is not None and not cfg.force and _sentences_current(latest.manifest, key, keys, cfg.incremental):
             log.info("sentences are current (version %s; same inputs, options and formats); reused",
@@ -225,7 +225,7 @@ def build(cfg: BuildConfig, spark=None) -> dict:
     elif vid is None:
         log.info("%s is current (version %s); nothing to do (--force rebuilds)", cfg.output, latest.version)
         return manifest
-    manifest = {**manifest, "version": vid, "created_at": mf.now(), "stages": [
+    manifest = {**manifest, "version": vid, "created_at": now(), "stages": [
         s for s in ("sentences", "samples") if s == "sentences" or "samples" in manifest]}
     t = time.perf_counter()
     versions.commit(vid, manifest, validate)
@@ -360,12 +360,12 @@ def build_sentences(cfg: BuildConfig, plan: SourcePlan, key: str, store: Store, 
         total = rowhash.add(total, int(info["hash"], 16))
     manifest = {
         "schema_version": schemas.SCHEMA_VERSION,
-        "formats": mf.formats(),
-        "code_version": mf.code_version(),
+        "formats": formats(),
+        "code_version": code_version(),
         "run_key": key,
         "version": vid,
         "sentences_version": vid,
-        "created_at": mf.now(),
+        "created_at": now(),
         "source": plan.description,
         "filters": _filters(cfg, plan),
         "options": cfg.shaping_options(),

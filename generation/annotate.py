@@ -98,7 +98,7 @@ class Speech:
 
     @classmethod
     def of_model(cls, model_dir: str, corpus: str | None = None) -> Speech:
-        """From MODEL/c2s.json (training.trainer.training_provenance), or from the manifest of `corpus` for a
+        """From MODEL/c2s.json (training.sft_trainer.training_provenance), or from the manifest of `corpus` for a
         model without one; `corpus` also replaces the corpus path c2s.json names."""
 
         try:

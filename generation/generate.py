@@ -47,9 +47,9 @@ from schemas.cli import parse
 from schemas.errors import ConfigError, CorpusError, InputError, ModelError
 from schemas.layout import filesystem, open_parquet
 from schemas.tasks import LABEL_FIELDS, TASKS
-from training import models as tm
 from training.data import encode_prompts
 from training.decode import decode
+from training.models import TINY_MODELS, load_model_and_tokenizer, read_provenance
 
 log = logging.getLogger("generation.generate")
 
@@ -357,11 +357,11 @@ def load_model(cfg: GenerateConfig) -> tuple[Any, Any, dict | None]:
     if cfg.adapter:
         if not os.path.isdir(cfg.adapter):
             raise ModelError(f"--adapter {cfg.adapter}: no such folder")
-        provenance = tm.read_provenance(cfg.adapter) or tm.read_provenance(os.path.dirname(
+        provenance = read_provenance(cfg.adapter) or read_provenance(os.path.dirname(
             os.path.abspath(cfg.adapter)))
         has_tok = os.path.isfile(os.path.join(cfg.adapter, "tokenizer.json")) or \
             os.path.isfile(os.path.join(cfg.adapter, "tokenizer_config.json"))
-        model, tok = tm.load_model_and_tokenizer(cfg.model, tokenizer=cfg.adapter if has_tok else None, dtype=dtype)
+        model, tok = load_model_and_tokenizer(cfg.model, tokenizer=cfg.adapter if has_tok else None, dtype=dtype)
         try:
             from peft import PeftModel
 
@@ -369,12 +369,12 @@ def load_model(cfg: GenerateConfig) -> tuple[Any, Any, dict | None]:
         except (OSError, ValueError) as e:
             raise ModelError(f"--adapter {cfg.adapter}: cannot apply it to {cfg.model} ({e})") from None
     else:
-        if cfg.model in tm.TINY_MODELS:
+        if cfg.model in TINY_MODELS:
             raise ModelError(f"--model {cfg.model}: a random untrained model; give a trained model folder "
                                 "(an SFT OUTPUT/final)")
-        model, tok = tm.load_model_and_tokenizer(cfg.model, dtype=dtype)
+        model, tok = load_model_and_tokenizer(cfg.model, dtype=dtype)
         if os.path.isdir(cfg.model):
-            provenance = tm.read_provenance(cfg.model)
+            provenance = read_provenance(cfg.model)
     model.to(device)
     model.eval()
     return model, tok, provenance

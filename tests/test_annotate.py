@@ -35,8 +35,8 @@ N_CELLS = 24
 
 @pytest.fixture(scope="module")
 def model_dir(train_corpus, tmp_path_factory) -> str:
-    from training.config import SFTConfig
-    from training.trainer import train
+    from training.sft_config import SFTConfig
+    from training.sft_trainer import train
 
     out = tmp_path_factory.mktemp("annotate_model")
     res = train(SFTConfig(corpus=train_corpus, output_dir=str(out), model="tiny-pythia", max_steps=3,

@@ -147,9 +147,9 @@ def test_push_samples_only_version_carries_the_sentences_it_reuses(tmp_path):
 def test_push_model_card_front_matter_and_hub_commit(train_corpus, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from training.config import SFTConfig
     from training.models import render_card
-    from training.trainer import train
+    from training.sft_config import SFTConfig
+    from training.sft_trainer import train
 
     res = train(SFTConfig(model="tiny-pythia", corpus=train_corpus, output_dir=str(tmp_path / "sft"), max_steps=2,
                           per_device_batch_size=2, max_length=512, shuffle_buffer=16, eval_steps=0, save_steps=0,

@@ -15,8 +15,8 @@ KEYS = ("cell_type_accuracy", "majority_baseline", "gene_validity", "scfid", "mm
 
 @pytest.fixture(scope="module")
 def tiny_model(train_corpus, tmp_path_factory) -> str:
-    from training.config import SFTConfig
-    from training.trainer import train
+    from training.sft_config import SFTConfig
+    from training.sft_trainer import train
 
     out = tmp_path_factory.mktemp("eval_model")
     res = train(SFTConfig(model="tiny-pythia", corpus=train_corpus, output_dir=str(out), max_steps=4,

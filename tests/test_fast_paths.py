@@ -21,10 +21,10 @@ from schemas.errors import InputError
 from training import attention as ta
 from training import data as td
 from training import models as tm
-from training.config import SFTConfig
 from training.losses import collate_mode, model_inputs, response_loss
 from training.packing import collate, sample_from_tokens
-from training.trainer import checkpointing_choice, step_memory_estimate, train
+from training.sft_config import SFTConfig
+from training.sft_trainer import checkpointing_choice, step_memory_estimate, train
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 QUICK = {"per_device_batch_size": 4, "max_length": 512, "shuffle_buffer": 64, "eval_samples_per_task": 4,
@@ -93,7 +93,7 @@ def test_varlen_kernel_path_gives_the_loop_paths_loss(train_corpus, monkeypatch,
 def test_attention_choice_reads_the_models_config_and_refuses_what_cannot_train(train_corpus, tmp_path):
     """A Gemma-2 saved in a folder of any name is still Gemma-2 (soft-capping: 4d on CPU, flex on CUDA, never
     sdpa); flex refuses the CPU, where it has no backward."""
-    from training.trainer import resolve_attention
+    from training.sft_trainer import resolve_attention
 
     model, tok = tm.load_model_and_tokenizer("tiny-gemma2", corpus=train_corpus)
     model.save_pretrained(tmp_path / "m2")
@@ -174,7 +174,7 @@ def test_gradient_checkpointing_is_chosen_by_memory_and_said_why(train_corpus, m
 
 
 def test_the_optimizer_is_torchs_fused_adamw(train_corpus):
-    from training.trainer import _adamw
+    from training.sft_trainer import _adamw
 
     model, _ = tm.load_model_and_tokenizer("tiny-pythia", corpus=train_corpus)
     cfg = SFTConfig(model="tiny-pythia", corpus=train_corpus, **QUICK)

@@ -27,8 +27,8 @@ QUICK = {"per_device_batch_size": 4, "max_length": 512, "shuffle_buffer": 64, "e
 
 @pytest.fixture(scope="module")
 def model_dir(train_corpus, tmp_path_factory) -> str:
-    from training.config import SFTConfig
-    from training.trainer import train
+    from training.sft_config import SFTConfig
+    from training.sft_trainer import train
 
     out = tmp_path_factory.mktemp("generate") / "sft"
     res = train(SFTConfig(corpus=train_corpus, output_dir=str(out), max_steps=12, save_steps=0, eval_steps=0,

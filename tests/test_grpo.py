@@ -13,8 +13,8 @@ pytest.importorskip("trl")
 
 @pytest.fixture(scope="module")
 def sft_model(train_corpus, tmp_path_factory) -> str:
-    from training.config import SFTConfig
-    from training.trainer import train
+    from training.sft_config import SFTConfig
+    from training.sft_trainer import train
 
     out = tmp_path_factory.mktemp("grpo_sft")
     res = train(SFTConfig(model="tiny-pythia", corpus=train_corpus, output_dir=str(out), max_steps=3,
@@ -78,7 +78,7 @@ def test_grpo_refuses_bad_inputs_in_one_line(sft_model, tmp_path, caplog):
 
 
 def test_default_program_is_the_most_moved_genes():
-    from training.grpo import _changed_genes, _mean_ranks
+    from training.grpo_trainer import _changed_genes, _mean_ranks
 
     perturbed = [["A", "B", "C"], ["A", "C", "B"]]
     control = [["C", "B", "A"], ["C", "A", "B"]]

@@ -166,8 +166,8 @@ def test_a_corpus_in_a_bucket_trains_resumes_evaluates_and_generates(s3, demo_ce
 
     import pyarrow.fs as pafs
 
-    from training.config import SFTConfig
-    from training.trainer import train
+    from training.sft_config import SFTConfig
+    from training.sft_trainer import train
 
     out = f"s3://{BUCKET}/corpora/train"
     build(_cfg(demo_census, out, tasks=["cell_type_prediction", "cell_lm"]), None)

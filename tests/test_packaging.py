@@ -16,7 +16,7 @@ ETL_ONLY = ("pyspark", "tiledbsoma", "cellxgene_census", "numba", "anndata", "h5
 def test_training_imports_and_runs_help_without_the_etl_packages():
     """Every ETL-only package made unimportable: the trainer still imports and `c2s-sft --help` works."""
     body = """
-import training.trainer, training.data, training.models, training.periodic_eval  # noqa
+import training.sft_trainer, training.data, training.models, training.periodic_eval  # noqa
 import training.sft
 try:
     training.sft.main(["--help"])

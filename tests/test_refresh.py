@@ -191,8 +191,8 @@ def test_training_reads_the_version_it_resolved_under_a_lease(tmp_path, capsys, 
     """`c2s train --corpus DIR` resolves latest once: the run reads that version folder, holds a lease on it
     while it runs (so --keep-versions cannot delete it), and records the version it read."""
     import schemas.layout as layout
-    from training.config import SFTConfig
-    from training.trainer import train
+    from training.sft_config import SFTConfig
+    from training.sft_trainer import train
 
     d = tmp_path / "in"
     d.mkdir()
@@ -206,7 +206,7 @@ def test_training_reads_the_version_it_resolved_under_a_lease(tmp_path, capsys, 
         seen.append(real(uri))
         return seen[-1]
 
-    import training.trainer as trainer_module
+    import training.sft_trainer as trainer_module
 
     original = trainer_module._train
 

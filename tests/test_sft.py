@@ -19,10 +19,10 @@ from schemas.errors import InputError
 from training import data as td
 from training import models as tm
 from training.attention import register
-from training.config import SFTConfig
 from training.losses import collate_mode, install_fused_head, model_inputs, response_loss
 from training.sft import main
-from training.trainer import train
+from training.sft_config import SFTConfig
+from training.sft_trainer import train
 
 QUICK = {"per_device_batch_size": 4, "max_length": 512, "shuffle_buffer": 64, "eval_samples_per_task": 4,
          "eval_cells": 4, "report_to": "none", "logging_steps": 1, "warmup_steps": 2,

@@ -21,7 +21,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from training import attention as ta
+from training.attention import block_masks, dense_masks, packed
 from training.data import IGNORE_INDEX
 
 
@@ -74,14 +74,14 @@ def model_inputs(batch: dict, mode: str, device, dtype: torch.dtype = torch.floa
     if "cu_seq_lens" in batch:
         cu, longest = mv(batch["cu_seq_lens"]), int(batch["max_seqlen"])
         if mode == "flex":
-            inputs["attention_mask"] = ta.block_masks(cu, inputs["input_ids"].shape[1], config)
+            inputs["attention_mask"] = block_masks(cu, inputs["input_ids"].shape[1], config)
         else:
             inputs |= {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
         loss = {"index": mv(batch["loss_index"]), "target": mv(batch["loss_target"]),
                 "weight": mv(batch["loss_weight"]) if "loss_weight" in batch else None}
         return inputs, loss
     if "segment_ids" in batch:
-        inputs["attention_mask"] = ta.dense_masks(mv(batch["segment_ids"]), dtype, config)
+        inputs["attention_mask"] = dense_masks(mv(batch["segment_ids"]), dtype, config)
     else:
         inputs["attention_mask"] = mv(batch["attention_mask"])
     return inputs, {"labels": mv(batch["labels"]),
@@ -89,7 +89,7 @@ def model_inputs(batch: dict, mode: str, device, dtype: torch.dtype = torch.floa
 
 
 def forward(model, inputs: dict, mode: str):
-    with ta.packed() if mode == "varlen" else contextlib.nullcontext():
+    with packed() if mode == "varlen" else contextlib.nullcontext():
         return model(**inputs, use_cache=False).logits
 
 

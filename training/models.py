@@ -22,8 +22,8 @@ import torch
 from schemas.errors import ModelError
 from schemas.layout import CorpusNotFound, join, list_files, open_parquet, resolve
 from schemas.tasks import SPLITS
-from training.config import TINY as TINY_MODELS  # one list: the config picks its defaults by it
 from training.data import encode_prompts
+from training.sft_config import TINY as TINY_MODELS  # one list: the config picks its defaults by it
 
 log = logging.getLogger(__name__)
 
@@ -529,7 +529,7 @@ def save_final(model, tokenizer, out_dir: str, *, merge_lora: bool = True, card:
     return saved
 
 
-PROVENANCE = "c2s.json"  # next to config.json in a saved model: see training.trainer.training_provenance
+PROVENANCE = "c2s.json"  # next to config.json in a saved model: see training.sft_trainer.training_provenance
 
 
 def write_provenance(out_dir: str, info: dict) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from language.corpus import open_corpus
 from language.prompts import answer_budget, predicted_label
 from schemas.layout import open_parquet
-from training import data as td
+from training.data import tokenize_sample
 from training.decode import decode
 from training.losses import collate_mode, model_inputs, response_loss
 from training.packing import collate, sample_from_tokens
@@ -65,7 +65,7 @@ class EvalSet:
             seqs = []
             for r in rows[:per_task]:
                 out.texts.append(r["prompt"] + r["completion"])
-                tok = td.tokenize_sample(tokenizer, r["prompt"], r["completion"], max_length)
+                tok = tokenize_sample(tokenizer, r["prompt"], r["completion"], max_length)
                 if tok is not None:
                     seqs.append([sample_from_tokens(tok[0], tok[1], task)])
             if seqs:

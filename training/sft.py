@@ -1,6 +1,6 @@
 """c2s train / c2s-sft / accelerate launch training/sft.py [options]: supervised fine-tuning on the samples corpus.
 
-No logic of its own: parses the options into one SFTConfig and runs training.trainer.train. Needs the project
+No logic of its own: parses the options into one SFTConfig and runs training.sft_trainer.train. Needs the project
 installed (`pip install ".[train]"`, or `make setup`); nothing here edits sys.path.
 """
 
@@ -14,7 +14,7 @@ from schemas.cli import parse
 from schemas.errors import InputError
 from schemas.layout import CorpusNotFound, resolve
 from schemas.tasks import TASKS
-from training.config import SFTConfig
+from training.sft_config import SFTConfig
 
 DESCRIPTION = """Fine-tune a causal LM on the cell-sentence samples corpus (C2S-Scale SFT): samples streamed
 from DIR/samples, tokenised once for the model's tokenizer (cached), shuffled, packed several per sequence
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         cfg = parse(SFTConfig, args, DESCRIPTION, EPILOG, prog=prog, extra={"list-tasks": (
             "list the tasks with a description and, from --corpus, a sample of each; then exit",
             lambda: list_tasks(args))})
-        from training.trainer import train
+        from training.sft_trainer import train
 
         result = train(cfg)
     except InputError as e:  # CorpusError, ModelError, ConfigError: the user's input, one line

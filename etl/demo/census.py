@@ -49,15 +49,16 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import scipy.sparse as sp
-import tiledbsoma
-import tiledbsoma.io
+
+if TYPE_CHECKING:
+    import tiledbsoma
 
 from etl.demo.common import (
     _ROLE_LEVEL,
@@ -433,6 +434,8 @@ def _normalise_params(**kwargs: Any) -> dict[str, Any]:
 
 
 def _marker_content(params: dict[str, Any]) -> dict[str, Any]:
+    import tiledbsoma  # the demo writer alone needs it: building from h5ad files never loads it
+
     return {
         "demo_version": DEMO_VERSION,
         "params": {**params, "organisms": list(params["organisms"])},
@@ -849,6 +852,8 @@ def _strings(values: Sequence[str]) -> pa.Array:
 
 
 def _write_collection(root_path: Path, params: dict[str, Any]) -> None:
+    import tiledbsoma  # the demo writer alone needs it: building from h5ad files never loads it
+
     seed = params["seed"]
     organisms = [_ORGANISMS[o] for o in params["organisms"]]
     specs_all = [s for s in _DATASETS if s.organism in params["organisms"]]
@@ -893,6 +898,9 @@ def _write_experiment(path: Path, data: _OrganismData, first_dataset_joinid: int
     row-major, duplicates allowed): from_anndata makes TileDB sort every coordinate, which is ~6x
     slower (17 s instead of 3 s for 27M nonzeros).
     """
+    import tiledbsoma  # the demo writer alone needs it: building from h5ad files never loads it
+    import tiledbsoma.io
+
     t0 = time.perf_counter()
     adata = ad.AnnData(obs=data.obs, var=data.var)  # X=None: the measurement gets an empty X collection
     tiledbsoma.io.from_anndata(
@@ -925,6 +933,8 @@ def _write_global_order(array: tiledbsoma.SparseNDArray, X: sp.csr_matrix) -> No
     Global order with row-major tiles and cells is (row tile, column tile, row, column). CSR is
     sorted by (row, column), so within a row tile a stable sort by column tile is enough.
     """
+    import tiledbsoma  # the demo writer alone needs it: building from h5ad files never loads it
+
     no_sort = tiledbsoma.TileDBWriteOptions(sort_coords=False)
     for start in range(0, X.shape[0], _X_TILE):
         block = X[start:start + _X_TILE]

@@ -12,13 +12,13 @@ from pathlib import Path
 import pyarrow as pa
 
 import schemas
-from etl import manifest as mf
 from etl.config import BuildConfig
 from etl.demo import ensure_demo_perturbation
 from etl.knowledge.biogrid import pair_index, read_biogrid
 from etl.knowledge.cellphonedb import ligand_receptor_pairs, read_cellphonedb
 from etl.knowledge.genesets import read_gmt
 from etl.knowledge.pubmed import fetch_abstracts, match_datasets, read_abstracts
+from etl.manifest import samples_key
 from etl.sources import perturbation as pert_source
 from etl.sources.base import InputError
 from etl.sources.census import open_census
@@ -26,8 +26,8 @@ from etl.stages import perturbation as pert_stage
 from etl.stages import samples
 from etl.storage import Store
 from etl.tasks import DEFAULT_MIXTURE, NOT_BUILT_REASON, TASKS, spatial
-from etl.tasks import perturbation as pert_task
 from etl.tasks.common import SampleContext, SplitConfig, choose_ood
+from etl.tasks.perturbation import TASK
 from language.budget import TokenBudget, genes_cap, load_tokenizer_json
 from schemas.layout import sentence_parts
 
@@ -90,7 +90,7 @@ def knowledge_inputs(cfg: BuildConfig, manifest: dict, samples_only: bool) -> di
                                                                        "gene_sets")):
             log.info("demo: using the demo knowledge files in %s", DEMO_KNOWLEDGE)
             inputs.update(demo_knowledge())
-        if not given["perturbation"] and cfg.source_kind == "demo" and pert_task.TASK in (cfg.tasks or TASKS):
+        if not given["perturbation"] and cfg.source_kind == "demo" and TASK in (cfg.tasks or TASKS):
 
             log.info("demo: using the synthetic demo perturbation file %s (generated at first use)",
                      cfg.demo_perturbation_uri)
@@ -254,7 +254,7 @@ def prepare(cfg: BuildConfig, manifest: dict, sentences_root: str, samples_only:
         changed = [f"{k} {before.get(k)!r} -> {now[k]!r}" for k in sorted(now) if before.get(k) != now[k]]
         if changed:
             log.info("samples options differ from version %s's: %s", manifest.get("version", "?"), "; ".join(changed))
-    key = mf.samples_key({
+    key = samples_key({
         "sentences": manifest["content_hash"], "options": cfg.samples_options(),
         "inputs": {k: ([_file_digest(p) for p in v] if isinstance(v, list) else (_file_digest(v) if v else None))
                    for k, v in inputs.items()},

@@ -25,13 +25,19 @@ import torch
 from language.corpus import open_corpus
 from schemas.errors import ConfigError
 from schemas.layout import open_parquet, reader_lease
-from training import attention as ta
-from training import data as td
-from training import models as tm
-from training.config import TINY, SFTConfig
+from training.attention import register
+from training.data import parse_mixture, tokenize_sample
 from training.loader import BatchSpec, make_loader
 from training.losses import collate_mode, install_fused_head, model_inputs, response_loss
+from training.models import (
+    apply_lora,
+    check_tokenizer,
+    load_model_and_tokenizer,
+    save_final,
+    write_provenance,
+)
 from training.periodic_eval import EvalSet, cell_type_accuracy, loss_per_task
+from training.sft_config import TINY, SFTConfig
 from training.tokens import pretokenize
 
 log = logging.getLogger(__name__)
@@ -85,7 +91,7 @@ def resolve_attention(cfg: SFTConfig, device: torch.device, model_name: str) -> 
         if gemma:
             raise ConfigError("--attention varlen runs sdpa, which has no soft-capping (Gemma-2): use flex "
                                  "(or 4d)")
-        return mode, ta.register()
+        return mode, register()
     if mode == "flex":
         if not cuda:
             raise ConfigError("--attention flex trains on CUDA only (flex_attention has no backward on CPU): "
@@ -321,22 +327,22 @@ def setup(cfg: SFTConfig) -> Run:
     weights = cfg.weights
     corpus = open_corpus(cfg.corpus)
     train_files = corpus.sample_parts("train", list(weights) if weights else None)
-    mixture = td.parse_mixture(weights, train_files)
+    mixture = parse_mixture(weights, train_files)
     manifest = corpus.manifest
     mode, attn_impl = resolve_attention(cfg, acc.device, cfg.model)
-    model, tok = tm.load_model_and_tokenizer(
+    model, tok = load_model_and_tokenizer(
         cfg.model, corpus=cfg.corpus, tokenizer=cfg.tokenizer, attn_implementation=attn_impl, seed=cfg.seed,
         quantize_4bit=cfg.peft == "qlora", tiny_overrides=cfg.tiny_overrides or None)
     evalset = EvalSet.load(cfg.corpus, cfg.eval_split, list(mixture), tok, cfg.max_length,
                            per_task=cfg.eval_samples_per_task, cells=cfg.eval_cells)
-    tm.check_tokenizer(tok, evalset.texts or _probe_texts(train_files))
+    check_tokenizer(tok, evalset.texts or _probe_texts(train_files))
     _check_max_length(train_files, tok, cfg.max_length)
     fsdp = acc.distributed_type == DistributedType.FSDP
     if fsdp and cfg.peft != "none":
         raise ConfigError("LoRA under FSDP is not supported by this trainer: use DDP "
                              "(training/configs/accelerate_ddp.yaml) for --peft lora/qlora")
     if cfg.peft in ("lora", "qlora"):
-        model = tm.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                               targets=cfg.lora_targets or None)
     fused = _fused_loss(cfg, model, acc.device, collate_mode(mode))
     grad_ckpt, why = checkpointing_choice(cfg, model, acc.device, fused=fused, bf16=bf16)
@@ -413,7 +419,7 @@ def _train(cfg: SFTConfig) -> TrainResult:
         step = train_loop(run, loader, metrics, start, tokens_seen)
     finally:
         loader.close()  # stops the worker process
-    final = save_final(run, step, metrics)
+    final = save_outputs(run, step, metrics)
     acc.end_training()
     return TrainResult(str(out), step, final, metrics.records)
 
@@ -452,7 +458,7 @@ def train_loop(run: Run, loader, metrics: MetricsLog, step: int, tokens_seen: in
     return step
 
 
-def save_final(run: Run, step: int, metrics: MetricsLog) -> str | None:
+def save_outputs(run: Run, step: int, metrics: MetricsLog) -> str | None:
     """OUTPUT/final: the model (merged LoRA too), tokenizer, model card and c2s.json; the path, on the main
     process. Under FSDP every rank gathers the full weights together (a collective), the main one saves."""
     cfg, acc, manifest = run.cfg, run.acc, run.manifest
@@ -467,9 +473,9 @@ def save_final(run: Run, step: int, metrics: MetricsLog) -> str | None:
             "settings": {k: v for k, v in cfg.to_dict().items() if k not in ("corpus", "tasks")},
             "final_metrics": _last_metrics(metrics.records)}
     final = str(run.out / "final")
-    saved = tm.save_final(acc.unwrap_model(run.model), run.tok, final, merge_lora=cfg.merge_lora, card=card,
+    saved = save_final(acc.unwrap_model(run.model), run.tok, final, merge_lora=cfg.merge_lora, card=card,
                           state_dict=gathered)
-    tm.write_provenance(final, training_provenance(cfg, manifest, run.mixture, step))
+    write_provenance(final, training_provenance(cfg, manifest, run.mixture, step))
     log.info("saved %s", ", ".join(f"{k}: {v}" for k, v in saved.items()))
     return final
 
@@ -657,7 +663,7 @@ def _check_max_length(files: dict[str, list[str]], tok, max_length: int, n: int 
     too_long: dict[str, float] = {}
     for task, paths in files.items():
         t = open_parquet(paths[0]).read_row_group(0, columns=["prompt", "completion"]).slice(0, n)
-        lens = [td.tokenize_sample(tok, p, r, 10**9) for p, r in
+        lens = [tokenize_sample(tok, p, r, 10**9) for p, r in
                 zip(t["prompt"].to_pylist(), t["completion"].to_pylist(), strict=True)]
         over = sum(len(x[0]) > max_length for x in lens if x is not None)
         if over > len(lens) / 2:
