@@ -6,7 +6,7 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,15 +19,15 @@ from etl.knowledge.cellphonedb import ligand_receptor_pairs, read_cellphonedb
 from etl.knowledge.genesets import read_gmt
 from etl.knowledge.pubmed import fetch_abstracts, match_datasets, read_abstracts
 from etl.manifest import samples_key
-from etl.sources import perturbation as pert_source
+from etl.sources import perturbation as perturbation_source
 from etl.sources.base import InputError
 from etl.sources.census import open_census
-from etl.stages import perturbation as pert_stage
+from etl.stages import perturbation as perturbation_stage
 from etl.stages import samples
 from etl.storage import Store
 from etl.tasks import DEFAULT_MIXTURE, NOT_BUILT_REASON, TASKS, spatial
 from etl.tasks.common import SampleContext, SplitConfig, choose_ood
-from etl.tasks.perturbation import TASK
+from etl.tasks.perturbation import TASK as PERTURBATION_TASK
 from language.budget import TokenBudget, genes_cap, load_tokenizer_json
 from schemas.layout import sentence_parts
 
@@ -90,13 +90,13 @@ def knowledge_inputs(cfg: BuildConfig, manifest: dict, samples_only: bool) -> di
                                                                        "gene_sets")):
             log.info("demo: using the demo knowledge files in %s", DEMO_KNOWLEDGE)
             inputs.update(demo_knowledge())
-        if not given["perturbation"] and cfg.source_kind == "demo" and TASK in (cfg.tasks or TASKS):
+        if not given["perturbation"] and cfg.source_kind == "demo" and PERTURBATION_TASK in (cfg.tasks or TASKS):
 
             log.info("demo: using the synthetic demo perturbation file %s (generated at first use)",
                      cfg.demo_perturbation_uri)
             inputs["perturbation"] = [ensure_demo_perturbation(cfg.demo_perturbation_uri)]
     if inputs["perturbation"]:
-        inputs["perturbation"] = pert_source.check_files(inputs["perturbation"])
+        inputs["perturbation"] = perturbation_source.check_files(inputs["perturbation"])
     return inputs
 
 
@@ -226,9 +226,9 @@ def preflight(cfg: BuildConfig, datasets: set[str], manifest: dict, samples_only
 
         read_abstracts(inputs["abstracts"])
     if inputs["perturbation"]:
-        opts = pert_stage.options_from_config(cfg)
+        opts = perturbation_stage.options_from_config(cfg)
         for p in inputs["perturbation"]:
-            pert_source.read_obs(p, opts)  # obs only: columns, control labels
+            perturbation_source.read_obs(p, opts)  # obs only: columns, control labels
     mix = _mixture(cfg)
     asked = [t for t in cfg.tasks if mix.get(t, 0) > 0]
     lacking = {t: [n for n in TASKS[t].needs if n in _NEEDS_FLAG and not (inputs.get(n) or
@@ -262,91 +262,98 @@ def prepare(cfg: BuildConfig, manifest: dict, sentences_root: str, samples_only:
     return SamplesJob(key, inputs, tok_json, Store(sentences_root))
 
 
-def run(cfg: BuildConfig, job: SamplesJob, out: Store, spark, manifest: dict) -> dict:
-    """Build samples/ and knowledge/ into the version `out` from the sentences `job.sentences`; returns the
-    manifest with its samples section (the caller validates and commits)."""
-    t0 = time.perf_counter()
-    inputs, tok_json, src = job.inputs, job.tok_json, job.sentences
-    out.remove("samples")  # what an earlier failed attempt at this version left
-    out.remove("knowledge")
-    organisms = sorted(manifest["counts"]["organisms"])
-    datasets = sorted({d for o in organisms for d in manifest["counts"]["organisms"][o]["datasets"]})
-    knowledge_counts: dict[str, dict] = {}
-    tables: dict[str, pa.Table] = {}
-    biogrid: dict[str, dict[str, frozenset[str]]] = {}
-    if inputs["biogrid"]:
+@dataclass
+class Knowledge:
+    """The knowledge inputs, read and matched to the corpus: what the tasks draw on, the tables written to
+    knowledge/, and their counts for the manifest."""
 
+    biogrid: dict[str, dict[str, frozenset[str]]] = field(default_factory=dict)  # organism -> symbol -> partners
+    lr_pairs: list = field(default_factory=list)
+    abstracts: dict[str, str] = field(default_factory=dict)  # dataset_id -> abstract
+    gene_sets: list[tuple[str, list[str]]] = field(default_factory=list)
+    tables: dict[str, pa.Table] = field(default_factory=dict)
+    counts: dict[str, dict] = field(default_factory=dict)
+
+    def present(self) -> dict[str, bool]:
+        return {"biogrid": bool(self.biogrid), "cellphonedb": bool(self.lr_pairs), "abstracts": bool(self.abstracts),
+                "gene_sets": bool(self.gene_sets)}
+
+
+def load_knowledge(cfg: BuildConfig, inputs: dict, src: Store, manifest: dict) -> Knowledge:
+    """BioGRID, CellPhoneDB, abstracts and gene sets, each read when given and matched to the corpus."""
+    k = Knowledge()
+    organisms = sorted(manifest["counts"]["organisms"])
+    uppercase = manifest["options"].get("uppercase", True)
+    if inputs["biogrid"]:
         parts = []
         for org in organisms:
-            t, c = read_biogrid(inputs["biogrid"], org, uppercase=manifest["options"].get("uppercase", True))
-            knowledge_counts[f"biogrid/{org}"] = c
-            biogrid[org] = {k: frozenset(v) for k, v in pair_index(t, "physical").items()}
+            t, c = read_biogrid(inputs["biogrid"], org, uppercase=uppercase)
+            k.counts[f"biogrid/{org}"] = c
+            k.biogrid[org] = {key: frozenset(v) for key, v in pair_index(t, "physical").items()}
             parts.append(t)
-        tables["biogrid"] = pa.concat_tables(parts)
-    lr_pairs = []
+        k.tables["biogrid"] = pa.concat_tables(parts)
     if inputs["cellphonedb"]:
-
-        tables["ligand_receptor"], knowledge_counts["cellphonedb"] = read_cellphonedb(inputs["cellphonedb"])
-        lr_pairs = ligand_receptor_pairs(tables["ligand_receptor"])
-    abstracts: dict[str, str] = {}
-    ds_table = _datasets_table(manifest["source"])
+        k.tables["ligand_receptor"], k.counts["cellphonedb"] = read_cellphonedb(inputs["cellphonedb"])
+        k.lr_pairs = ligand_receptor_pairs(k.tables["ligand_receptor"])
     if inputs["abstracts"] or cfg.fetch_abstracts:
-
-        paths = list(inputs["abstracts"])
-        if cfg.fetch_abstracts:
-            if ds_table is None:
-                raise InputError("--fetch-abstracts needs a Census source (its datasets table holds the DOIs)")
-            dois = [d for d in ds_table["collection_doi"].to_pylist() if d]
-            fetch_abstracts(dois, email=cfg.email or "", cache_dir=cfg.abstracts_cache, api_key=cfg.ncbi_api_key)
-            paths.append(cfg.abstracts_cache)
-        records = read_abstracts(paths)
-        if ds_table is not None:
-            matched = match_datasets(ds_table.filter(pa.compute.is_in(ds_table["dataset_id"],
-                                                                      pa.array(datasets))), records)
-            abstracts = {d: m["abstract"] for d, m in matched.items()}
-            knowledge_counts["abstracts"] = {"records": records.num_rows, "datasets_matched": len(abstracts),
-                                             "datasets": len(datasets),
-                                             "matched_by": {d: m["matched_by"] for d, m in matched.items()}}
-            keep = {m["pmid"] for m in matched.values()}
-            tables["abstracts"] = records.filter(pa.compute.is_in(records["pmid"], pa.array(sorted(keep), pa.string())))
-        else:
-            knowledge_counts["abstracts"] = {"records": records.num_rows, "datasets_matched": 0,
-                                             "note": "h5ad source: no Census datasets table to match DOIs against"}
-    gene_sets: list[tuple[str, list[str]]] = []
+        _load_abstracts(cfg, inputs, manifest, k)
     if inputs["gene_sets"]:
+        _load_gene_sets(inputs, src, organisms, uppercase, k)
+    return k
 
-        gs = pa.concat_tables([read_gmt(p, uppercase=manifest["options"].get("uppercase", True))
-                               for p in inputs["gene_sets"]])
-        vocab = set(_symbols(src, organisms, n=None))
-        gone_genes, gone_sets = 0, []
-        for name, genes in zip(gs["name"].to_pylist(), gs["genes"].to_pylist(), strict=True):
-            known = [g for g in genes if g in vocab]  # a sample only names genes the model sees in sentences
-            gone_genes += len(genes) - len(known)
-            if known:
-                gene_sets.append((name, known))
-            else:
-                gone_sets.append(name)
-        if gone_sets:
-            log.warning("gene sets with no gene in the corpus vocabulary (not used): %s%s", ", ".join(gone_sets[:5]),
-                        " ..." if len(gone_sets) > 5 else "")
-        keep = pa.array([name for name, _ in gene_sets], pa.string())
-        tables["gene_sets"] = gs.filter(pa.compute.is_in(gs["name"], keep))
-        knowledge_counts["gene_sets"] = {"sets": gs.num_rows, "sets_used": len(gene_sets),
-                                         "sets_without_corpus_genes": len(gone_sets),
-                                         "genes_not_in_vocabulary": gone_genes}
 
-    session = spark() if spark is not None and spark.enabled else None
-    spatial_rows = _spatial_extents(cfg, src, session, manifest)
+def _load_abstracts(cfg: BuildConfig, inputs: dict, manifest: dict, k: Knowledge) -> None:
+    """Abstracts (given, or fetched from PubMed) matched to the Census datasets by DOI."""
+    organisms = manifest["counts"]["organisms"]
+    datasets = sorted({d for o in organisms for d in organisms[o]["datasets"]})
+    ds_table = _datasets_table(manifest["source"])
+    paths = list(inputs["abstracts"])
+    if cfg.fetch_abstracts:
+        if ds_table is None:
+            raise InputError("--fetch-abstracts needs a Census source (its datasets table holds the DOIs)")
+        dois = [d for d in ds_table["collection_doi"].to_pylist() if d]
+        fetch_abstracts(dois, email=cfg.email or "", cache_dir=cfg.abstracts_cache, api_key=cfg.ncbi_api_key)
+        paths.append(cfg.abstracts_cache)
+    records = read_abstracts(paths)
+    if ds_table is None:
+        k.counts["abstracts"] = {"records": records.num_rows, "datasets_matched": 0,
+                                 "note": "h5ad source: no Census datasets table to match DOIs against"}
+        return
+    matched = match_datasets(ds_table.filter(pa.compute.is_in(ds_table["dataset_id"], pa.array(datasets))), records)
+    k.abstracts = {d: m["abstract"] for d, m in matched.items()}
+    k.counts["abstracts"] = {"records": records.num_rows, "datasets_matched": len(k.abstracts),
+                             "datasets": len(datasets), "matched_by": {d: m["matched_by"] for d, m in matched.items()}}
+    keep = {m["pmid"] for m in matched.values()}
+    k.tables["abstracts"] = records.filter(pa.compute.is_in(records["pmid"], pa.array(sorted(keep), pa.string())))
 
-    # which tasks run, and why the others do not
-    present = {"biogrid": bool(biogrid), "cellphonedb": bool(lr_pairs), "abstracts": bool(abstracts),
-               "gene_sets": bool(gene_sets), "spatial": bool(spatial_rows),
-               "perturbation": bool(inputs.get("perturbation"))}
+
+def _load_gene_sets(inputs: dict, src: Store, organisms: list[str], uppercase: bool, k: Knowledge) -> None:
+    """Gene sets cut to the corpus vocabulary: a sample only names genes the model sees in sentences."""
+    gs = pa.concat_tables([read_gmt(p, uppercase=uppercase) for p in inputs["gene_sets"]])
+    vocab = set(_symbols(src, organisms, n=None))
+    gone_genes, gone_sets = 0, []
+    for name, genes in zip(gs["name"].to_pylist(), gs["genes"].to_pylist(), strict=True):
+        known = [g for g in genes if g in vocab]
+        gone_genes += len(genes) - len(known)
+        if known:
+            k.gene_sets.append((name, known))
+        else:
+            gone_sets.append(name)
+    if gone_sets:
+        log.warning("gene sets with no gene in the corpus vocabulary (not used): %s%s", ", ".join(gone_sets[:5]),
+                    " ..." if len(gone_sets) > 5 else "")
+    keep = pa.array([name for name, _ in k.gene_sets], pa.string())
+    k.tables["gene_sets"] = gs.filter(pa.compute.is_in(gs["name"], keep))
+    k.counts["gene_sets"] = {"sets": gs.num_rows, "sets_used": len(k.gene_sets),
+                             "sets_without_corpus_genes": len(gone_sets), "genes_not_in_vocabulary": gone_genes}
+
+
+def choose_tasks(cfg: BuildConfig, inputs: dict, present: dict[str, bool]) -> tuple[dict[str, dict], dict[str, float]]:
+    """(status per asked task: built with its rate, or skipped with why; the active mixture)."""
     mix = _mixture(cfg)
-    wanted = cfg.tasks or list(TASKS)
     status: dict[str, dict] = {}
     active: dict[str, float] = {}
-    for name in wanted:
+    for name in cfg.tasks or list(TASKS):
         spec = TASKS[name]
         if not spec.built:
             status[name] = {"status": "skipped", "reason": NOT_BUILT_REASON[spec.family]}
@@ -366,8 +373,17 @@ def run(cfg: BuildConfig, job: SamplesJob, out: Store, spark, manifest: dict) ->
     for name, st in status.items():
         if st["status"] == "skipped":
             log.info("task %s skipped: %s", name, st["reason"])
+    return status, active
 
-    budget = TokenBudget(max_tokens=cfg.max_tokens, tokens_per_gene=cfg.tokens_per_gene, tokenizer_json=tok_json)
+
+def sample_context(cfg: BuildConfig, job: SamplesJob, k: Knowledge, active: dict[str, float], spatial_rows: list,
+                   session, manifest: dict) -> tuple[SampleContext, dict]:
+    """What every builder is handed: the budget and its multi-cell group size, the splits (and the OOD datasets),
+    the knowledge, the spatial sections; plus the notes the manifest records about them."""
+    src = job.sentences
+    organisms = sorted(manifest["counts"]["organisms"])
+    datasets = sorted({d for o in organisms for d in manifest["counts"]["organisms"][o]["datasets"]})
+    budget = TokenBudget(max_tokens=cfg.max_tokens, tokens_per_gene=cfg.tokens_per_gene, tokenizer_json=job.tok_json)
     group_max = group_max_for_budget(budget, cfg.group_max, cfg.multi_cell_genes, _symbols(src, organisms))
     if group_max < cfg.group_max:
         log.info("multi-cell groups: at most %d cells (%d genes each fit %d tokens; --group-max %d)", group_max,
@@ -379,12 +395,29 @@ def run(cfg: BuildConfig, job: SamplesJob, out: Store, spark, manifest: dict) ->
         mixture=active,
         budget=budget,
         splits=split_cfg,
-        seed=cfg.seed, abstracts=abstracts, lr_pairs=lr_pairs, biogrid=biogrid, group_max=group_max,
+        seed=cfg.seed, abstracts=k.abstracts, lr_pairs=k.lr_pairs, biogrid=k.biogrid, group_max=group_max,
         max_genes=genes_cap(budget),
         spatial=(spatial.sections(spatial_rows, cfg.spatial_tile_cells)
                  if any(TASKS[t].family == "spatial" for t in active) else {}),
     )
-    for name, table in tables.items():
+    return ctx, {"group_max": group_max, "ood_datasets": sorted(ood), "split_key_used": split_cfg.key,
+                 "split_note": split_note}
+
+
+def run(cfg: BuildConfig, job: SamplesJob, out: Store, spark, manifest: dict) -> dict:
+    """Build samples/ and knowledge/ into the version `out` from the sentences `job.sentences`; returns the
+    manifest with its samples section (the caller validates and commits)."""
+    t0 = time.perf_counter()
+    inputs, src = job.inputs, job.sentences
+    out.remove("samples")  # what an earlier failed attempt at this version left
+    out.remove("knowledge")
+    k = load_knowledge(cfg, inputs, src, manifest)
+    session = spark() if spark is not None and spark.enabled else None
+    spatial_rows = _spatial_extents(cfg, src, session, manifest)
+    present = {**k.present(), "spatial": bool(spatial_rows), "perturbation": bool(inputs.get("perturbation"))}
+    status, active = choose_tasks(cfg, inputs, present)
+    ctx, notes = sample_context(cfg, job, k, active, spatial_rows, session, manifest)
+    for name, table in k.tables.items():
         out.write_table(f"knowledge/{name}.parquet", schemas.conform(table, schemas.TABLES[f"knowledge/{name}"],
                                                                         f"knowledge/{name}"))
     n_cells = manifest["counts"]["totals"]["written"]
@@ -397,11 +430,11 @@ def run(cfg: BuildConfig, job: SamplesJob, out: Store, spark, manifest: dict) ->
             results = samples.run_spark(session, src.uri, files, ctx, out.uri, parts, n_cells)
         else:
             results = [samples.run_local(files, src, ctx, out)]
-    results.append(samples.run_knowledge(gene_sets, ctx, out))
-    if "perturbation_prediction" in active:  # on the driver, one file at a time (etl/tasks/perturbation.py)
-        pert_results, knowledge_counts["perturbation"] = pert_stage.run(
-            inputs["perturbation"], pert_stage.options_from_config(cfg), ctx, out)
-        results.extend(pert_results)
+    results.append(samples.run_knowledge(k.gene_sets, ctx, out))
+    if PERTURBATION_TASK in active:  # on the driver, one file at a time (etl/tasks/perturbation.py)
+        perturbation_results, k.counts["perturbation"] = perturbation_stage.run(
+            inputs["perturbation"], perturbation_stage.options_from_config(cfg), ctx, out)
+        results.extend(perturbation_results)
     merged = samples.merge_results(results)
     counts = merged["counts"]
     total = sum(n for d in counts.samples.values() for n in d.values())
@@ -413,14 +446,11 @@ def run(cfg: BuildConfig, job: SamplesJob, out: Store, spark, manifest: dict) ->
     section = {
         "run_key": job.key,
         "options": cfg.samples_options(),
-        "inputs": {k: v for k, v in inputs.items() if v},
+        "inputs": {key: v for key, v in inputs.items() if v},
         "tokenizer": cfg.tokenizer,
         "tasks": status,
         "mixture": active,
-        "group_max": group_max,
-        "ood_datasets": sorted(ood),
-        "split_key_used": split_cfg.key,
-        "split_note": split_note,
+        **notes,
         "counts": {"per_task_split": counts.samples, "total": total, "cells": counts.cells, "groups": counts.groups,
                    "ungrouped_cells": counts.ungrouped_cells, "not_made": counts.skipped},
         "est_tokens": {"per_task": counts.tokens, "total": tokens},
@@ -429,7 +459,7 @@ def run(cfg: BuildConfig, job: SamplesJob, out: Store, spark, manifest: dict) ->
         "samples_per_cell": round(total / max(n_cells, 1), 3),
         "files": merged["files"],
         "samples_hash": merged["digest"],
-        "knowledge": knowledge_counts,
+        "knowledge": k.counts,
         "spatial": spatial.summary(ctx.spatial, cfg.spatial_tile_cells),
         "seconds": round(time.perf_counter() - t0, 2),
     }
