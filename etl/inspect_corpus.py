@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 
 from etl import rowhash
 from etl.storage import Store
-from schemas.layout import SPLIT_NAMES, CorpusNotFound, CorpusVersion, parse_sample_rel, resolve
+from language.corpus import open_corpus
+from schemas.layout import SPLIT_NAMES, CorpusNotFound, CorpusVersion, parse_sample_rel
 from schemas.tasks import SPLITS
 
 log = logging.getLogger("etl.inspect")
@@ -34,7 +35,7 @@ def _sample_files(v: CorpusVersion) -> list[str]:
 
 def inspect(uri: str, n_examples: int = 2, top_labels: int = 15) -> dict:
     """The report of the corpus readers of `uri` see (a dict; `render` makes it text)."""
-    v = resolve(uri)
+    v = open_corpus(uri).version
     store = Store(v.root)
     counts: dict[str, Counter] = {}
     labels: dict[str, Counter] = {}

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import schemas
 from etl import rowhash
 from etl.storage import Store
+from language.corpus import open_corpus
 from schemas.layout import (
     CorpusNotFound,
     CorpusVersion,
@@ -29,7 +30,6 @@ from schemas.layout import (
     parse_sample_rel,
     parse_sentence_rel,
     part_path,
-    resolve,
     sentence_parts,
 )
 
@@ -69,7 +69,7 @@ def _check_table(store: Store, rel: str, schema: pa.Schema, what: str) -> None:
 def validate(uri: str, deep: bool = False) -> dict:
     """Validate the corpus version `uri` resolves to; returns its manifest. Raises CorpusInvalid."""
     try:
-        v = resolve(uri)
+        v = open_corpus(uri).version
     except CorpusNotFound as e:
         raise CorpusInvalid(str(e)) from e
     m = v.manifest

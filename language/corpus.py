@@ -51,15 +51,14 @@ class Corpus:
         """The folder (path or URI) holding samples/<task>/<split>/."""
         return self.version.path("samples")
 
+    def parts(self) -> dict[str, dict[str, list[str]]]:
+        """task -> split -> its parquet parts (sorted), as the file system lists them. Unchecked:
+        `sample_parts` is the checked reader."""
+        return list_sample_parts(self.samples_root())
+
     def split_parts(self, split: str) -> dict[str, list[str]]:
-        """task -> its parquet parts in `split` (sorted), as the file system lists them; tasks without parts
-        there are absent. Unchecked: `sample_parts` is the checked reader."""
-        out: dict[str, list[str]] = {}
-        for uri in list_files(self.samples_root(), ".parquet"):
-            task, part_split = uri.replace("\\", "/").split("/")[-3:-1]
-            if part_split == split:
-                out.setdefault(task, []).append(uri)
-        return dict(sorted(out.items()))
+        """task -> its parquet parts in `split`; tasks without parts there are absent. Unchecked."""
+        return {t: by[split] for t, by in self.parts().items() if split in by}
 
     def sample_parts(self, split: str, tasks: Sequence[str] | None = None) -> dict[str, list[str]]:
         """task -> the sorted parquet parts of `split`, checked before a tool reads them.
@@ -238,3 +237,17 @@ def check_sample_part(path: str) -> None:
         check(schema, SAMPLES, path)
     except SchemaMismatch as e:
         raise CorpusError(f"sample part {path} does not match the samples schema: {e}") from e
+
+
+def list_sample_parts(root: str) -> dict[str, dict[str, list[str]]]:
+    """task -> split -> the parquet parts under root/<task>/<split>/ (a corpus's samples folder, or a folder of
+    sample parts without a manifest), sorted."""
+    out: dict[str, dict[str, list[str]]] = {}
+    base = root.replace("\\", "/").rstrip("/")
+    for uri in list_files(root, ".parquet"):
+        rel = uri.replace("\\", "/")[len(base) + 1:]
+        if rel.count("/") != 2:  # only <task>/<split>/<part>
+            continue
+        task, split, _ = rel.split("/")
+        out.setdefault(task, {}).setdefault(split, []).append(uri)
+    return {t: {s: sorted(p) for s, p in sorted(by.items())} for t, by in sorted(out.items())}

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from language.corpus import list_sample_parts, open_corpus
 from schemas.errors import ModelError
 from schemas.layout import CorpusNotFound, join, list_files, open_parquet, resolve
 from schemas.tasks import SPLITS
@@ -67,23 +68,19 @@ def _sample_files(corpus: str, splits: Sequence[str] | None) -> dict[str, list[s
     """task -> its sample parts (local paths or object-store URIs), train split first (so a row budget prefers
     training text)."""
     try:
-        root = resolve(corpus).path("samples")
+        parts = open_corpus(corpus).parts()
     except CorpusNotFound:
-        root = join(corpus, "samples")  # a folder of sample parts without a manifest
-    rel = lambda f: f.replace("\\", "/")[len(root.replace("\\", "/").rstrip("/")) + 1 :]  # noqa: E731
-    files = [f for f in list_files(root, ".parquet") if rel(f).count("/") == 2]  # <task>/<split>/<part>
-    if not files:
-        raise ModelError(f"corpus {corpus!r}: no sample parts under {root} (expected "
-                         "samples/<task>/<split>/part-*.parquet; run the samples stage first)")
+        parts = list_sample_parts(join(corpus, "samples"))  # a folder of sample parts without a manifest
+    if not parts:
+        raise ModelError(f"corpus {corpus!r}: no sample parts (expected samples/<task>/<split>/part-*.parquet; "
+                         "run the samples stage first)")
     rank = {s: i for i, s in enumerate(SPLITS)}  # the order in which splits feed the tokenizer's row budget
-    by_task: dict[str, list[tuple[int, str, str]]] = {}
-    for f in files:
-        task, split = f.replace("\\", "/").split("/")[-3:-1]
-        if splits is None or split in splits:
-            by_task.setdefault(task, []).append((rank.get(split, len(rank)), f, f))
+    by_task = {t: [f for s in sorted(by, key=lambda s: (rank.get(s, len(rank)), s)) for f in by[s]
+                   if splits is None or s in splits] for t, by in parts.items()}
+    by_task = {t: files for t, files in by_task.items() if files}
     if not by_task:
         raise ModelError(f"corpus {corpus!r}: no sample parts in splits {list(splits or [])}")
-    return {t: [f for *_, f in sorted(v)] for t, v in sorted(by_task.items())}
+    return by_task
 
 
 def corpus_texts(corpus: str, *, max_rows: int = 200_000, splits: Sequence[str] | None = None,
