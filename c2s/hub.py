@@ -27,6 +27,7 @@ import yaml
 
 from etl.card import dataset_card
 from schemas.errors import InputError
+from schemas.extras import require
 from schemas.layout import (
     MANIFEST,
     SENTENCES_TABLES,
@@ -149,8 +150,8 @@ def write_local(up: Upload, repo_id: str, local_dir: str) -> str:
 def push(up: Upload, repo_id: str, *, private: bool = False, revision: str | None = None,
          token: str | None = None, message: str | None = None) -> str:
     """One commit with every file (created repo if needed); the commit URL."""
-    from huggingface_hub import CommitOperationAdd, HfApi
-
+    hub = require("huggingface_hub", "c2s push-to-hub")
+    CommitOperationAdd, HfApi = hub.CommitOperationAdd, hub.HfApi
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type=up.repo_type, private=private, exist_ok=True)
     ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=src if isinstance(src, str) and "://" not in src

@@ -124,9 +124,9 @@ def predictions(model, tok, corpus, task: str, cfg: EvaluateConfig) -> dict:
             scores = [metrics.ontology_score(p, lid or t) for p, t, lid in zip(pred, truth, df["label_id"],
                                                                               strict=True)]
             res["ontology_score"] = float(np.mean(scores))
-        except ImportError as e:
+        except InputError as e:  # cellxgene-ontology-guide not installed: the line says which extra adds it
             res["ontology_score"] = None
-            res["ontology_note"] = f"cellxgene-ontology-guide not installed ({e.name}): pip install 'c2s-corpus[eval]'"
+            res["ontology_note"] = str(e)
     res["examples"] = [{"truth": t, "predicted": p} for t, p in list(zip(truth, pred, strict=True))[:5]]
     return res
 

@@ -309,9 +309,7 @@ _TERM_ID = re.compile(r"^[A-Za-z][A-Za-z0-9]*:\d+$")
 
 @functools.lru_cache(maxsize=1)
 def _ontology_parser():
-    from cellxgene_ontology_guide.ontology_parser import OntologyParser
-
-    return OntologyParser()
+    return require("cellxgene_ontology_guide.ontology_parser", "the ontology-aware score").OntologyParser()
 
 
 @functools.lru_cache(maxsize=8)

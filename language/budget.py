@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 from schemas.errors import InputError
+from schemas.extras import require
 
 TOKENS_PER_GENE = 3.3
 CHARS_PER_TOKEN = 4.0
@@ -25,10 +26,9 @@ def load_tokenizer_json(path: str) -> str:
         raise InputError(f"--tokenizer {path!r}: no tokenizer.json there (give a file or a Hugging Face folder)")
     with open(p, encoding="utf-8") as f:
         text = f.read()
-    from tokenizers import Tokenizer
-
+    tokenizer_class = require("tokenizers", f"--tokenizer {path!r} (exact token budgets)").Tokenizer
     try:
-        Tokenizer.from_str(text)
+        tokenizer_class.from_str(text)
     except Exception as e:
         raise InputError(f"--tokenizer {p!r} is not a tokenizers JSON file: {e}") from e
     return text
@@ -49,9 +49,7 @@ class TokenBudget:
 
     def _tokenizer(self):
         if self._tok is None:
-            from tokenizers import Tokenizer
-
-            self._tok = Tokenizer.from_str(self.tokenizer_json)
+            self._tok = require("tokenizers", "an exact token budget").Tokenizer.from_str(self.tokenizer_json)
         return self._tok
 
     @property

@@ -21,6 +21,7 @@ import torch
 
 from language.corpus import list_sample_parts, open_corpus
 from schemas.errors import ModelError
+from schemas.extras import require
 from schemas.layout import CorpusNotFound, join, list_files, open_parquet, resolve
 from schemas.tasks import SPLITS
 from training.data import encode_prompts
@@ -268,10 +269,7 @@ def _quantization_config(model: str, dtype: torch.dtype):
     """BitsAndBytes nf4 (QLoRA), only where it can work: bitsandbytes importable and CUDA present."""
     if not torch.cuda.is_available():
         raise ModelError(f"model {model!r}: quantize_4bit needs a CUDA GPU (none is available)")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as e:
-        raise ModelError(f"model {model!r}: quantize_4bit needs bitsandbytes (not installed)") from e
+    require("bitsandbytes", f"model {model!r}: quantize_4bit (QLoRA)")
     from transformers import BitsAndBytesConfig
 
     compute = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
