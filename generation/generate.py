@@ -54,7 +54,6 @@ from training.models import TINY_MODELS, load_model_and_tokenizer, read_provenan
 log = logging.getLogger("generation.generate")
 
 # response fields that hold generated cells: a task whose response has one of them outputs cells
-CELL_OUTPUTS = ("cell_sentence", "cells", "perturbed_sentence", "neighbor_sentence")
 LABELS = LABEL_FIELDS
 # template field -> the --condition that fills it (num_genes comes from --n-genes)
 FIELD_CONDITION = {"organism_name": "organism", "cell_kind": "cell_type", **{f: f for f in LABELS},
@@ -77,9 +76,9 @@ def generation_tasks() -> dict[str, set[str]]:
 
     out = {}
     for name in TASKS:
-        spec = templates.load(name)
-        if not templates.fields(spec["response"]) & set(CELL_OUTPUTS):
+        if TASKS[name].output not in ("cell", "cells"):
             continue
+        spec = templates.load(name)
         fields = set().union(*(templates.fields(p) for p in spec["prompts"])) - {"num_genes"}
         unknown = fields - FIELD_CONDITION.keys()
         if unknown:  # a template field nobody can fill: a new template needs a FIELD_CONDITION entry
@@ -93,15 +92,13 @@ def generation_tasks() -> dict[str, set[str]]:
 
 def is_multi(task: str | None) -> bool | None:
     """True when the task's response is several cells ("Cell 1: ..."); None for an unknown task."""
-    if task is None:
+    if task is None or task not in TASKS:
         return None
-
-    return "cells" in templates.fields(templates.load(task)["response"])
+    return TASKS[task].output == "cells"
 
 
 def check_task(task: str) -> set[str]:
     """The conditions of a task that outputs cells; a ConfigError naming the tasks that do otherwise."""
-
     tasks = generation_tasks()
     if task not in TASKS:
         raise ConfigError(f"--task {task!r}: unknown task; tasks that output cells: {', '.join(tasks)}")

@@ -15,35 +15,41 @@ SPLITS = ("train", "val", "test", "test_ood")
 LABEL_FIELDS = ("cell_type", "tissue", "disease", "sex", "development_stage", "assay")
 
 
+# What a task's answer is: a label (scored by accuracy; its `label` column is the bare answer), one cell
+# sentence, several ("Cell i:" blocks), a gene list, or free text.
+OUTPUT_KINDS = ("label", "cell", "cells", "genes", "text")
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
     family: str  # single | multi | knowledge | spatial | perturbation
+    output: str  # one of OUTPUT_KINDS
     needs: tuple[str, ...] = ()  # knowledge inputs: abstracts, cellphonedb, biogrid, gene_sets
     built: bool = True  # False: the name is reserved and the stage reports why it is skipped
     description: str = ""  # one line for --list-tasks and the dataset card
 
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in (
-    TaskSpec("cell_lm", "single", description="Write a cell sentence of an organism (unconditional generation)."),
-    TaskSpec("cell_type_prediction", "single", description="Name the cell type of a cell sentence."),
-    TaskSpec("cell_type_generation", "single", description="Write a cell sentence of a given cell type."),
-    TaskSpec("tissue_prediction", "single", description="Name the tissue a cell sentence came from."),
-    TaskSpec("metadata_prediction", "single", description="Give the donor's disease, sex and development stage and the assay of a cell."),
-    TaskSpec("gene_interaction_prediction", "single", ("biogrid",), description="List the physical interactions (BioGRID) among a cell's genes."),
-    TaskSpec("multi_cell_lm", "multi", description="Write several cells of one donor and tissue."),
-    TaskSpec("multi_cell_tissue_prediction", "multi", description="Name the tissue of a group of cells."),
-    TaskSpec("multi_cell_cell_type_prediction", "multi", description="Name the cell type of each cell in a group."),
-    TaskSpec("tissue_conditional_generation", "multi", description="Write a group of cells from a given tissue."),
-    TaskSpec("cell_types_conditional_generation", "multi", description="Write a group of cells with given cell types."),
-    TaskSpec("abstract_conditional_generation", "multi", ("abstracts",), description="Write cells of the study a paper's abstract describes."),
-    TaskSpec("dataset_interpretation", "multi", ("abstracts",), description="Write the abstract of the study a group of cells comes from."),
-    TaskSpec("ligand_receptor_prediction", "multi", ("cellphonedb",), description="List ligand-receptor interactions (CellPhoneDB) between cells of a group."),
-    TaskSpec("gene_set_enumeration", "knowledge", ("gene_sets",), description="List the genes of a named gene set (GMT, e.g. MSigDB hallmarks)."),
-    TaskSpec("gene_set_naming", "knowledge", ("gene_sets",), description="Name the gene set a list of genes belongs to."),
-    TaskSpec("neighbor_generation", "spatial", ("spatial",), description="Write the nearest spatial neighbour of a cell in a tissue section."),
-    TaskSpec("niche_prediction", "spatial", ("spatial",), description="Say whether a group of cells comes from one spatial neighbourhood."),
-    TaskSpec("perturbation_prediction", "perturbation", ("perturbation",), description="Write the perturbed cell from a control cell and a perturbation (Perturb-seq)."),
+    TaskSpec("cell_lm", "single", "cell", description="Write a cell sentence of an organism (unconditional generation)."),
+    TaskSpec("cell_type_prediction", "single", "label", description="Name the cell type of a cell sentence."),
+    TaskSpec("cell_type_generation", "single", "cell", description="Write a cell sentence of a given cell type."),
+    TaskSpec("tissue_prediction", "single", "label", description="Name the tissue a cell sentence came from."),
+    TaskSpec("metadata_prediction", "single", "label", description="Give the donor's disease, sex and development stage and the assay of a cell."),
+    TaskSpec("gene_interaction_prediction", "single", "label", ("biogrid",), description="List the physical interactions (BioGRID) among a cell's genes."),
+    TaskSpec("multi_cell_lm", "multi", "cells", description="Write several cells of one donor and tissue."),
+    TaskSpec("multi_cell_tissue_prediction", "multi", "label", description="Name the tissue of a group of cells."),
+    TaskSpec("multi_cell_cell_type_prediction", "multi", "label", description="Name the cell type of each cell in a group."),
+    TaskSpec("tissue_conditional_generation", "multi", "cells", description="Write a group of cells from a given tissue."),
+    TaskSpec("cell_types_conditional_generation", "multi", "cells", description="Write a group of cells with given cell types."),
+    TaskSpec("abstract_conditional_generation", "multi", "cells", ("abstracts",), description="Write cells of the study a paper's abstract describes."),
+    TaskSpec("dataset_interpretation", "multi", "text", ("abstracts",), description="Write the abstract of the study a group of cells comes from."),
+    TaskSpec("ligand_receptor_prediction", "multi", "label", ("cellphonedb",), description="List ligand-receptor interactions (CellPhoneDB) between cells of a group."),
+    TaskSpec("gene_set_enumeration", "knowledge", "genes", ("gene_sets",), description="List the genes of a named gene set (GMT, e.g. MSigDB hallmarks)."),
+    TaskSpec("gene_set_naming", "knowledge", "label", ("gene_sets",), description="Name the gene set a list of genes belongs to."),
+    TaskSpec("neighbor_generation", "spatial", "cell", ("spatial",), description="Write the nearest spatial neighbour of a cell in a tissue section."),
+    TaskSpec("niche_prediction", "spatial", "label", ("spatial",), description="Say whether a group of cells comes from one spatial neighbourhood."),
+    TaskSpec("perturbation_prediction", "perturbation", "cell", ("perturbation",), description="Write the perturbed cell from a control cell and a perturbation (Perturb-seq)."),
 )}  # fmt: skip
 
 # Why a registered task with built=False is skipped, by family (none at present: every task is built).

@@ -14,6 +14,7 @@ import xxhash
 
 from language.budget import TokenBudget
 from language.prompts import Rendered, bare, prompt_for
+from schemas.tasks import TASKS
 
 GROUP_UNIT = 8  # multi-cell mixture rates are samples per this many grouped cells
 CELL_FIELDS = ("cell_id", "organism", "dataset_id", "donor_id", "tissue", "cell_type", "disease", "sex",
@@ -167,10 +168,7 @@ def draws(rate: float, *key) -> int:
 
 # Prediction tasks: the label is the completion's bare answer; where it is one cell field with an ontology id,
 # the id comes from the cell (never parsed from text).
-LABEL_TASKS = frozenset({"cell_type_prediction", "tissue_prediction", "metadata_prediction",
-                         "multi_cell_tissue_prediction", "multi_cell_cell_type_prediction",
-                         "gene_interaction_prediction", "ligand_receptor_prediction", "niche_prediction",
-                         "gene_set_naming"})
+LABEL_TASKS = frozenset(name for name, spec in TASKS.items() if spec.output == "label")
 LABEL_ID_FIELD = {"cell_type_prediction": "cell_type_ontology_term_id", "tissue_prediction": "tissue_ontology_term_id",
                   "multi_cell_tissue_prediction": "tissue_ontology_term_id"}
 
