@@ -53,7 +53,7 @@ from schemas.cli import parse
 from schemas.errors import ConfigError, CorpusError, InputError, ModelError
 from schemas.extras import missing_package
 from schemas.tasks import LABEL_FIELDS
-from training.data import _encode, _eos_id, encode_prompts
+from training.data import encode_prompts, encode_texts, eos_id
 from training.decode import decode, mean_pool
 from training.models import PROVENANCE, load_model_and_tokenizer, prompt_batch, read_provenance
 
@@ -219,7 +219,7 @@ class Reader:
         self.model, self.tok = model, tokenizer
         self.device = next(model.parameters()).device
         self.embed, self.max_new_tokens, self.label_batch = embed, max_new_tokens, label_batch
-        self.eos = _eos_id(tokenizer)
+        self.eos = eos_id(tokenizer)
         if tokenizer.pad_token_id is None:
             raise ModelError("the model's tokenizer has no pad token")
         self.labels = labels
@@ -230,7 +230,7 @@ class Reader:
             if not labels:
                 raise ConfigError("--labels: no labels to choose from")
             completion = completion or (lambda label: f" {label}.")
-            ids = [[*x, self.eos] for x in _encode(tokenizer, [completion(label) for label in labels])]
+            ids = [[*x, self.eos] for x in encode_texts(tokenizer, [completion(label) for label in labels])]
             width = max(len(x) for x in ids)
             pad = tokenizer.pad_token_id
             self.label_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=self.device)

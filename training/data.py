@@ -87,7 +87,8 @@ def parse_mixture(spec: str | dict | None, available: Sequence[str] | Mapping[st
 # ------------------------------------------------------------------ tokenising
 
 
-def _eos_id(tokenizer) -> int:
+def eos_id(tokenizer) -> int:
+    """The token every sample ends with; ValueError for a tokenizer without one."""
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos token: set tokenizer.eos_token "
@@ -95,7 +96,8 @@ def _eos_id(tokenizer) -> int:
     return int(eos)
 
 
-def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of texts as a sample's parts are encoded: no special tokens added."""
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
@@ -112,7 +114,7 @@ def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     tokens (BOS, when it adds one), then the prompt's tokens. A model never sees a prompt at generation time
     encoded otherwise than in training."""
     prefix = prompt_prefix(tokenizer)
-    return [prefix + ids for ids in _encode(tokenizer, list(prompts))]
+    return [prefix + ids for ids in encode_texts(tokenizer, list(prompts))]
 
 
 def _join(p_ids: list[int], r_ids: list[int], eos: int, max_length: int) -> tuple[list[int], list[int]] | None:
@@ -126,11 +128,11 @@ def _join(p_ids: list[int], r_ids: list[int], eos: int, max_length: int) -> tupl
 def tokenize_batch(tokenizer, prompts: list[str], responses: list[str], max_length: int
                    ) -> list[tuple[list[int], list[int]] | None]:
     """tokenize_sample over a batch, with one tokenizer call for the prompts and one for the responses."""
-    eos = _eos_id(tokenizer)
+    eos = eos_id(tokenizer)
     if not prompts:
         return []
     return [_join(p, r, eos, max_length)
-            for p, r in zip(encode_prompts(tokenizer, list(prompts)), _encode(tokenizer, list(responses)),
+            for p, r in zip(encode_prompts(tokenizer, list(prompts)), encode_texts(tokenizer, list(responses)),
                             strict=True)]
 
 
@@ -143,5 +145,5 @@ def tokenize_sample(tokenizer, prompt: str, response: str, max_length: int
     return tokenize_batch(tokenizer, [prompt], [response], max_length)[0]
 
 
-__all__ = ["COLUMNS", "IGNORE_INDEX", "encode_prompts", "parse_mixture",
+__all__ = ["COLUMNS", "IGNORE_INDEX", "encode_prompts", "encode_texts", "eos_id", "parse_mixture",
            "tokenize_batch", "tokenize_sample"]

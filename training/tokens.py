@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from schemas.errors import CorpusError
 from schemas.layout import file_identity, open_parquet
-from training.data import _encode, _eos_id, encode_prompts
+from training.data import encode_prompts, encode_texts, eos_id
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def tokenizer_key(tokenizer) -> str:
     else:  # a slow tokenizer: its vocabulary and class
         h.update(type(tokenizer).__name__.encode())
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps({"eos": _eos_id(tokenizer), "prefix": encode_prompts(tokenizer, [""])[0],
+    h.update(json.dumps({"eos": eos_id(tokenizer), "prefix": encode_prompts(tokenizer, [""])[0],
                          "format": FORMAT}).encode())
     return h.hexdigest()[:20]
 
@@ -91,7 +91,7 @@ class Shard:
 
 def _tokenize_part(src: str, dest: Path, tokenizer, ids_type: pa.DataType) -> int:
     """Write the token shard of one sample part; returns its rows."""
-    eos = _eos_id(tokenizer)
+    eos = eos_id(tokenizer)
     pf = open_parquet(src)
     schema = pa.schema([("sample_id", pa.string()), ("input_ids", pa.list_(ids_type)), ("prompt_len", pa.int32())])
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
@@ -102,7 +102,7 @@ def _tokenize_part(src: str, dest: Path, tokenizer, ids_type: pa.DataType) -> in
                 prompts = [p or "" for p in batch.column("prompt").to_pylist()]
                 responses = [r or "" for r in batch.column("completion").to_pylist()]
                 p_ids = encode_prompts(tokenizer, prompts)
-                r_ids = _encode(tokenizer, responses)
+                r_ids = encode_texts(tokenizer, responses)
                 p_len = np.fromiter((len(p) for p in p_ids), np.int64, len(p_ids))
                 r_len = np.fromiter((len(r) for r in r_ids), np.int64, len(r_ids))
                 lengths = p_len + r_len + 1
