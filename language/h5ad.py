@@ -1,19 +1,22 @@
 """Reading .h5ad files in row blocks, without loading them: the one reader of AnnData files that both the
 corpus builder (its h5ad source) and the model side (a user's cells to annotate or to rank) use, so a cell
-gets the same numbers, names and refusals on either side. It needs h5py and anndata (the `language` extra).
+gets the same numbers, names and refusals on either side. It needs h5py, anndata and scipy (the `language`
+extra), imported when a file is read: importing the module needs none of them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
-import h5py
 import numpy as np
-import scipy.sparse as sp
-from anndata.io import read_elem, sparse_dataset
 
 from schemas.errors import InputError
+from schemas.extras import require
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +25,7 @@ def open_h5ad(path: str):
     if os.path.isdir(path):
         raise InputError(f"cannot read h5ad {path!r}: a directory; give the .h5ad files (--h5ad a.h5ad --h5ad b.h5ad)")
     try:
-        return h5py.File(path, "r")
+        return require("h5py", "reading .h5ad files").File(path, "r")
     except (OSError, FileNotFoundError) as e:
         text = str(e).splitlines()[0]
         why = "not an HDF5 file (an .h5ad is HDF5; is this a .loom, .zarr, .csv or a truncated download?)" \
@@ -64,7 +67,8 @@ def read_column(group, name: str, lo: int, hi: int | None, path: str = "") -> np
         if "codes" in el and "categories" in el:  # categorical
             codes = el["codes"][lo:hi]
             try:
-                cats = np.asarray(read_elem(el["categories"]), dtype=object)
+                cats = np.asarray(require("anndata.io", "reading .h5ad files").read_elem(el["categories"]),
+                                  dtype=object)
             except UnicodeDecodeError as e:
                 raise InputError(f"{where}: categories hold bytes that are not UTF-8 text ({e.reason}); re-save "
                                  "the file with text in UTF-8") from None
@@ -126,9 +130,10 @@ def probe_values(f, mpath: str, n_obs: int, path: str, layer: str | None) -> str
 
 def read_rows(f, mpath: str, lo: int, hi: int) -> sp.csr_matrix:
     el = f[mpath]
+    sparse = require("scipy.sparse", "reading .h5ad files")
     if hasattr(el, "keys"):
-        return sp.csr_matrix(sparse_dataset(el)[lo:hi])
-    return sp.csr_matrix(el[lo:hi])
+        return sparse.csr_matrix(require("anndata.io", "reading .h5ad files").sparse_dataset(el)[lo:hi])
+    return sparse.csr_matrix(el[lo:hi])
 
 
 def obs_values(paths: list[str], column: str, names: set[str]) -> dict[str, str]:

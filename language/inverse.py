@@ -14,9 +14,14 @@ the others: a lighter rule for sentences of the corpus, which hold no repeats.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import scipy.sparse as sp
+
+from schemas.extras import require
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 
 
 def expression_from_ranks(n_genes: int, slope: float, intercept: float) -> np.ndarray:
@@ -50,6 +55,7 @@ def sentences_to_matrix(
 ) -> sp.csr_matrix:
     """Many sentences → a CSR matrix (cells × vocab), e.g. for an AnnData of generated cells."""
     index = {g: i for i, g in enumerate(vocab)}
+    sp = require("scipy.sparse", "expression matrices from sentences")
     rows = [sp.csr_matrix(sentence_to_expression(s, index, slope, intercept)) for s in sentences]
     if not rows:
         return sp.csr_matrix((0, len(vocab)), dtype=np.float32)
@@ -109,6 +115,7 @@ def ranked_to_matrix(ranked: Sequence[Sequence[int | None]], n_vocab: int, slope
         indptr[i + 1] = indptr[i] + int(keep.sum())
     idx = np.concatenate(cols) if cols else np.zeros(0, np.int64)
     data = np.concatenate(vals) if vals else np.zeros(0, np.float32)
+    sp = require("scipy.sparse", "expression matrices from sentences")
     m = sp.csr_matrix((data.astype(np.float32), idx.astype(np.int32), indptr), shape=(len(ranked), n_vocab))
     m.sort_indices()
     return m

@@ -14,14 +14,15 @@ ETL_ONLY = ("pyspark", "tiledbsoma", "cellxgene_census", "numba", "anndata", "h5
 
 
 def test_training_imports_and_runs_help_without_the_etl_packages():
-    """Every ETL-only package made unimportable: the trainer still imports and `c2s-sft --help` works."""
+    """Every ETL-only package made unimportable: the trainers (SFT and GRPO) still import and their --help works."""
     body = """
 import training.sft_trainer, training.data, training.models, training.periodic_eval  # noqa
-import training.sft
-try:
-    training.sft.main(["--help"])
-except SystemExit as e:
-    assert e.code == 0, e.code
+import training.grpo, training.sft
+for command in (training.sft.main, training.grpo.main):
+    try:
+        command(["--help"])
+    except SystemExit as e:
+        assert e.code == 0, e.code
 """
     r = _run_blocked(ETL_ONLY, body)
     assert r.returncode == 0, r.stderr[-3000:]
