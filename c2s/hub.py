@@ -37,6 +37,7 @@ from schemas.layout import (
     part_path,
     resolve,
 )
+from schemas.outputs import check_output_dir
 
 log = logging.getLogger("c2s.hub")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -197,6 +198,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             raise InputError(f"--dataset {bad[0]!r}: expected OWNER/NAME of a dataset on the hub")
         if not os.path.exists(args.path) and "://" not in args.path:
             raise InputError(f"{args.path}: no such corpus or model folder")
+        if args.local_dir:
+            check_output_dir(args.local_dir, "--local-dir")  # before the corpus or model is packaged
         up = upload_for(args.path, args.dataset)
         if args.local_dir:
             dest = write_local(up, args.repo_id, args.local_dir)

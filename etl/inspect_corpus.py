@@ -23,7 +23,9 @@ import pyarrow.parquet as pq
 from etl import rowhash
 from etl.storage import Store
 from language.corpus import open_corpus
+from schemas.errors import ConfigError
 from schemas.layout import SPLIT_NAMES, CorpusNotFound, CorpusVersion, parse_sample_rel
+from schemas.outputs import check_output_dir
 from schemas.tasks import SPLITS
 
 log = logging.getLogger("etl.inspect")
@@ -176,13 +178,17 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.out and not args.no_plots:
+            check_output_dir(args.out, "--output-dir")  # before the corpus is read
         r = inspect(args.corpus, n_examples=args.examples)
-    except CorpusNotFound as e:
+        out = args.out or f"inspect-{r['version'] or 'corpus'}"
+        if not args.no_plots and not args.out:
+            check_output_dir(out, "--output-dir")
+    except (CorpusNotFound, ConfigError) as e:
         log.error("%s", e)
         return 2
     public = {k: v for k, v in r.items() if not k.startswith("_")}
     print(json.dumps(public, indent=1) if args.json else render(r))
-    out = args.out or f"inspect-{r['version'] or 'corpus'}"
     if not args.no_plots:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "report.json"), "w") as fh:

@@ -41,6 +41,7 @@ from schemas.cli import option as _f  # a config field: default, --help text, op
 from schemas.cli import parse
 from schemas.errors import ConfigError, CorpusError, InputError, ModelError
 from schemas.extras import missing_package
+from schemas.outputs import check_output_file
 from training.decode import decode
 from training.models import load_model_and_tokenizer, read_provenance
 
@@ -269,6 +270,7 @@ def perturbation(model, tok, corpus, cfg: EvaluateConfig) -> dict:
 
 def evaluate(cfg: EvaluateConfig) -> dict:
     t0 = time.perf_counter()
+    check_output_file(cfg.out, "--out", inputs=(cfg.embedder_path,))  # before the model loads
     prov = read_provenance(cfg.model) or {}
     corpus_uri = cfg.corpus or prov.get("corpus")
     if not corpus_uri:

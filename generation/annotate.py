@@ -52,6 +52,7 @@ from schemas import UNKNOWN
 from schemas.cli import parse
 from schemas.errors import ConfigError, CorpusError, InputError, ModelError
 from schemas.extras import missing_package
+from schemas.outputs import check_output_file
 from schemas.tasks import LABEL_FIELDS
 from training.data import encode_prompts, encode_texts, eos_id
 from training.decode import decode, mean_pool
@@ -523,10 +524,7 @@ def run(cfg: AnnotateConfig) -> dict:
         raise ConfigError(f"--h5ad {cfg.h5ad}: file not found")
     if not os.path.isdir(cfg.model):
         raise ModelError(f"--model {cfg.model}: not a folder (give OUTPUT/final of `c2s train`)")
-    if os.path.abspath(cfg.out) == os.path.abspath(cfg.h5ad):
-        raise ConfigError(f"--out {cfg.out}: the same file as --h5ad; write the annotated copy elsewhere")
-    if os.path.isdir(cfg.out):
-        raise ConfigError(f"--out {cfg.out}: a folder; give a file name (annotated.h5ad)")
+    check_output_file(cfg.out, "--out", inputs=(cfg.h5ad,))
     speech = Speech.of_model(cfg.model, cfg.corpus)
     model_corpus = _try_corpus(speech)
     labels = None

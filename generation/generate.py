@@ -46,6 +46,7 @@ from schemas import UNKNOWN
 from schemas.cli import parse
 from schemas.errors import ConfigError, CorpusError, InputError, ModelError
 from schemas.layout import filesystem, open_parquet
+from schemas.outputs import check_output_file
 from schemas.tasks import LABEL_FIELDS, TASKS
 from training.data import encode_prompts
 from training.decode import decode
@@ -428,6 +429,7 @@ def _uns_safe(value):
 def run(cfg: GenerateConfig) -> GenerateResult:
     """Load the model, build the prompts, generate, rebuild expression and write cfg.out."""
     t0 = time.perf_counter()
+    check_output_file(cfg.out, "--out", inputs=(cfg.prompts,))  # before the model loads
     if cfg.task:  # options checked before the model loads
         check_task(cfg.task)
         if not cfg.prompts and not cfg.from_split:

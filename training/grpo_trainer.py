@@ -25,6 +25,7 @@ from language.corpus import open_corpus
 from language.h5ad import obs_values
 from language.prompts import first_sentence, longest_gene_run
 from schemas.errors import ConfigError, CorpusError, InputError, ModelError
+from schemas.outputs import check_output_dir
 from training.grpo_config import GRPORunConfig
 from training.models import load_model_and_tokenizer, read_provenance, save_final, write_provenance
 from training.rewards import make_reward_funcs, program_from_gmt, reference_ranks
@@ -217,6 +218,7 @@ def run(cfg: GRPORunConfig) -> dict:
     from datasets import IterableDataset
     from trl import GRPOConfig
 
+    check_output_dir(cfg.output_dir, "--output-dir")  # before a model loads or a corpus is read
     prov = read_provenance(cfg.model) or {}
     corpus_uri = cfg.corpus or prov.get("corpus")
     if not corpus_uri:

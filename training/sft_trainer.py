@@ -25,6 +25,7 @@ import torch
 from language.corpus import open_corpus
 from schemas.errors import ConfigError
 from schemas.layout import open_parquet, reader_lease
+from schemas.outputs import check_output_dir
 from training.attention import register
 from training.data import parse_mixture, tokenize_sample
 from training.loader import BatchSpec, make_loader
@@ -233,6 +234,8 @@ def train(cfg: SFTConfig) -> TrainResult:
     committing meanwhile changes what new readers see, not this run), under a lease that keeps
     `--keep-versions` pruning from deleting it."""
     import dataclasses
+
+    check_output_dir(cfg.output_dir, "--output-dir")  # before a model loads or a corpus is read
 
     version = open_corpus(cfg.corpus).version
     if version.version and not _same_place(version.root, cfg.corpus):
