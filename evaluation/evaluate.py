@@ -42,6 +42,7 @@ from schemas.cli import parse
 from schemas.errors import ConfigError, CorpusError, InputError, ModelError
 from schemas.extras import missing_package
 from schemas.outputs import check_output_file
+from schemas.tasks import SPLITS
 from training.decode import decode
 from training.models import load_model_and_tokenizer, read_provenance
 
@@ -276,6 +277,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if not corpus_uri:
         raise ModelError(f"{cfg.model}: no c2s.json naming the corpus it was trained on; give --corpus DIR")
     corpus = open_corpus(corpus_uri)
+    if not corpus.split_tasks(cfg.split):  # before the model loads: every metric would be null
+        have = [split for split in SPLITS if corpus.split_tasks(split)]
+        raise CorpusError(f"--split {cfg.split}: corpus {corpus_uri} has no samples there; splits with samples: "
+                          f"{', '.join(have) or 'none'}")
     model, tok = load_model_and_tokenizer(cfg.model)
     if cfg.adapter:
         from peft import PeftModel

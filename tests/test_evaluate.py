@@ -96,3 +96,26 @@ def test_annotate_reads_a_generated_h5ad(tiny_model, tmp_path):
     assert annotate(["--model", tiny_model, "--h5ad", str(cells), "--out", str(out)]) == 0
     a = ad.read_h5ad(out)
     assert a.n_obs == 6 and {"c2s_cell_type", "c2s_score"} <= set(a.obs.columns)
+
+
+def test_a_split_the_corpus_lacks_is_an_error_naming_the_splits_it_has(tmp_path, caplog, capsys):
+    """A one-dataset corpus has no test_ood samples: evaluating that split names the splits it has, exit 2,
+    before any model loads (it used to print a report of nulls, exit 0; issue #21)."""
+    from etl.build_corpus import main as build
+    from evaluation.evaluate import main
+    from language.corpus import open_corpus
+    from tests.conftest import write_h5ad
+
+    h5ad = write_h5ad(tmp_path / "one.h5ad", n_cells=60, n_genes=30, seed=2)[0]
+    corpus = str(tmp_path / "corpus")
+    assert build(["--h5ad", h5ad, "--output", corpus, "--spark", "false", "--organism", "human",
+                  "--cell-type-column", "celltype", "--tasks", "cell_type_prediction"]) == 0
+    have = [s for s in ("train", "val", "test", "test_ood") if open_corpus(corpus).split_tasks(s)]
+    assert "test_ood" not in have and have  # one dataset: none held out
+    (tmp_path / "model").mkdir()
+    with caplog.at_level("ERROR"):
+        assert main(["--model", str(tmp_path / "model"), "--corpus", corpus, "--split", "test_ood",
+                     "--out", str(tmp_path / "r.json")]) == 2
+    said = caplog.text + capsys.readouterr().err
+    assert "--split test_ood" in said and ", ".join(have) in said
+    assert not (tmp_path / "r.json").exists()

@@ -486,3 +486,16 @@ def test_our_loss_equals_trl_sft_trainers_on_the_same_packed_batch(train_corpus,
         assert install_fused_head(model) is None
         nll, _ = _ours(model, tok, packed, "varlen", fused=True)
         assert float(nll) / n_trl == pytest.approx(trl_loss, rel=1e-5)
+
+
+def test_resume_latest_without_a_checkpoint_is_an_error(train_corpus, tmp_path):
+    """As HF Trainer: --resume-from-checkpoint latest where no run wrote a checkpoint names the folder, exit 2,
+    instead of a silent start from scratch (issue #21)."""
+    from training.sft import main
+
+    out = tmp_path / "never_ran"
+    rc = main(["--corpus", train_corpus, "--model", "tiny-pythia", "--output-dir", str(out),
+               "--resume-from-checkpoint", "latest", "--max-steps", "2", "--report-to", "none"])
+    assert rc == 2
+    assert not (out / "final").exists() and not (out / "metrics.jsonl").exists()
+

@@ -177,9 +177,9 @@ def _resume_path(cfg: SFTConfig, num_processes: int) -> Path | None:
         return None
     if cfg.resume_from_checkpoint == "latest":
         found = checkpoints(cfg.output_dir, complete=False)
-        if not found:
-            log.info("no checkpoint in %s: starting from scratch", cfg.output_dir)
-            return None
+        if not found:  # as HF Trainer: resuming what never ran is a mistake (a wrong --output-dir), not a start
+            raise ConfigError(f"--resume-from-checkpoint latest: no checkpoint in {cfg.output_dir}; give the "
+                              "--output-dir of the run to resume, or drop --resume-from-checkpoint to start afresh")
         for p in reversed(found):
             problems = checkpoint_problems(p, num_processes)
             if not problems:
