@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import re
 import sys
 import types
 import typing
@@ -211,6 +212,29 @@ def hf_spellings(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
     return out
 
 
+_NEGATIVE = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf(inity)?", re.IGNORECASE)
+
+
+def negative_values(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """`--learning-rate -1e-3` as `--learning-rate=-1e-3`: argparse reads a value that starts with "-" and is
+    not a plain negative integer or decimal (scientific notation, -inf) as an option, and then reports the
+    option as missing its value. Only for options that take one value; no option name starts with a digit."""
+    actions = parser._option_string_actions
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        action = actions.get(a) if a.startswith("--") and "=" not in a else None
+        if (action is not None and action.nargs is None and action.option_strings and i + 1 < len(argv)
+                and _NEGATIVE.fullmatch(argv[i + 1])):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def read_config_file(path: str, cls: type) -> dict[str, Any]:
     """The option values of a YAML config file (keys may use - or _), or ConfigError naming the file."""
     try:
@@ -247,7 +271,7 @@ def parse(cls: type[T], argv: list[str] | None, description: str, epilog: str = 
     """Defaults < --config YAML < command-line flags, into one typed config."""
     parser = build_parser(cls, description, epilog, prog=prog, extra=extra)
     argv = sys.argv[1:] if argv is None else list(argv)
-    ns = vars(parser.parse_args(hf_spellings(argv, parser)))
+    ns = vars(parser.parse_args(negative_values(hf_spellings(argv, parser), parser)))
     config = ns.pop("config", None)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}

@@ -95,3 +95,34 @@ def test_help_is_grouped_and_lists_tasks(capsys):
         assert f"\n{title}\n" in out, title
     assert out.index("--census-version") < out.index("h5ad source:") < out.index("--cell-type-column")
     assert "--no-uppercase turns it off" in out and "--output-dir DIR, --output DIR" in out
+
+
+def test_negative_numbers_are_values_not_options():
+    """`--learning-rate -1e-3` reached argparse as an option and failed as a missing value (issue #21); every
+    negative number form now reaches the one conversion, which accepts or refuses it with its own message."""
+    from dataclasses import dataclass
+
+    from schemas.cli import option
+
+    @dataclass
+    class Toy:
+        rate: float = option(0.1, "a rate")
+        shift: float = option(0.0, "a shift")
+        steps: int = option(1, "steps")
+
+    for text, want in (("-1e-3", -1e-3), ("-2.5E+2", -250.0), ("-.5", -0.5), ("-3", -3.0), ("-inf", float("-inf"))):
+        cfg = parse(Toy, ["--rate", text, "--shift", "-7"], "toy")
+        assert cfg.rate == want and cfg.shift == -7.0
+    assert parse(Toy, ["--rate=-1e-3"], "toy").rate == -1e-3
+    with pytest.raises(SystemExit):  # a value that is no number is still not taken for one
+        parse(Toy, ["--rate", "-x"], "toy")
+
+
+def test_a_bad_task_weight_is_one_line_naming_the_option(capsys, caplog, tmp_path):
+    from training.sft import main
+
+    with caplog.at_level("ERROR"):
+        assert main(["--corpus", str(tmp_path), "--model", "tiny-pythia", "--output-dir", str(tmp_path / "o"),
+                     "--tasks", "cell_type_prediction=abc"]) == 2
+    said = caplog.text + capsys.readouterr().err
+    assert "--tasks" in said and "'abc'" in said and "Traceback" not in said

@@ -26,12 +26,14 @@ def _rows(files: Sequence[str]) -> int:
     return sum(open_parquet(f).metadata.num_rows for f in files)
 
 
-def _parse_spec(spec: str | Mapping) -> dict[str, float]:
+def parse_weights(spec: str | Mapping | list) -> dict[str, float]:
+    """TASK=WEIGHT items (a "a=2,b" string, a list of items, or a mapping; a plain TASK weighs 1) as a dict,
+    each weight a finite number >= 0; CorpusError naming the item otherwise."""
     if isinstance(spec, Mapping):
         items = list(spec.items())
     else:
         items = []
-        for entry in (e.strip() for e in str(spec).split(",")):
+        for entry in (e.strip() for e in (spec if isinstance(spec, list) else str(spec).split(","))):
             if not entry:
                 continue
             name, sep, weight = entry.partition("=")
@@ -70,7 +72,7 @@ def parse_mixture(spec: str | dict | None, available: Sequence[str] | Mapping[st
             raise CorpusError("mixture None weighs tasks by their rows: pass the task -> files mapping from "
                               "corpus_files() as `available` (or files=), not only the task names")
         return _normalise({t: float(_rows(files[t])) for t in names}, "(rows per task)")
-    weights = _parse_spec(spec)
+    weights = parse_weights(spec)
     known = TASKS
     unknown = [t for t in weights if t not in known]
     if unknown:

@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 from schemas.cli import option as _f  # a config field: default, --help text, option metadata
-from schemas.errors import CorpusError
+from schemas.errors import ConfigError, CorpusError
+from training.data import parse_weights
 
 PEFT = ("none", "lora", "qlora")
 ATTENTION = ("auto", "varlen", "flex", "4d", "flash", "padded")
@@ -120,24 +121,25 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         if not self.model:
-            raise CorpusError("no --model given: name a hub model (--model EleutherAI/pythia-410m), a local folder, "
+            raise ConfigError("no --model given: name a hub model (--model EleutherAI/pythia-410m), a local folder, "
                               "or --model tiny-pythia to try a small random model on this machine")
         self.resolve_defaults()
+        self.weights  # noqa: B018  (--tasks checked here, before anything loads)
         checks = {"max_length": 16, "max_steps": 1, "per_device_batch_size": 1, "gradient_accumulation_steps": 1,
                   "logging_steps": 1, "shuffle_buffer": 1}
         for name, low in checks.items():
             if getattr(self, name) < low:
-                raise CorpusError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
         for name in ("save_total_limit", "eval_samples_per_task", "eval_cells", "warmup_steps"):
             if getattr(self, name) < 0:
-                raise CorpusError(f"--{name.replace('_', '-')} must be >= 0")
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
         for item in self.tiny_config:
             if "=" not in item:
-                raise CorpusError(f"--tiny-config takes KEY=VALUE, got {item!r}")
+                raise ConfigError(f"--tiny-config takes KEY=VALUE, got {item!r}")
         if self.learning_rate <= 0:
-            raise CorpusError("--learning-rate must be > 0")
+            raise ConfigError("--learning-rate must be > 0")
         if self.dataloader_workers not in (None, 0, 1):
-            raise CorpusError(f"--dataloader-workers takes 0 or 1, got {self.dataloader_workers}: one worker makes "
+            raise ConfigError(f"--dataloader-workers takes 0 or 1, got {self.dataloader_workers}: one worker makes "
                               "batches faster than any one GPU takes them (BENCHMARKS.md)")
 
     @property
@@ -157,18 +159,18 @@ class SFTConfig:
             else:
                 ratio = 0.03 if self.warmup_ratio is None else self.warmup_ratio
                 if not 0 <= ratio < 1:
-                    raise CorpusError(f"--warmup-ratio must be in [0, 1), got {ratio}")
+                    raise ConfigError(f"--warmup-ratio must be in [0, 1), got {ratio}")
                 self.warmup_steps = round(ratio * self.max_steps)
         for name in ("eval_steps", "save_steps"):
             v = getattr(self, name)
             if v is None:
                 v = 25 if self.tiny else 0.1
             if v < 0:
-                raise CorpusError(f"--{name.replace('_', '-')} must be >= 0")
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
             if 0 < v < 1:
                 v = max(1, round(v * self.max_steps))
             elif v != int(v):
-                raise CorpusError(f"--{name.replace('_', '-')} takes whole steps or a fraction below 1, got {v}")
+                raise ConfigError(f"--{name.replace('_', '-')} takes whole steps or a fraction below 1, got {v}")
             setattr(self, name, int(v))
 
     @property
@@ -176,11 +178,10 @@ class SFTConfig:
         """TASK=WEIGHT items as a dict (plain TASK items weigh 1); None: weighted by rows."""
         if not self.tasks:
             return None
-        out = {}
-        for item in self.tasks:
-            name, _, w = item.partition("=")
-            out[name] = float(w) if w else 1.0
-        return out
+        try:
+            return parse_weights(self.tasks)
+        except CorpusError as e:  # the one conversion of TASK=WEIGHT items, named as the option
+            raise ConfigError(f"--tasks: {e}") from None
 
     @property
     def tiny_overrides(self) -> dict:
