@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from etl import rowhash
 from etl.storage import Store
+from etl.validate import CorpusInvalid, reading
 from language.corpus import open_corpus
 from schemas.errors import ConfigError
 from schemas.layout import SPLIT_NAMES, CorpusNotFound, CorpusVersion, parse_sample_rel
@@ -48,9 +49,10 @@ def inspect(uri: str, n_examples: int = 2, top_labels: int = 15) -> dict:
     ood_elsewhere: Counter = Counter()
     for rel in _sample_files(v):
         task, split = parse_sample_rel(rel)
-        f = pq.ParquetFile(store.fs_root[0].open_input_file(store.path(rel)))
+        with reading(rel):
+            f = pq.ParquetFile(store.fs_root[0].open_input_file(store.path(rel)))
+            t = f.read(columns=["dataset_id", "cell_ids", "label", "est_tokens"])
         counts.setdefault(task, Counter())[split] += f.metadata.num_rows
-        t = f.read(columns=["dataset_id", "cell_ids", "label", "est_tokens"])
         if t.num_rows == 0:
             continue
         if split in ("train", "val", "test") and ood:
@@ -66,8 +68,9 @@ def inspect(uri: str, n_examples: int = 2, top_labels: int = 15) -> dict:
             keys.setdefault(split, []).append(
                 np.unique(rowhash.cell_keys(ds, pa.chunked_array(t["cell_ids"]).combine_chunks().flatten())))
         if split == "train" and len(examples.get(task, [])) < n_examples:
-            rows = f.read_row_group(0, columns=["prompt", "completion", "label"]).slice(
-                0, n_examples - len(examples.get(task, []))).to_pylist()
+            with reading(rel):
+                rows = f.read_row_group(0, columns=["prompt", "completion", "label"]).slice(
+                    0, n_examples - len(examples.get(task, []))).to_pylist()
             examples.setdefault(task, []).extend(rows)
     uniq = {s: np.unique(np.concatenate(k)) if k else np.zeros(0, np.uint64) for s, k in keys.items()}
     shared = {f"{a}/{b}": int(np.intersect1d(uniq[a], uniq[b], assume_unique=True).size)
@@ -187,6 +190,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except (CorpusNotFound, ConfigError) as e:
         log.error("%s", e)
         return 2
+    except CorpusInvalid as e:  # a file of the corpus missing or unreadable: the corpus is invalid
+        log.error("invalid: %s", e)
+        return 1
     public = {k: v for k, v in r.items() if not k.startswith("_")}
     print(json.dumps(public, indent=1) if args.json else render(r))
     if not args.no_plots:

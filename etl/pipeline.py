@@ -28,7 +28,7 @@ from etl.sources.base import InputError, SourcePlan
 from etl.spark import task_cores
 from etl.stages import samples_plan, sentences
 from etl.storage import Store
-from etl.validate import validate
+from etl.validate import CorpusInvalid, check_samples, check_sentences, validate
 from etl.versions import WORK, LegacyLayout, Versions, sweep
 from language.encode import Vocabulary
 from schemas.layout import CorpusVersion, gene_counts_rel
@@ -155,6 +155,17 @@ def preflight(cfg: BuildConfig) -> None:
                                  "elsewhere")
 
 
+def _damage(version: CorpusVersion, check) -> str | None:
+    """Why `version` cannot be taken as current (a file missing, truncated or unlike its manifest: `check` is
+    etl.validate's cheap check of the sentences or the samples, footers and sizes only), logged; None if sound."""
+    try:
+        check(version)
+    except CorpusInvalid as e:
+        log.warning("version %s is damaged (%s): it is not taken as current; building again", version.version, e)
+        return str(e)
+    return None
+
+
 def build(cfg: BuildConfig, spark=None) -> dict:
     """Run the configured stages into a new version of `cfg.output`, validate it and commit it; returns the
     manifest readers now see. Nothing to do (same inputs, options and formats) returns the current one.
@@ -179,7 +190,9 @@ def build(cfg: BuildConfig, spark=None) -> dict:
                                             samples_only=False)
         key = run_key(_identity(plan.description), _filters(cfg, plan), cfg.shaping_options())
         keys = incremental.dataset_keys(plan, cfg.shaping_options())
-        if latest is not None and not cfg.force and _sentences_current(latest.manifest, key, keys, cfg.incremental):
+        sentences_damage = _damage(latest, check_sentences) if latest is not None and not cfg.force else None
+        if (latest is not None and not cfg.force and not sentences_damage
+                and _sentences_current(latest.manifest, key, keys, cfg.incremental)):
             log.info("sentences are current (version %s; same inputs, options and formats); reused",
                      latest.manifest.get("sentences_version") or latest.version)
             manifest = latest.manifest
@@ -190,7 +203,9 @@ def build(cfg: BuildConfig, spark=None) -> dict:
             if vid:
                 log.info("resuming unfinished version %s (same run key): finished tasks are reused", vid)
             vid = vid or versions.create(key, sentences_key=key, stages=list(cfg.stages))
-            reuse = incremental.plan_reuse(latest, keys) if cfg.incremental and not cfg.force else None
+            # no part of a damaged version is reused: which of its parts the damage reaches is not known
+            reuse = (incremental.plan_reuse(latest, keys) if cfg.incremental and not cfg.force and not sentences_damage
+                     else None)
             manifest = build_sentences(cfg, plan, key, versions.store(vid), vid, session, keys=keys, reuse=reuse)
             base = None
     else:
@@ -199,6 +214,9 @@ def build(cfg: BuildConfig, spark=None) -> dict:
                              "stage first (--stages sentences,samples)")
         manifest = latest.manifest
         _same_source(cfg, manifest)
+        if damage := _damage(latest, check_sentences):
+            raise InputError(f"{cfg.output}: the committed sentences cannot be built on ({damage}); rebuild them: "
+                             "--stages sentences,samples --force")
         if "samples" in cfg.stages:
 
             inputs = samples_plan.preflight(cfg, {d for o in manifest["counts"]["organisms"].values()
@@ -208,11 +226,15 @@ def build(cfg: BuildConfig, spark=None) -> dict:
         sentences_root = base.sentences_root if base is not None else versions.store(vid).uri
         job = samples_plan.prepare(cfg, manifest, sentences_root, samples_only="sentences" not in cfg.stages,
                                    inputs=inputs)
-        if vid is None and manifest.get("samples", {}).get("run_key") == job.key and not cfg.force:
+        samples_damage = (_damage(latest, check_samples) if vid is None and not cfg.force and "samples" in manifest
+                          else None)
+        if vid is None and manifest.get("samples", {}).get("run_key") == job.key and not cfg.force \
+                and not samples_damage:
             log.info("samples are current in version %s (same sentences, inputs, options and formats); nothing "
                      "to do (--force rebuilds)", latest.version)
             return manifest
-        if vid is None and not cfg.force and (same := versions.find_samples(job.key, manifest["content_hash"])):
+        if vid is None and not cfg.force and not samples_damage \
+                and (same := versions.find_samples(job.key, manifest["content_hash"])):
             versions.use(same, validate)  # an older version already holds exactly these samples: point at it
             log.info("version %s already holds these samples (same sentences, inputs, options and formats); "
                      "latest now points to it", same)

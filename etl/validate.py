@@ -12,6 +12,7 @@ not a corpus.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 
@@ -48,9 +49,25 @@ def _files_equal(store: Store, table: str, expected: set[str], what: str) -> Non
         raise CorpusInvalid(f"{what}: {table} files differ from the manifest (extra {extra}, missing {missing})")
 
 
+DAMAGED = "the corpus is damaged: rebuild it (c2s build ... --force), or roll back (c2s versions use)"
+
+
+@contextlib.contextmanager
+def reading(rel: str):
+    """A file that cannot be read (missing, truncated, not parquet) becomes CorpusInvalid naming it."""
+    try:
+        yield
+    except CorpusInvalid:
+        raise
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CorpusInvalid(f"{rel}: cannot be read ({first}); {DAMAGED}") from e
+
+
 def _open(store: Store, rel: str) -> pq.ParquetFile:
     fs, _ = store.fs_root
-    return pq.ParquetFile(fs.open_input_file(store.path(rel)))
+    with reading(rel):
+        return pq.ParquetFile(fs.open_input_file(store.path(rel)))
 
 
 def _check_schema(f: pq.ParquetFile, schema: pa.Schema, rel: str) -> None:
@@ -72,6 +89,19 @@ def validate(uri: str, deep: bool = False) -> dict:
         v = open_corpus(uri).version
     except CorpusNotFound as e:
         raise CorpusInvalid(str(e)) from e
+    check_sentences(v, deep)
+    if "samples" in v.manifest:
+        check_samples(v, deep)
+    if deep:
+        with reading(v.root):
+            _deep_cells(v)
+    return v.manifest
+
+
+def check_sentences(v: CorpusVersion, deep: bool = False) -> None:
+    """The manifest, the sentence parts (wherever each lives), the vocabularies and the fit statistics against
+    the manifest and the schemas: every file there, footers readable, rows, sizes and the content hash (from
+    the footers and the manifest; `deep` re-reads the rows). Raises CorpusInvalid naming the first problem."""
     m = v.manifest
     what = v.root
     try:
@@ -96,11 +126,12 @@ def validate(uri: str, deep: bool = False) -> dict:
             raise CorpusInvalid(f"{rel}: {n} rows, the manifest says {info['rows']}")
         size = sent.fs_root[0].get_file_info(sent.path(part_path(m, rel))).size
         if "bytes" in info and size != info["bytes"]:
-            raise CorpusInvalid(f"{rel}: {size} bytes, the manifest says {info['bytes']}")
+            raise CorpusInvalid(f"{rel}: {size} bytes, the manifest says {info['bytes']}; {DAMAGED}")
         if deep:
             got = 0
-            for batch in f.iter_batches(batch_size=4096, columns=list(schemas.SENTENCES.names)):
-                got = rowhash.fold(rowhash.row_hashes(batch, list(schemas.SENTENCES.names)), got)
+            with reading(rel):
+                for batch in f.iter_batches(batch_size=4096, columns=list(schemas.SENTENCES.names)):
+                    got = rowhash.fold(rowhash.row_hashes(batch, list(schemas.SENTENCES.names)), got)
             if f"{got:016x}" != info["hash"]:
                 raise CorpusInvalid(f"{rel}: its rows hash to {got:016x}, the manifest says {info['hash']}")
         total_rows += n
@@ -120,18 +151,15 @@ def validate(uri: str, deep: bool = False) -> dict:
     for organism in counts["organisms"]:
         _check_table(sent, f"vocab/{organism}.parquet", schemas.VOCAB, what)
     _check_table(sent, "stats/inverse_transform.parquet", schemas.INVERSE_TRANSFORM, what)
-    if "samples" in m:
-        _validate_samples(v, deep)
-    if deep:
-        _deep_cells(v)
-    return m
 
 
 def _dataset_of(rel: str) -> tuple[str, str]:
     return parse_sentence_rel(rel)
 
 
-def _validate_samples(v: CorpusVersion, deep: bool) -> None:
+def check_samples(v: CorpusVersion, deep: bool = False) -> None:
+    """The samples parts against the manifest: every file there, footers readable, schema, rows, sizes and
+    samples_hash (`deep` re-reads the rows). Raises CorpusInvalid naming the first problem."""
     section = v.manifest["samples"]
     store = Store(v.root)
     files = section["files"]
@@ -145,13 +173,17 @@ def _validate_samples(v: CorpusVersion, deep: bool) -> None:
         n = f.metadata.num_rows
         if n != info["rows"]:
             raise CorpusInvalid(f"{rel}: {n} rows, the manifest says {info['rows']}")
+        size = store.fs_root[0].get_file_info(store.path(rel)).size
+        if "bytes" in info and size != info["bytes"]:
+            raise CorpusInvalid(f"{rel}: {size} bytes, the manifest says {info['bytes']}; {DAMAGED}")
         if deep:
             got = 0
             cols = ["sample_id", "task", "split", "prompt", "completion", "cell_ids"]
-            for batch in f.iter_batches(batch_size=2048, columns=cols):
-                d = batch.to_pydict()
-                for r in zip(*(d[c] for c in cols), strict=True):
-                    got = (got + rowhash.sample_hash(*r)) % 2**64
+            with reading(rel):
+                for batch in f.iter_batches(batch_size=2048, columns=cols):
+                    d = batch.to_pydict()
+                    for r in zip(*(d[c] for c in cols), strict=True):
+                        got = (got + rowhash.sample_hash(*r)) % 2**64
             if f"{got:016x}" != info["hash"]:
                 raise CorpusInvalid(f"{rel}: its rows hash to {got:016x}, the manifest says {info['hash']}")
         task, split = parse_sample_rel(rel)

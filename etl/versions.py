@@ -79,7 +79,14 @@ class Versions:
                 and self.out.is_file(f"{VERSIONS}/{v}/{BUILD}")]
 
     def pointer(self) -> dict | None:
-        return self.out.read_json(POINTER) if self.out.is_file(POINTER) else None
+        """latest.json; CorpusInvalid naming it when it is not JSON (a damaged pointer)."""
+        if not self.out.is_file(POINTER):
+            return None
+        try:
+            return self.out.read_json(POINTER)
+        except ValueError as e:
+            raise CorpusInvalid(f"{self.out.uri}/{POINTER} is not valid JSON ({e}); point it at a version: "
+                                f"c2s versions use {self.out.uri} VERSION") from None
 
     def latest(self) -> CorpusVersion | None:
         """The committed version readers see; None for an empty DIR. A pre-versions corpus raises LegacyLayout."""
@@ -278,11 +285,18 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     v = Versions(args.dir)
+    status = 0
     try:
         if not v.out.exists(""):
             raise CorpusNotFound(f"corpus {args.dir}: not found")
+        if "://" not in args.dir and os.path.isfile(args.dir):
+            raise CorpusNotFound(f"{args.dir}: a file, not a corpus directory (give the folder a build wrote)")
         if args.cmd == "list":
-            current = (v.pointer() or {}).get("version")
+            try:
+                current = (v.pointer() or {}).get("version")
+            except CorpusInvalid as e:  # list what is there all the same, and say the pointer is damaged
+                log.error("invalid: %s", e)
+                current, status = None, 1
             for vid in v.committed():
                 print(_describe(v, vid, current))
             for vid in v.unfinished():
@@ -299,10 +313,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             print(f"pruned {len(gone)} version(s)" + (f": {', '.join(gone)}" if gone else ""))
         else:
             print(f"migrated {args.dir} into {VERSIONS}/{v.migrate()}")
-    except (CorpusNotFound, LegacyLayout, CorpusInvalid) as e:
+    except (CorpusNotFound, LegacyLayout) as e:
         log.error("%s", e)
         return 2
-    return 0
+    except CorpusInvalid as e:  # the corpus, or the version asked for, is damaged
+        log.error("invalid: %s", e)
+        return 1
+    return status
 
 
 if __name__ == "__main__":
