@@ -132,6 +132,18 @@ def answer_budget(tokenizer, labels: Sequence[str], slack: int = 2) -> int:
 # ---------------------------------------------------------------- labels and perturbations in words
 
 
+# Label values that say the label is missing: sources write "unknown" for a blank or NaN label, and the Census
+# itself uses "unknown" for unannotated cells. A missing label is never an answer or a condition.
+MISSING_LABELS = frozenset({"", UNKNOWN, "na", "n/a", "nan", "none", "null", "not available", "unannotated"})
+
+
+def missing_label(value) -> bool:
+    """Whether a cell's label value says the label is missing (None, NaN, blank, "unknown", ...)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return True
+    return str(value).strip().lower() in MISSING_LABELS
+
+
 def cell_values(cell: dict) -> dict:
     """A cell's template values: its labels in words (several Census values joined "a and b", never " || ";
     a blank one "unknown", as sources write a missing label), and `cell_kind`, its cell type as a noun phrase

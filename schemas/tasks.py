@@ -28,20 +28,22 @@ class TaskSpec:
     needs: tuple[str, ...] = ()  # knowledge inputs: abstracts, cellphonedb, biogrid, gene_sets
     built: bool = True  # False: the name is reserved and the stage reports why it is skipped
     description: str = ""  # one line for --list-tasks and the dataset card
+    labels: tuple[str, ...] = ()  # the cell labels a sample states (answer or condition): a cell missing one
+    # gives no sample of the task (a missing label is never an answer)
 
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in (
     TaskSpec("cell_lm", "single", "cell", description="Write a cell sentence of an organism (unconditional generation)."),
-    TaskSpec("cell_type_prediction", "single", "label", description="Name the cell type of a cell sentence."),
-    TaskSpec("cell_type_generation", "single", "cell", description="Write a cell sentence of a given cell type."),
-    TaskSpec("tissue_prediction", "single", "label", description="Name the tissue a cell sentence came from."),
-    TaskSpec("metadata_prediction", "single", "label", description="Give the donor's disease, sex and development stage and the assay of a cell."),
+    TaskSpec("cell_type_prediction", "single", "label", description="Name the cell type of a cell sentence.", labels=('cell_type',)),
+    TaskSpec("cell_type_generation", "single", "cell", description="Write a cell sentence of a given cell type.", labels=('cell_type',)),
+    TaskSpec("tissue_prediction", "single", "label", description="Name the tissue a cell sentence came from.", labels=('tissue',)),
+    TaskSpec("metadata_prediction", "single", "label", description="Give the donor's disease, sex and development stage and the assay of a cell.", labels=('disease', 'sex', 'development_stage', 'assay')),
     TaskSpec("gene_interaction_prediction", "single", "label", ("biogrid",), description="List the physical interactions (BioGRID) among a cell's genes."),
     TaskSpec("multi_cell_lm", "multi", "cells", description="Write several cells of one donor and tissue."),
-    TaskSpec("multi_cell_tissue_prediction", "multi", "label", description="Name the tissue of a group of cells."),
-    TaskSpec("multi_cell_cell_type_prediction", "multi", "label", description="Name the cell type of each cell in a group."),
-    TaskSpec("tissue_conditional_generation", "multi", "cells", description="Write a group of cells from a given tissue."),
-    TaskSpec("cell_types_conditional_generation", "multi", "cells", description="Write a group of cells with given cell types."),
+    TaskSpec("multi_cell_tissue_prediction", "multi", "label", description="Name the tissue of a group of cells.", labels=('tissue',)),
+    TaskSpec("multi_cell_cell_type_prediction", "multi", "label", description="Name the cell type of each cell in a group.", labels=('cell_type',)),
+    TaskSpec("tissue_conditional_generation", "multi", "cells", description="Write a group of cells from a given tissue.", labels=('tissue',)),
+    TaskSpec("cell_types_conditional_generation", "multi", "cells", description="Write a group of cells with given cell types.", labels=('cell_type',)),
     TaskSpec("abstract_conditional_generation", "multi", "cells", ("abstracts",), description="Write cells of the study a paper's abstract describes."),
     TaskSpec("dataset_interpretation", "multi", "text", ("abstracts",), description="Write the abstract of the study a group of cells comes from."),
     TaskSpec("ligand_receptor_prediction", "multi", "label", ("cellphonedb",), description="List ligand-receptor interactions (CellPhoneDB) between cells of a group."),

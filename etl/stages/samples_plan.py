@@ -404,6 +404,21 @@ def sample_context(cfg: BuildConfig, job: SamplesJob, k: Knowledge, active: dict
                  "split_note": split_note}
 
 
+def _report_missing_labels(counts, status: dict[str, dict]) -> None:
+    """Samples not made because a cell lacks the label they state, logged per task; a task none of whose cells
+    has the label is recorded as skipped, with why (the manifest and the card show it)."""
+    for task, reasons in sorted(counts.skipped.items()):
+        missing = {r[len("missing_"):]: n for r, n in reasons.items() if r.startswith("missing_")}
+        if not missing:
+            continue
+        made = sum(counts.samples.get(task, {}).values())
+        log.warning("%s: %s samples not made: cells without a %s label (a missing label is never an answer)",
+                    task, f"{sum(missing.values()):,}", " or ".join(sorted(missing)))
+        if made == 0 and task in status:
+            status[task] = {"status": "skipped",
+                            "reason": f"no cell has a {' or '.join(sorted(missing))} label"}
+
+
 def run(cfg: BuildConfig, job: SamplesJob, out: Store, spark, manifest: dict) -> dict:
     """Build samples/ and knowledge/ into the version `out` from the sentences `job.sentences`; returns the
     manifest with its samples section (the caller validates and commits)."""
@@ -437,6 +452,7 @@ def run(cfg: BuildConfig, job: SamplesJob, out: Store, spark, manifest: dict) ->
         results.extend(perturbation_results)
     merged = samples.merge_results(results)
     counts = merged["counts"]
+    _report_missing_labels(counts, status)
     total = sum(n for d in counts.samples.values() for n in d.values())
     if total == 0:
         raise InputError("the samples stage made no samples (check --tasks, --mixture and the inputs)")

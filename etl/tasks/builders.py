@@ -24,14 +24,18 @@ from etl.tasks.common import (
     row,
 )
 from language.phrases import format_lr, format_pairs
-from language.prompts import cell_type_list, cell_values, fill
+from language.prompts import cell_type_list, cell_values, fill, missing_label
 
 
 def single_cell_samples(cell: dict, ctx: SampleContext, counts: Counts) -> Iterator[dict]:
     for task, rate in ctx.mixture.items():
         if TASKS[task].family != "single":
             continue
+        lacking = next((f for f in TASKS[task].labels if missing_label(cell.get(f))), None)
         for d in range(draws(rate, ctx.seed, task, cell["cell_id"])):
+            if lacking:  # a missing label is never an answer or a condition
+                counts.skip(task, f"missing_{lacking}")
+                continue
             sid = xxhash.xxh3_128_hexdigest(f"{task}|{cell['dataset_id']}|{cell['cell_id']}|{d}|{ctx.seed}".encode())
             values = cell_values(cell)
             genes = cell["genes"]
@@ -102,10 +106,14 @@ def multi_cell_samples(group: list[dict], ctx: SampleContext, counts: Counts) ->
             continue
         # rates are per GROUP_UNIT cells, so samples per cell do not change with group sizes (the budget
         # sets them: --max-tokens, --multi-cell-genes)
+        labelled, lacking = _labelled_cells(task, group, ctx)
         for d in range(draws(rate * len(group) / GROUP_UNIT, ctx.seed, task, key)):
+            if lacking:  # a missing label is never an answer or a condition
+                counts.skip(task, f"missing_{lacking}")
+                continue
             sid = xxhash.xxh3_128_hexdigest(f"{task}|{first['dataset_id']}|{key}|{d}|{ctx.seed}".encode())
-            values = {**cell_values(first), "num_cells": len(group), "cell_types": cell_type_list(group)}
-            cells = group
+            cells = labelled
+            values = {**cell_values(first), "num_cells": len(cells), "cell_types": cell_type_list(cells)}
             if task == "ligand_receptor_prediction":  # 2-4 cells: enough genes per cell to show signalling
                 cells = group[: 2 + h64("lr", ctx.seed, key) % 3]
                 values = {**values, "num_cells": len(cells), "cell_types": cell_type_list(cells)}
@@ -134,6 +142,22 @@ def multi_cell_samples(group: list[dict], ctx: SampleContext, counts: Counts) ->
                     counts.skip(task, "over_token_budget")
                     continue
             yield row(task, first["split"], cells, prompt, response, n, est, t, sid)
+
+
+def _labelled_cells(task: str, group: list[dict], ctx: SampleContext) -> tuple[list[dict], str | None]:
+    """The cells of a group a task's sample can show, and the label that rules the sample out (None: none).
+    A group shares its tissue (the grouping key): without it, no sample. Per-cell labels (cell types): the
+    cells that have theirs, if at least group_min of them do."""
+    fields = TASKS[task].labels
+    for f in fields:
+        if f != "cell_type" and missing_label(group[0].get(f)):
+            return group, f
+    if "cell_type" in fields:
+        known = [c for c in group if not missing_label(c.get("cell_type"))]
+        if len(known) < min(ctx.group_min, len(group)) or not known:
+            return group, "cell_type"
+        return known, None
+    return group, None
 
 
 def group_size(ctx: SampleContext, key: str, index: int) -> int:
