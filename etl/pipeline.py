@@ -91,6 +91,11 @@ def _counts(plan: SourcePlan, summary: sentences.Summary) -> dict:
         for ds in sorted(datasets):
             c = summary.datasets.get((org, ds), sentences.DatasetCounts())
             entry = {"planned": datasets[ds], "read": c.read, "written": c.written, "skipped": c.skipped}
+            if c.skipped:  # said where a user sees it, not only in the final JSON
+                n = sum(c.skipped.values())
+                log.warning("%s/%s: %s of %s cells skipped (%.1f%%: %s); --on-invalid error stops at such a cell "
+                            "instead", org, ds, f"{n:,}", f"{c.read:,}", 100 * n / max(c.read, 1),
+                            ", ".join(f"{k} {v:,}" for k, v in sorted(c.skipped.items())))
             orgs[org]["datasets"][ds] = entry
             totals["planned"] += datasets[ds]
             totals["read"] += c.read

@@ -387,9 +387,16 @@ def test_matrix_layouts_and_dtypes_rank_the_same(layout, tmp_path, capsys):
 def test_nan_inf_and_negative_cells_are_counted_skips(tmp_path, capsys):
     x = _counts(40, 20, seed=5)
     x[1, 2], x[2, 3], x[3, 4], x[4] = np.nan, np.inf, -1.0, 0
-    m, rows = _build(_h5ad(tmp_path / "mixed.h5ad", sp.csr_matrix(x)), tmp_path, capsys)
+    out = str(tmp_path / "o")
+    rc, _, err = run(["--h5ad", _h5ad(tmp_path / "mixed.h5ad", sp.csr_matrix(x)), "--output", out, *BASE], capsys)
+    assert rc == 0, err[-2000:]
+    m = validate(out, deep=True)
+    rows = pads.dataset(corpus_path(out, "sentences"), format="parquet").to_table().to_pylist()
     assert m["counts"]["totals"]["skipped"] == {"nan_or_inf": 2, "negative": 1, "no_expressed_genes": 1}
     assert len(rows) == 36
+    # said at WARNING, per dataset, with the count and the share (issue #21), not only in the final JSON
+    warned = [ln for ln in err.splitlines() if " WARNING " in ln and "cells skipped" in ln]
+    assert len(warned) == 1 and "4 of 40 cells skipped (10.0%" in warned[0] and "nan_or_inf 2" in warned[0], warned
 
 
 def test_normalised_input_is_built_with_a_warning_and_recorded(tmp_path, capsys):
