@@ -18,6 +18,7 @@ inverse_fit; uns = model, corpus (version, hashes), sampling settings, prompts, 
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -165,11 +166,32 @@ def _placeholder_genes(vocab, n: int) -> list[str]:
     return [symbols[i % len(symbols)] for i in range(n)]
 
 
+def check_known_labels(cond: dict[str, str], corpus: Corpus, organism: str) -> None:
+    """A label condition the corpus's cells never have is an error naming the closest ones: the model never
+    saw it, and would write cells for it all the same (--allow-new-conditions asks for that on purpose)."""
+    wanted = {k: [v] for k, v in cond.items() if k in LABELS}
+    if "cell_types" in cond:
+        wanted["cell_type"] = [t.strip() for t in cond["cell_types"].split(";") if t.strip()]
+    for label, values in wanted.items():
+        known = corpus.label_values(label, organism)
+        if not known:
+            continue
+        lower = {k.lower() for k in known}
+        for value in values:
+            if value.lower() not in lower:
+                close = difflib.get_close_matches(value, sorted(known), n=3, cutoff=0.5)
+                raise ConfigError(f"--condition {label}={value!r}: no cell of the corpus has this {label}"
+                                  + (f"; closest: {', '.join(close)}" if close else "")
+                                  + "; pass --allow-new-conditions to generate for it all the same")
+
+
 def condition_prompts(cfg: GenerateConfig, corpus: Corpus, organism: str, vocab, n_genes: int) -> list[Prompt]:
     """cfg.n copies of the prompt of cfg.task filled with the conditions, cut to the corpus budget."""
     task = cfg.task
     cond = parse_conditions(cfg.condition)
     check_conditions(task, cond)
+    if not cfg.allow_new_conditions:
+        check_known_labels(cond, corpus, organism)
     if "organism" in cond:
         if normalise_organism(cond["organism"]) != organism:
             raise ConfigError(f"--condition organism={cond['organism']} and --organism {organism} differ")

@@ -42,6 +42,9 @@ class GenerateConfig:
     n_genes: int | None = _f(None, "Genes per cell the prompt asks for, before the corpus's token budget cuts it "
                              "as in training (default: the corpus's --max-genes).", metavar="N")
     template: int = _f(0, "Which of the task's prompt wordings (0: C2S's own).", metavar="I")
+    allow_new_conditions: bool = _f(False, "Accept a --condition label the corpus's cells never have (generate out "
+                                    "of distribution on purpose); otherwise such a label is an error naming the "
+                                    "closest ones.")
     from_split: str | None = _f(None, "Use the prompts of --task in this split of the corpus samples, with the "
                                 "labels of the cells each was built from.", choices=list(SPLITS))
     prompts: str | None = _f(None, "A JSON-lines file: {\"prompt\": ..., optional condition fields (organism, "

@@ -161,6 +161,17 @@ class Corpus:
         column = samples.get("options", {}).get("perturbation", {}).get("column", "perturbation")
         return list(samples.get("inputs", {}).get("perturbation", []) or []), column
 
+    def label_values(self, column: str, organism: str | None = None) -> set[str]:
+        """The distinct values of a label column of the sentences (of one organism), one narrow column read."""
+        files = self.sentence_files(organism)
+        if not files:
+            return set()
+        fs = filesystem(files[0])[0]
+        ds = pads.dataset([filesystem(f)[1] for f in files], filesystem=fs, format="parquet")
+        if column not in ds.schema.names:
+            return set()
+        return {v for v in pc.unique(ds.to_table(columns=[column])[column]).to_pylist() if v is not None}
+
     def organisms(self) -> list[str]:
         """The organisms the corpus has a vocabulary of."""
         fs, path = filesystem(self.version.path("vocab"))

@@ -280,3 +280,20 @@ def test_help_lists_the_options(capsys):
     for flag in ("--model", "--adapter", "--condition", "--from-split", "--prompts", "--temperature", "--top-p",
                  "--top-k", "--max-new-tokens", "--batch-size", "--out", "--output", "sampling"):
         assert flag in text
+
+
+def test_a_condition_the_corpus_never_has_is_an_error_naming_the_closest(model_dir, train_corpus, tmp_path, caplog):
+    """--condition cell_type="Martian cell" generated cells for a label the model never saw (issue #21): now one
+    line naming the closest labels the corpus has, exit 2; --allow-new-conditions asks for it on purpose."""
+    import pyarrow.dataset as pads_
+
+    known = set(pads_.dataset(Path(train_corpus) / "sentences", format="parquet").to_table(
+        columns=["cell_type"])["cell_type"].to_pylist())
+    assert "Martian cell" not in known and "T cell" in known
+    out = str(tmp_path / "m.h5ad")
+    args = ["--model", model_dir, "--task", "cell_type_generation", "--condition", "cell_type=Martian cell",
+            "--organism", "homo_sapiens", "--n", "1", "--max-new-tokens", "4", "--output", out, "--no-progress"]
+    with caplog.at_level("ERROR"):
+        assert main(args) == 2
+    assert "Martian cell" in caplog.text and "--allow-new-conditions" in caplog.text and not Path(out).exists()
+    assert main([*args, "--allow-new-conditions"]) == 0 and Path(out).is_file()
