@@ -40,7 +40,7 @@ from language.prompts import answer_budget, first_sentence, longest_gene_run, pr
 from schemas.cli import option as _f  # a config field: default, --help text, option metadata
 from schemas.cli import parse
 from schemas.errors import ConfigError, CorpusError, InputError, ModelError
-from schemas.extras import missing_package
+from schemas.extras import exit_missing
 from schemas.outputs import check_output_file
 from schemas.tasks import SPLITS
 from training.decode import decode
@@ -450,11 +450,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         log.error("%s", e)
         return 2
     except ImportError as e:
-        line = missing_package(e, "c2s evaluate")
-        if line is None:
-            raise
-        log.error("%s", line)
-        return 2
+        return exit_missing(e, "c2s evaluate", log)
     keys = ("cell_type_accuracy", "majority_baseline", "gene_validity", "scfid", "scfid_floor_real_vs_real",
             "scfid_ceiling_shuffled", "mmd", "energy_distance")
     print(json.dumps({"report": cfg.out, **{k: report.get(k) for k in keys}}, default=_json))

@@ -51,7 +51,7 @@ from language.symbols import var_words
 from schemas import UNKNOWN
 from schemas.cli import parse
 from schemas.errors import ConfigError, CorpusError, InputError, ModelError
-from schemas.extras import missing_package
+from schemas.extras import exit_missing
 from schemas.outputs import check_output_file
 from schemas.tasks import LABEL_FIELDS
 from training.data import encode_prompts, encode_texts, eos_id
@@ -619,11 +619,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         log.error("%s", " ".join(str(e).split()))
         return 2
     except ImportError as e:
-        line = missing_package(e, "c2s annotate")
-        if line is None:
-            raise
-        log.error("%s", line)
-        return 2
+        return exit_missing(e, "c2s annotate", log)
     print(json.dumps(summary))
     return 0
 

@@ -8,6 +8,7 @@ optional package for one feature imports it through `require`, which says the sa
 from __future__ import annotations
 
 import importlib
+import logging
 from types import ModuleType
 
 from schemas.errors import InputError
@@ -42,6 +43,16 @@ def missing_package(error: ImportError, what: str) -> str | None:
     if hint is None:
         return None
     return f"{what} needs the {error.name.split('.')[0]!r} package, which is not installed: {hint}"
+
+
+def exit_missing(error: ImportError, what: str, log: logging.Logger) -> int:
+    """An entry point's answer to an ImportError: the one line of `missing_package` logged and exit status 2,
+    or the error raised again when it is not a known optional package (a bug)."""
+    line = missing_package(error, what)
+    if line is None:
+        raise error
+    log.error("%s", line)
+    return 2
 
 
 def require(module: str, what: str) -> ModuleType:

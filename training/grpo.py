@@ -7,12 +7,7 @@ corpus's prompts stream in as an `IterableDataset` whose columns carry each rewa
 completion length, generation and training seconds per step), checkpoints with resume, and final/ with a
 model card and c2s.json.
 
-References per task, from the corpus's train split:
-- perturbation_prediction: `gene_program` compares the generated cell's ranks with the real perturbed
-  cells' mean ranks over a program: the genes of `--gene-sets FILE.gmt NAME`, else the perturbation's most
-  changed genes (mean rank among perturbed vs control cells);
-- cell_type_prediction and other labelled tasks: `label` (exact, ontology partial credit);
-- any task that writes genes: `validity`.
+What each reward compares against, per task: training/grpo_trainer.py.
 """
 
 from __future__ import annotations
