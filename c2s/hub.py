@@ -26,7 +26,8 @@ from pathlib import Path
 import yaml
 
 from etl.card import dataset_card
-from schemas.errors import InputError
+from etl.validate import CorpusInvalid, validate
+from schemas.errors import InputError, ModelError
 from schemas.extras import require
 from schemas.layout import (
     MANIFEST,
@@ -38,6 +39,7 @@ from schemas.layout import (
     resolve,
 )
 from schemas.outputs import check_output_dir
+from training.model_source import check_model_source, weights_problem
 
 log = logging.getLogger("c2s.hub")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -62,9 +64,11 @@ def _list(uri: str) -> list[str]:
 
 
 def corpus_upload(uri: str) -> Upload:
-    """The files of the version readers of `uri` see, with a card whose paths are the repo's."""
+    """The files of the version readers of `uri` see, with a card whose paths are the repo's; validated first
+    (CorpusInvalid naming the first damaged file: a damaged corpus is never shipped)."""
 
     v = resolve(uri)
+    validate(v.root)
     up = Upload("dataset")
     for rel in _list(v.root):
         if rel.startswith(SKIP) or rel == "README.md" or rel.split("/")[0] in SENTENCES_TABLES:
@@ -92,12 +96,58 @@ def corpus_upload(uri: str) -> Upload:
     return up
 
 
+def check_model_folder(folder: str) -> None:
+    """ModelError unless `folder` loads as the hub will serve it: config.json (or a LoRA adapter's
+    adapter_config.json) that parses, whole weights, and a tokenizer that loads."""
+    adapter = not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(
+        os.path.join(folder, "adapter_config.json"))
+    if adapter:
+        weights = [f for f in ("adapter_model.safetensors", "adapter_model.bin") if os.path.isfile(
+            os.path.join(folder, f))]
+        if not weights:
+            raise ModelError(f"{folder}: a LoRA adapter folder without adapter_model.safetensors; not pushed")
+        why = weights_problem(Path(folder))
+        if why:
+            raise ModelError(f"{folder}: {why}; not pushed (save the model again)")
+    else:
+        check_model_source(folder, "model folder")
+    config = "adapter_config.json" if adapter else "config.json"
+    try:
+        json.loads(Path(folder, config).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{folder}/{config}: not valid JSON ({e}); not pushed") from None
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise ModelError(f"{folder}: no tokenizer (tokenizer.json or tokenizer_config.json), so the pushed "
+                         "model could not be used; save the tokenizer beside it (tokenizer.save_pretrained)")
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:  # the hub extra alone: the fast tokenizer file is checked with `tokenizers`
+        tok_json = os.path.join(folder, "tokenizer.json")
+        if os.path.isfile(tok_json):
+            try:
+                from tokenizers import Tokenizer
+
+                Tokenizer.from_file(tok_json)
+            except ImportError:
+                pass
+            except Exception as e:  # tokenizers raises its own Exception type
+                raise ModelError(f"{tok_json}: the tokenizer does not load ({e}); not pushed") from None
+        return
+    try:
+        AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # several libraries' errors: one line naming the folder
+        raise ModelError(f"{folder}: its tokenizer does not load ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); not pushed") from None
+
+
 def model_upload(folder: str, datasets: list[str] | None = None) -> Upload:
-    """A saved model folder (config.json, weights, tokenizer, README.md), its card completed with `datasets`."""
+    """A saved model folder (config.json, weights, tokenizer, README.md), its card completed with `datasets`;
+    checked first (a folder the hub would serve but nobody could load is refused)."""
     if not os.path.isfile(os.path.join(folder, "config.json")) and not os.path.isfile(
             os.path.join(folder, "adapter_config.json")):
         raise InputError(f"{folder}: neither a corpus (latest.json / manifest.json) nor a model folder "
                          "(config.json); give a corpus DIR or a trained model's final/ folder")
+    check_model_folder(folder)
     up = Upload("model")
     for root, _, names in os.walk(folder):
         for n in names:
@@ -207,6 +257,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             print(dest)
             return 0
         url = push(up, args.repo_id, private=args.private, revision=args.revision, token=args.token)
+    except CorpusInvalid as e:  # as `c2s validate`: exit 1, the corpus is invalid
+        log.error("%s; not pushed", e)
+        return 1
     except InputError as e:
         log.error("%s", e)
         return 2

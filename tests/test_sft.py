@@ -223,15 +223,22 @@ def test_resume_reproduces_the_uninterrupted_run(full_run, train_corpus, tmp_pat
     assert [r["step"] for r in logged if "loss" in r] == list(range(1, 41))
 
 
-@pytest.mark.parametrize("lost", ["optimizer.bin", "random_states_0.pkl", "data_state_0.json", "model.safetensors"])
+@pytest.mark.parametrize("lost", ["optimizer.bin", "random_states_0.pkl", "data_state_0.json", "model.safetensors",
+                                  "model.safetensors:truncated", "optimizer.bin:truncated"])
 def test_a_damaged_checkpoint_is_named_and_latest_falls_back(full_run, train_corpus, tmp_path, caplog, lost):
-    """A checkpoint missing a file: resuming from it is one error naming it and the file; `latest` skips it to
-    the complete one before, and says so (a missing RNG state used to be ignored, the others a traceback)."""
+    """A checkpoint missing a file, or with weights cut short (a save killed midway): resuming from it is one
+    error naming it and the file; `latest` skips it to the complete one before, and says so (a missing RNG
+    state used to be ignored, the others a traceback, a truncated model.safetensors a SafetensorError)."""
     out = tmp_path / "damaged"
     out.mkdir()
     for name in ("checkpoint-20", "checkpoint-40"):
         shutil.copytree(Path(full_run.output_dir) / name, out / name)
-    (out / "checkpoint-40" / lost).unlink()
+    lost, _, how = lost.partition(":")
+    if how == "truncated":
+        data = (out / "checkpoint-40" / lost).read_bytes()
+        (out / "checkpoint-40" / lost).write_bytes(data[: len(data) // 2])
+    else:
+        (out / "checkpoint-40" / lost).unlink()
     common = dict(max_steps=41, save_steps=0, eval_steps=0, eval_cells=0, learning_rate=3e-3,
                   tasks=["cell_type_prediction=3", "cell_lm=1", "tissue_prediction=1"])
     with pytest.raises(InputError, match=rf"checkpoint-40: an incomplete checkpoint, missing .*{lost.split('.')[0]}"

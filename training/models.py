@@ -25,6 +25,7 @@ from schemas.extras import require
 from schemas.layout import CorpusNotFound, join, list_files, open_parquet, resolve
 from schemas.tasks import SPLITS
 from training.data import encode_prompts
+from training.model_source import check_model_source
 from training.sft_config import TINY as TINY_MODELS  # one list: the config picks its defaults by it
 
 log = logging.getLogger(__name__)
@@ -355,6 +356,7 @@ def load_model_and_tokenizer(model: str, *, corpus: str | None = None, tokenizer
     else:
         if tiny_overrides:
             raise ModelError(f"model {model!r}: tiny_overrides only apply to {TINY_MODELS}")
+        check_model_source(model, tiny=TINY_MODELS)
         tok = _load_tokenizer(tokenizer or model)
         net = _load_pretrained(model, dtype, attn_implementation, quantize_4bit)
     _align_special_tokens(net, tok, model)

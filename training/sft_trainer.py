@@ -30,6 +30,7 @@ from training.attention import register
 from training.data import parse_mixture, tokenize_sample
 from training.loader import BatchSpec, make_loader
 from training.losses import collate_mode, install_fused_head, model_inputs, response_loss
+from training.model_source import check_model_source, weights_problem
 from training.models import (
     apply_lora,
     check_tokenizer,
@@ -154,12 +155,17 @@ def checkpoints(output_dir: str, complete: bool = True) -> list[Path]:
 
 def checkpoint_problems(path: Path, num_processes: int) -> list[str]:
     """What a checkpoint lacks for an exact resume on `num_processes` processes ([] when complete): the step,
-    the model weights, the optimizer and scheduler states, and each process's RNG state and stream position."""
+    whole model weights (and optimizer archives), the optimizer and scheduler states, and each process's RNG
+    state and stream position."""
     missing = []
     if not (path / STATE_FILE).is_file():
         missing.append(STATE_FILE)
     if not (any(path.glob("model*.safetensors")) or any(path.glob("pytorch_model*")) or any(path.glob("model*.bin"))):
         missing.append("the model weights (model.safetensors)")
+    else:
+        broken = weights_problem(path)  # a save cut short: the newest complete checkpoint is used instead
+        if broken:
+            missing.append(f"whole weights ({broken})")
     for what in ("optimizer", "scheduler"):
         if not any(path.glob(f"{what}*")):
             missing.append(f"{what}.bin")
@@ -236,6 +242,7 @@ def train(cfg: SFTConfig) -> TrainResult:
     import dataclasses
 
     check_output_dir(cfg.output_dir, "--output-dir")  # before a model loads or a corpus is read
+    check_model_source(cfg.model, tiny=TINY)
 
     version = open_corpus(cfg.corpus).version
     if version.version and not _same_place(version.root, cfg.corpus):
