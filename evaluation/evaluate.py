@@ -33,7 +33,7 @@ import numpy as np
 
 from evaluation import metrics
 from evaluation.embed import model_embedder
-from evaluation.space import GENERATION_TASK, Space, expression_space
+from evaluation.space import GENERATION_TASK, Space, check_embedder, expression_space
 from language.corpus import open_corpus
 from language.h5ad import obs_values
 from language.prompts import answer_budget, first_sentence, longest_gene_run, predicted_label
@@ -44,6 +44,7 @@ from schemas.extras import exit_missing
 from schemas.outputs import check_output_file
 from schemas.tasks import SPLITS
 from training.decode import decode
+from training.model_source import check_model_source
 from training.models import load_model_and_tokenizer, read_provenance
 
 log = logging.getLogger("evaluation.evaluate")
@@ -84,6 +85,7 @@ class EvaluateConfig:
     out: str = _f("report.json", "The JSON report; report.md, the PCA and the plots go beside it.",
                   metavar="FILE", aliases=["output"])
     plots: bool = _f(True, "Write PNG plots beside the report.")
+    progress: bool = _f(True, "Show a progress bar per task while the model answers (stderr).")
 
     GROUPS: ClassVar[dict[str, str]] = {"model": "model and data", "max_samples": "what is measured",
                                         "embedder": "embedding", "temperature": "generation",
@@ -115,12 +117,15 @@ def predictions(model, tok, corpus, task: str, cfg: EvaluateConfig) -> dict:
     train = corpus.samples(task, "train", ["label"]).to_pandas().dropna()
     budget = answer_budget(tok, list(df["label"]) + list(train["label"].head(2000)))
     outs = [d.text for d in decode(model, tok, list(df["prompt"]), max_new_tokens=budget, batch_size=cfg.batch_size,
-                                   skip_special_tokens=True)]
+                                   skip_special_tokens=True, progress=cfg.progress, desc=task)]
     pred = [predicted_label(o) for o in outs]
     truth = list(df["label"])
     res = {"n": len(df), "accuracy": metrics.accuracy(pred, truth), "macro_f1": metrics.macro_f1(pred, truth)}
-    if not train.empty:
-        res["majority_baseline"] = metrics.majority_baseline(list(train["label"]), truth)
+    if train.empty:  # a score with no floor beside it reads as better than it is
+        raise CorpusError(f"corpus {corpus.uri}: {task} has no labelled train samples, so its majority baseline "
+                          f"cannot be computed; rebuild the corpus with {task} in its train split, or leave the "
+                          f"task out (--tasks)")
+    res["majority_baseline"] = metrics.majority_baseline(list(train["label"]), truth)
     if task == "cell_type_prediction":  # one Cell Ontology label per answer
         try:
             scores = [metrics.ontology_score(p, lid or t) for p, t, lid in zip(pred, truth, df["label_id"],
@@ -170,7 +175,8 @@ def generation(model, tok, corpus, cfg: EvaluateConfig, out_dir: Path) -> dict:
     rows = [r for c in chosen for r in chosen[c].itertuples()]
     texts = [(d.text, d.truncated) for d in decode(
         model, tok, [r.prompt for r in rows], max_new_tokens=_max_new(tok, rows), batch_size=cfg.batch_size,
-        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed)]
+        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, progress=cfg.progress,
+        desc=GENERATION_TASK)]
     generated = [first_sentence(t) for t, _ in texts]
     real_sent = [first_sentence(r.completion) for r in rows]
     out: dict[str, Any] = {"n_per_condition": cfg.n_per_condition, "conditions": list(chosen)}
@@ -247,7 +253,7 @@ def perturbation(model, tok, corpus, cfg: EvaluateConfig) -> dict:
     genes = set(space.genes)
     texts = [(d.text, d.truncated) for d in decode(
         model, tok, [r.prompt for r in rows], max_new_tokens=_max_new(tok, rows), batch_size=cfg.batch_size,
-        seed=cfg.seed)]
+        seed=cfg.seed, progress=cfg.progress, desc=PERTURBATION_TASK)]
     pred = space.expression([first_sentence(t) for t, _ in texts], [None] * len(rows))
     real = space.expression([first_sentence(r.completion) for r in rows], [None] * len(rows))
     ctrl = space.expression([longest_gene_run(r.prompt, genes) for r in rows], [None] * len(rows))
@@ -272,6 +278,8 @@ def perturbation(model, tok, corpus, cfg: EvaluateConfig) -> dict:
 def evaluate(cfg: EvaluateConfig) -> dict:
     t0 = time.perf_counter()
     check_output_file(cfg.out, "--out", inputs=(cfg.embedder_path,))  # before the model loads
+    check_model_source(cfg.model)
+    check_embedder(cfg.embedder, cfg.embedder_path)
     prov = read_provenance(cfg.model) or {}
     corpus_uri = cfg.corpus or prov.get("corpus")
     if not corpus_uri:
@@ -281,18 +289,18 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         have = [split for split in SPLITS if corpus.split_tasks(split)]
         raise CorpusError(f"--split {cfg.split}: corpus {corpus_uri} has no samples there; splits with samples: "
                           f"{', '.join(have) or 'none'}")
-    model, tok = load_model_and_tokenizer(cfg.model)
-    if cfg.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, cfg.adapter)
-    model.eval()
     present = corpus.split_tasks(cfg.split)
     wanted = cfg.tasks or present
     unknown = [t for t in wanted if t not in present]
     if unknown:
         raise CorpusError(f"task(s) {unknown} have no samples in the {cfg.split} split of {corpus_uri}; "
                             f"present: {', '.join(present)}")
+    model, tok = load_model_and_tokenizer(cfg.model)
+    if cfg.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, cfg.adapter)
+    model.eval()
     out_dir = Path(cfg.out).resolve().parent
     out_dir.mkdir(parents=True, exist_ok=True)
     per_task: dict[str, dict] = {}

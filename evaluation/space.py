@@ -55,7 +55,7 @@ def expression_space(corpus: Corpus, organism: str, *, embedder: str = "pca", em
             path = path / f"pca_{organism}.npz" if path.is_dir() else path
             if not path.is_file():
                 raise ConfigError(f"--embedder-path {embedder_path}: no PCA for {organism} ({path})")
-            space.pca = PCAEmbedder.load(str(path))
+            space.pca = read_pca(path)
         else:
             train = corpus.samples(GENERATION_TASK, "train", ["completion", "organism", "dataset_id"]).to_pandas()
             train = train[train["organism"] == organism].head(pca_cells)
@@ -71,6 +71,38 @@ def expression_space(corpus: Corpus, organism: str, *, embedder: str = "pca", em
     elif embedder == "model":
         space.embed_text = True  # cells are embedded as their sentences, by the evaluated model itself
     else:
-        fn = load_embedder(embedder)
+        fn = named_embedder(embedder)
         space.embed = lambda x: fn(x, space.genes)
     return space
+
+
+def read_pca(path: Path) -> PCAEmbedder:
+    """A saved PCA; ConfigError naming the file when it is not one (another .npz, a truncated file)."""
+    try:
+        return PCAEmbedder.load(str(path))
+    except Exception as e:  # np.load raises OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError
+        raise ConfigError(f"--embedder-path {path}: not a PCA saved by `c2s evaluate` (pca_<organism>.npz): "
+                          f"{type(e).__name__}: {e}") from None
+
+
+def named_embedder(embedder: str):
+    """--embedder module:function, imported; ConfigError naming it when it cannot be."""
+    try:
+        return load_embedder(embedder)
+    except ValueError as e:
+        raise ConfigError(f"--embedder {embedder}: {e}") from None
+
+
+def check_embedder(embedder: str, embedder_path: str | None) -> None:
+    """What --embedder and --embedder-path name can be used: checked before a model loads (they are first used
+    after generation, minutes in)."""
+    if embedder not in ("pca", "model"):
+        named_embedder(embedder)
+    if embedder_path:
+        path = Path(embedder_path)
+        if not path.exists():
+            raise ConfigError(f"--embedder-path {embedder_path}: no such file or folder")
+        if embedder != "pca":
+            raise ConfigError(f"--embedder-path is a saved PCA: it goes with --embedder pca, not {embedder}")
+        for p in ([path] if path.is_file() else sorted(path.glob("pca_*.npz"))):
+            read_pca(p)

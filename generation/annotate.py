@@ -56,6 +56,7 @@ from schemas.outputs import check_output_file
 from schemas.tasks import LABEL_FIELDS
 from training.data import encode_prompts, encode_texts, eos_id
 from training.decode import decode, mean_pool
+from training.model_source import check_model_source
 from training.models import PROVENANCE, load_model_and_tokenizer, prompt_batch, read_provenance
 
 log = logging.getLogger(__name__)
@@ -425,6 +426,46 @@ def choose_organism(corpus: Corpus, words: list[str]) -> str:
     return best
 
 
+def gene_overlap(words: list[str], vocab: set[str]) -> tuple[float, float]:
+    """(overlap coefficient, share of the file's genes in the vocabulary). The coefficient is the shared
+    symbols over the smaller set: 1.0 for a file of 2,000 HVGs inside a Census vocabulary, and for a full file
+    against a corpus built on its HVGs; near 0 for Ensembl ids or another organism's symbols."""
+    mine = set(words)
+    shared = len(mine & vocab)
+    return shared / max(min(len(mine), len(vocab)), 1), shared / max(len(mine), 1)
+
+
+def check_gene_overlap(corpus: Corpus | None, organism: str, words: list[str], cfg: AnnotateConfig) -> float | None:
+    """The file's share of genes in the model's vocabulary, after refusing a file below --min-gene-overlap:
+    prompts of genes the model never saw yield confident labels that mean nothing."""
+    if corpus is None:
+        log.warning("the gene overlap with the model's vocabulary cannot be checked: its corpus is not readable "
+                    "here (give --corpus DIR)")
+        return None
+    have = corpus_organisms(corpus)
+    vocab = corpus_vocab(corpus, organism) if not have or organism in have else set()
+    if vocab is None:
+        log.warning("the gene overlap cannot be checked: the corpus %s has no readable %s vocabulary",
+                    corpus.uri, organism)
+        return None
+    overlap, coverage = gene_overlap(words, vocab)
+    if overlap < cfg.min_gene_overlap:
+        if have and organism not in have:
+            why = f"the model's corpus has no {organism} cells (it has {', '.join(have)}); check --organism"
+        else:
+            why = (f"e.g. not in it: {', '.join([w for w in words if w not in vocab][:3])}; are the symbols in "
+                   "var['feature_name'] (not Ensembl ids), and is --organism right?")
+        raise InputError(f"--h5ad {cfg.h5ad}: shares {overlap:.0%} of its genes with the model's {organism} "
+                         f"vocabulary, below --min-gene-overlap {cfg.min_gene_overlap:g} ({why}); "
+                         "--min-gene-overlap 0 annotates anyway")
+    log.info("gene overlap with the %s vocabulary: %.0f%% (%.0f%% of the file's %d symbols are in it)", organism,
+             100 * overlap, 100 * coverage, len(set(words)))
+    if coverage < 0.5:
+        log.warning("only %.0f%% of the file's gene symbols are in the model's vocabulary: the others never "
+                    "appeared in its training prompts", 100 * coverage)
+    return coverage
+
+
 # ---------------------------------------------------------------- writing the annotated copy
 
 
@@ -475,7 +516,7 @@ def _add_columns(obs, result: Annotation) -> None:
     for col in frame.columns:
         if col in obs.columns:
             log.warning("obs[%r] of the input is replaced", col)
-    obs["c2s_cell_type"] = frame["c2s_cell_type"].to_numpy()
+    obs["c2s_cell_type"] = frame["c2s_cell_type"].array  # categorical: cells without an answer stay NaN
     obs["c2s_score"] = frame["c2s_score"].to_numpy()
 
 
@@ -522,8 +563,7 @@ def run(cfg: AnnotateConfig) -> dict:
     started = time.time()
     if not os.path.isfile(cfg.h5ad):
         raise ConfigError(f"--h5ad {cfg.h5ad}: file not found")
-    if not os.path.isdir(cfg.model):
-        raise ModelError(f"--model {cfg.model}: not a folder (give OUTPUT/final of `c2s train`)")
+    check_model_source(cfg.model)
     check_output_file(cfg.out, "--out", inputs=(cfg.h5ad,))
     speech = Speech.of_model(cfg.model, cfg.corpus)
     model_corpus = _try_corpus(speech)
@@ -548,18 +588,7 @@ def run(cfg: AnnotateConfig) -> dict:
     else:
         raise ConfigError("no --organism given and the model's corpus cannot be read here to tell it; give "
                             "--organism (homo_sapiens, mus_musculus, ...)")
-    if model_corpus is not None and corpus_organisms(model_corpus) and organism not in corpus_organisms(model_corpus):
-        log.warning("organism %s: the model's corpus has no cells of it (it has %s)", organism,
-                    ", ".join(corpus_organisms(model_corpus)))
-    coverage = None
-    vocab = corpus_vocab(model_corpus, organism) if model_corpus is not None else None
-    if vocab:
-        coverage = sum(w in vocab for w in words) / max(len(words), 1)
-        if coverage < 0.5:
-            missing = [w for w in words if w not in vocab][:5]
-            log.warning("only %.0f%% of the file's %d gene symbols are in the corpus vocabulary of %s (e.g. "
-                        "missing: %s): the model has not seen the others; are the symbols in var['feature_name'] "
-                        "(not Ensembl ids)?", 100 * coverage, len(words), organism, ", ".join(missing))
+    coverage = check_gene_overlap(model_corpus, organism, words, cfg)
     if cfg.labels == "corpus":
         labels = corpus_labels(model_corpus, organism)
     Prompter(speech, organism, cfg.template, cfg.budget_tokenizer)  # template and budget checked before the model
@@ -585,10 +614,19 @@ def run(cfg: AnnotateConfig) -> dict:
              f"the likeliest of {len(labels)} labels" if labels is not None else "generated answers")
 
     def annotate(embed_into=None) -> Annotation:
-        return annotate_cells(cfg.h5ad, model, tokenizer, speech, organism, template=cfg.template, labels=labels,
-                              embed=cfg.embed, layer=cfg.layer, rows=rows, batch_size=cfg.batch_size,
-                              label_batch=cfg.label_batch, block_cells=cfg.block_cells,
-                              max_new_tokens=budget, embed_into=embed_into, budget_tokenizer=cfg.budget_tokenizer)
+        result = annotate_cells(cfg.h5ad, model, tokenizer, speech, organism, template=cfg.template, labels=labels,
+                                embed=cfg.embed, layer=cfg.layer, rows=rows, batch_size=cfg.batch_size,
+                                label_batch=cfg.label_batch, block_cells=cfg.block_cells, max_new_tokens=budget,
+                                embed_into=embed_into, budget_tokenizer=cfg.budget_tokenizer)
+        missed = len(rows) - int(np.isfinite(result.score).sum())
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(result.skipped.items()))
+        if missed == len(rows):  # raised before the output is written: nothing to mistake for a result
+            raise InputError(f"--h5ad {cfg.h5ad}: none of its {len(rows)} cells could be annotated ({why}); "
+                             f"nothing written; is the matrix ({cfg.layer or 'X'}) the raw counts?")
+        if missed:
+            log.warning("%d of %d cells (%.1f%%) could not be annotated (%s): their c2s_cell_type is empty",
+                        missed, len(rows), 100 * missed / len(rows), why)
+        return result
 
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     if len(rows) < n_obs:
@@ -598,7 +636,8 @@ def run(cfg: AnnotateConfig) -> dict:
         result = _write_copy(cfg, annotate, int(model.config.hidden_size), n_obs, meta)
     answered = int(np.isfinite(result.score).sum())
     shown = result.genes_shown[np.isfinite(result.score)]
-    return {"output": cfg.out, "cells": len(rows), "annotated": answered, "skipped": result.skipped,
+    return {"output": cfg.out, "cells": len(rows), "annotated": answered, "unannotated": len(rows) - answered,
+            "skipped": result.skipped,
             "organism": organism, "mode": meta["mode"], "labels": meta.get("n_labels"), "template": cfg.template,
             "genes_shown_median": float(np.median(shown)) if len(shown) else 0.0,
             "vocab_coverage": None if coverage is None else round(coverage, 4),

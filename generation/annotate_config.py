@@ -24,6 +24,10 @@ class AnnotateConfig:
     organism: str | None = _f(None, "Organism of the cells (homo_sapiens, mus_musculus, human, mouse; default: "
                               "the model corpus's organism, the one whose vocabulary shares most symbols with "
                               "the file when it has several).", metavar="NAME")
+    min_gene_overlap: float = _f(0.5, "Refuse a file that shares fewer genes than this with the model's corpus "
+                                 "vocabulary: shared symbols over the smaller of the two gene sets (0-1; 0 "
+                                 "checks nothing). Below it the prompts are mostly genes the model never saw: "
+                                 "Ensembl ids for symbols, the wrong --organism.", metavar="F")
     max_cells: int | None = _f(None, "Annotate a seeded random sample of this many cells only (a trial); the "
                                "output then holds just them.", metavar="N")
     corpus: str | None = _f(None, "The corpus the model was trained on (default: the one c2s.json names); needed "
@@ -61,5 +65,7 @@ class AnnotateConfig:
             raise ConfigError(f"--template must be >= 0, got {self.template}")
         if self.max_cells is not None and self.max_cells < 1:
             raise ConfigError(f"--max-cells must be >= 1, got {self.max_cells}")
+        if not 0 <= self.min_gene_overlap <= 1:
+            raise ConfigError(f"--min-gene-overlap must be between 0 and 1, got {self.min_gene_overlap}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")

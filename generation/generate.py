@@ -51,6 +51,7 @@ from schemas.outputs import check_output_file
 from schemas.tasks import LABEL_FIELDS, TASKS
 from training.data import encode_prompts
 from training.decode import decode
+from training.model_source import check_model_source
 from training.models import TINY_MODELS, load_model_and_tokenizer, read_provenance
 
 log = logging.getLogger("generation.generate")
@@ -324,8 +325,13 @@ def file_prompts(cfg: GenerateConfig) -> tuple[list[Prompt], str | None]:
     prompts: list[Prompt] = []
     organisms: set[str] = set()
 
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"--prompts {path}: line {i} is not UTF-8 text (byte {e.start + 1}: "
+                                  f"{raw[e.start:e.start + 1]!r}); save the file as UTF-8 JSON lines") from None
             if not line.strip():
                 continue
             try:
@@ -452,10 +458,13 @@ def run(cfg: GenerateConfig) -> GenerateResult:
     """Load the model, build the prompts, generate, rebuild expression and write cfg.out."""
     t0 = time.perf_counter()
     check_output_file(cfg.out, "--out", inputs=(cfg.prompts,))  # before the model loads
+    if cfg.model not in TINY_MODELS:  # a tiny model is refused below, with its own reason
+        check_model_source(cfg.model)
     if cfg.task:  # options checked before the model loads
         check_task(cfg.task)
         if not cfg.prompts and not cfg.from_split:
             check_conditions(cfg.task, parse_conditions(cfg.condition))
+    from_file = file_prompts(cfg) if cfg.prompts else None  # a bad file fails before the model loads
     model, tok, provenance = load_model(cfg)
     corpus_uri = cfg.corpus or (provenance or {}).get("corpus")
     if not corpus_uri:
@@ -469,7 +478,7 @@ def run(cfg: GenerateConfig) -> GenerateResult:
 
     organism = normalise_organism(cfg.organism) if cfg.organism else None
     if cfg.prompts:
-        prompts, named = file_prompts(cfg)
+        prompts, named = from_file
         if organism and named and organism != named:
             raise ConfigError(f"--prompts {cfg.prompts} names organism {named}, --organism {organism}")
         organism = organism or named

@@ -116,11 +116,18 @@ class Corpus:
         return sorted(t for t, d in per.items() if d.get(split))
 
     def samples(self, task: str, split: str, columns: list[str]) -> pa.Table:
-        """`columns` of a task's samples in a split (an empty table when it has none)."""
+        """`columns` of a task's samples in a split: an empty table when the manifest counts none there;
+        CorpusError naming the file when the manifest counts some and they cannot be read (a damaged corpus
+        must not read as an empty one: a baseline would quietly vanish)."""
         fs, path = filesystem(self.version.path("samples", task, split))
         try:
             return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns)
-        except (FileNotFoundError, OSError, ValueError):
+        except (FileNotFoundError, OSError, ValueError) as e:
+            if task in self.split_tasks(split):
+                self.sample_parts(split, [task])  # names the missing or unreadable part
+                raise CorpusError(f"corpus {self.uri}: the {task} samples of split '{split}' cannot be read "
+                                  f"({e}); the corpus is damaged: rebuild it, or check it with "
+                                  f"`c2s validate {self.uri}`") from e
             return pa.table({c: pa.array([], SAMPLES.field(c).type) for c in columns})
 
     def labels(self, task: str, split: str = "train", organism: str | None = None) -> list[str]:

@@ -108,9 +108,12 @@ def probe_values(f, mpath: str, n_obs: int, path: str, layer: str | None) -> str
     d = d[np.isfinite(d) & (d != 0)]
     if not len(d):
         return "counts"
-    others = sorted(({"raw"} if "raw" in f and "X" in f["raw"] else set()) | set(f.get("layers", {}).keys()))
+    # the matrices other than the one in use (suggesting the one that was just tried helps nobody)
+    others = sorted((({"raw"} if "raw" in f and "X" in f["raw"] else set()) | set(f.get("layers", {}).keys()))
+                    - {layer or "X"})
     hint = (f"the file also has: {', '.join(others)}; pass --h5ad-layer NAME for the raw counts" if others
-            else "rank the raw counts (the layer or file that holds them, --h5ad-layer NAME)")
+            else "this file holds no other matrix: rank the raw counts from the file that holds them (e.g. the "
+                 "filtered_feature_bc_matrix.h5 of Cell Ranger)")
     n_neg = int((d < 0).sum())
     neg = n_neg / len(d)
     if n_neg >= 20 and neg >= 0.05:  # a few stray negatives are per-cell skips; this many is a scaled matrix

@@ -30,7 +30,7 @@ __all__ = ["ConfigError", "build_parser", "convert", "flag_names", "option", "pa
 def option(default: Any, help: str, **kw: Any) -> Any:
     """A config dataclass field whose metadata is its command-line option: `help` (the --help text) and any of
     metavar, choices, flag (the option's own name), aliases (old names), whole (list items not split on
-    commas; a YAML mapping gives KEY=VALUE items). Lists get a fresh copy per instance."""
+    commas; a YAML mapping gives KEY=VALUE items), nargs (a list option taking several words, "+"). Lists get a fresh copy per instance."""
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **kw})
     return dataclasses.field(default=default, metadata={"help": help, **kw})
@@ -187,6 +187,8 @@ def build_parser(cls: type, description: str, epilog: str = "", *, prog: str | N
                                                                                           inner.__name__.upper())
         if inner is bool:
             kw.update(nargs="?", const="true", metavar="BOOL")
+        elif is_list and f.metadata.get("nargs"):  # --gene-sets FILE NAME: several words after one flag
+            kw.update(action="extend", nargs=f.metadata["nargs"], metavar=metavar)
         elif is_list:
             kw.update(action="append", metavar=metavar)
         else:

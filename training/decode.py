@@ -64,11 +64,12 @@ def sampler(temperature: float, top_k: int, top_p: float, seed: int, device) -> 
 
 def decode(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 64,
            temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0, scores: bool = False,
-           embed: bool = False, skip_special_tokens: bool = False, progress: bool = False) -> list[Decoded]:
+           embed: bool = False, skip_special_tokens: bool = False, progress: bool = False,
+           desc: str = "generate") -> list[Decoded]:
     """The continuations of `prompts`, in order. temperature 0: greedy; else sampling with temperature, top_k
     (0: off) and top_p (1: off). skip_special_tokens: drop special tokens from the text (for labels; cells
     keep <unk> as a word). scores / embed: also each continuation's mean token log-probability / the prompt's
-    mean-pooled last hidden layer."""
+    mean-pooled last hidden layer. progress: a bar on stderr titled `desc`."""
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise ModelError("decode: prompts must be a list of strings")
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -86,7 +87,7 @@ def decode(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, bat
     was_training = model.training
     model.eval()
     try:
-        with tqdm(total=len(ids), desc="generate", unit="prompt", disable=not progress, file=sys.stderr) as bar, \
+        with tqdm(total=len(ids), desc=desc, unit="prompt", disable=not progress, file=sys.stderr) as bar, \
                 torch.inference_mode():
             for lo in range(0, len(order), batch_size):
                 idx = order[lo:lo + batch_size]

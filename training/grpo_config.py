@@ -23,8 +23,9 @@ class GRPORunConfig:
     rewards: list[str] = _f([], "NAME=WEIGHT of training/rewards.py (default: gene_program=1,validity=1 for "
                             "perturbations; label=1 for prediction tasks; validity=1 for generation).",
                             metavar="NAME=W")
-    gene_sets: list[str] = _f([], "FILE.gmt NAME: the program gene_program scores (default: each "
-                              "perturbation's most changed genes).", metavar="ITEM")
+    gene_sets: list[str] = _f([], "FILE.gmt NAME (two words, or FILE.gmt,NAME): the named gene set whose "
+                              "genes gene_program scores, e.g. --gene-sets h.all.gmt HALLMARK_APOPTOSIS "
+                              "(default: each perturbation's most changed genes).", metavar="WORD", nargs="+")
     program_size: int = _f(20, "Genes in a perturbation's default program.", metavar="N")
     max_prompts: int = _f(2000, "Prompts taken from the train split (shuffled, streamed).", metavar="N")
     num_generations: int = _f(4, "Completions per prompt (GRPO's group).", metavar="N")
@@ -70,7 +71,10 @@ class GRPORunConfig:
             except ValueError:
                 raise ConfigError(f"--rewards takes NAME=WEIGHT, got {item!r}") from None
         if self.gene_sets and len(self.gene_sets) != 2:
-            raise ConfigError("--gene-sets takes FILE.gmt NAME")
+            raise ConfigError(f"--gene-sets takes FILE.gmt NAME, got {' '.join(self.gene_sets)!r}")
+        for name in ("max_steps", "max_prompts", "max_completion_length", "program_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
     @property
     def reward_weights(self) -> dict[str, float]:

@@ -27,8 +27,9 @@ from language.prompts import first_sentence, longest_gene_run
 from schemas.errors import ConfigError, CorpusError, InputError, ModelError
 from schemas.outputs import check_output_dir
 from training.grpo_config import GRPORunConfig
+from training.model_source import check_model_source
 from training.models import load_model_and_tokenizer, read_provenance, save_final, write_provenance
-from training.rewards import make_reward_funcs, program_from_gmt, reference_ranks
+from training.rewards import REWARDS, get_reward, make_reward_funcs, program_from_gmt, reference_ranks
 
 log = logging.getLogger("training.grpo")
 PERTURBATION = "perturbation_prediction"
@@ -151,6 +152,23 @@ def default_rewards(tasks: list[str]) -> dict[str, float]:
     return {"validity": 1.0, **({"label": 1.0} if any(t.endswith("_prediction") for t in tasks) else {})}
 
 
+def check_rewards_apply(weights: dict[str, float], rows: list[dict], tasks: list[str]) -> None:
+    """ConfigError for a reward that scores none of the prompts (TRL would train on zero signal and save the
+    model as if refined); the share each reward scores is logged."""
+    for name in weights:
+        try:
+            spec = get_reward(name)
+        except ValueError as e:
+            raise ConfigError(f"--rewards: {e}") from None
+        n = sum(map(spec.applies, rows))
+        if not n:
+            fits = [r for r in REWARDS if r != name and any(map(REWARDS[r].applies, rows))]
+            raise ConfigError(f"--rewards {name}: scores none of the {len(rows)} prompts of {', '.join(tasks)} "
+                              f"({spec.applies.__doc__}); rewards that score them: "
+                              f"{', '.join(fits) or 'none'}")
+        log.info("reward %s scores %d of %d prompts (%.0f%%)", name, n, len(rows), 100 * n / len(rows))
+
+
 # --------------------------------------------------------------------------------------------- the run
 
 
@@ -219,6 +237,7 @@ def run(cfg: GRPORunConfig) -> dict:
     from trl import GRPOConfig
 
     check_output_dir(cfg.output_dir, "--output-dir")  # before a model loads or a corpus is read
+    check_model_source(cfg.model)
     prov = read_provenance(cfg.model) or {}
     corpus_uri = cfg.corpus or prov.get("corpus")
     if not corpus_uri:
@@ -231,6 +250,7 @@ def run(cfg: GRPORunConfig) -> dict:
     organisms = sorted({r["organism"] for r in rows})
     vocab = {o: set(corpus.vocab(o, ["token_id", "gene_symbol"])["gene_symbol"].to_pylist()) for o in organisms}
     context: dict = {"vocabulary": vocab} if "validity" in weights else {}
+    check_rewards_apply({k: w for k, w in weights.items() if k != "expression_distance"}, rows, tasks)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for r in rows:  # validity scores a generation shorter than the real cell over the real cell's length
@@ -240,6 +260,8 @@ def run(cfg: GRPORunConfig) -> dict:
     if "expression_distance" in weights:
         context["embed"] = add_reference_embeddings(rows, corpus, cfg, out)
         columns.append("reference_embedding")
+    if "expression_distance" in weights:  # its references exist only now
+        check_rewards_apply({"expression_distance": 1.0}, rows, tasks)
     funcs, wts = make_reward_funcs(weights, **context)
     model, tok = load_model_and_tokenizer(cfg.model)
     if cfg.adapter:

@@ -290,9 +290,30 @@ def _vocabularies(vocabulary: Any) -> dict[str, frozenset[str]] | frozenset[str]
 # ------------------------------------------------------------------ registry
 
 
+def _always(row: Mapping[str, Any]) -> bool:
+    return True
+
+
+def _has_program(row: Mapping[str, Any]) -> bool:
+    """it scores only prompts with a program of 2+ genes (perturbation_prediction, or --gene-sets)"""
+    return len(row.get("program_genes") or ()) >= 2
+
+
+def _has_label(row: Mapping[str, Any]) -> bool:
+    """it scores only prompts with a label to state (the *_prediction tasks)"""
+    return not _missing(row.get("label"))
+
+
+def _has_reference(row: Mapping[str, Any]) -> bool:
+    """it scores only prompts whose real cell is known (cell_type_generation, cell_lm, perturbation_prediction)"""
+    return row.get("reference_embedding") is not None
+
+
 @dataclass(frozen=True)
 class RewardSpec:
-    """A registered reward: `fn(completions=..., **columns, **context) -> list[float | None]`."""
+    """A registered reward: `fn(completions=..., **columns, **context) -> list[float | None]`; `applies(row)`
+    says, from a dataset row alone, whether it scores that row (False where fn returns None), so a reward that
+    scores none of the chosen prompts is refused before training on zero signal."""
 
     name: str
     fn: Callable[..., list[Reward]]
@@ -301,6 +322,7 @@ class RewardSpec:
     optional_columns: tuple[str, ...] = ()  # dataset columns it uses when present
     context: tuple[str, ...] = ()  # make_reward_funcs keywords it needs
     optional_context: tuple[str, ...] = ()  # make_reward_funcs keywords it may take
+    applies: Callable[[Mapping[str, Any]], bool] = _always
 
 
 REWARDS: dict[str, RewardSpec] = {
@@ -308,13 +330,15 @@ REWARDS: dict[str, RewardSpec] = {
     for spec in (
         RewardSpec("gene_program", gene_program_reward, ("program_genes", "reference_ranks"),
                    "Kendall's tau-b between the generated cell's ranks of the program genes (absent = last) and "
-                   "the real perturbed cells' mean ranks; None for programs of < 2 genes, 0 when undefined."),
+                   "the real perturbed cells' mean ranks; None for programs of < 2 genes, 0 when undefined.",
+                   applies=_has_program),
         RewardSpec("expression_distance", expression_distance_reward, ("reference_embedding",),
                    "Minus the Euclidean distance between embed(generated cell) and the centroid of real cells "
-                   "of the row's condition.", context=("embed",)),
+                   "of the row's condition.", context=("embed",), applies=_has_reference),
         RewardSpec("label", label_reward, ("label",),
                    "1 for the right label (normalize_label), ontology partial credit via label_id, else 0; "
-                   "None for rows without a label.", optional_columns=("label_id",), optional_context=("ontology",)),
+                   "None for rows without a label.", optional_columns=("label_id",), optional_context=("ontology",),
+                   applies=_has_label),
         RewardSpec("validity", validity_reward, (),
                    "Distinct valid genes of the organism / generated words, or / the real cell's length when "
                    "the generation is shorter (0 for an empty generation).",
