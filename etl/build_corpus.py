@@ -73,11 +73,18 @@ def _log_level(argv: list[str]) -> str:
     return "info"
 
 
+def _not_py4j(record: logging.LogRecord) -> bool:
+    return f"{os.sep}py4j{os.sep}" not in record.pathname
+
+
 def setup_logging(level: str) -> None:
     level = level.upper() if level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO"
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
                         force=True)
     quiet = logging.DEBUG if level == "DEBUG" else logging.WARNING
+    if level != "DEBUG":  # py4j logs through the root logger: its tracebacks on Ctrl-C would bury our one line
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_not_py4j)
     for noisy in ("py4j", "cellxgene_census", "numba", "botocore", "urllib3", "fsspec"):
         logging.getLogger(noisy).setLevel(max(quiet, logging.WARNING) if noisy == "numba" else quiet)
     os.environ.setdefault("SPARK_LOG_LEVEL", "INFO" if level == "DEBUG" else "ERROR")
@@ -115,7 +122,7 @@ def main(argv: list[str] | None = None, prog: str | None = None, refresh: bool =
 
         before_manifest = _latest_manifest(cfg.output)
         before = (before_manifest or {}).get("version")
-        manifest = build(cfg, start_spark if cfg.spark else None)
+        manifest = build(cfg, start_spark if cfg.spark is not False else None)
     except (InputError, CorpusNotFound) as e:
         if debug:
             log.exception("input error")
@@ -138,6 +145,7 @@ def main(argv: list[str] | None = None, prog: str | None = None, refresh: bool =
         return 0
     totals = manifest["counts"]["totals"]
     print(json.dumps({"output": cfg.output, "version": manifest.get("version"),
+                      "latest": (_latest_manifest(cfg.output) or {}).get("version"),
                       "changed": manifest.get("version") != before,
                       "sentences_version": manifest.get("sentences_version"), "planned": totals["planned"],
                       "read": totals["read"], "written": totals["written"], "skipped": totals["skipped"],

@@ -9,6 +9,11 @@ from etl.sources.base import InputError
 from schemas.cli import option as _f  # a config field: default, --help text, option metadata
 
 STAGES = ("sentences", "samples")  # stages that exist, in order
+# Below this many cells a build runs in one process unless told otherwise. benchmarks/spark_choice_bench.py
+# (BENCHMARKS.md, "Spark or one process") measured Spark's start-up at ~11 s and, on 2 cores, the same cost per
+# cell as one process (which overlaps reading with encoding); with more cores Spark's per-cell cost falls, and
+# 50,000 cells is about where it would win on 8-16 cores (an estimate from those fits, not a measurement).
+SPARK_MIN_CELLS = 50_000
 
 
 @dataclass
@@ -61,11 +66,17 @@ class BuildConfig:
     buffer_mib: int = _f(128, "TileDB buffer per column per task (soma.init_buffer_bytes).", metavar="MIB")
     master: str | None = _f(None, "Spark master when not set by spark-submit (default local[*,4]: all cores, a "
                             "task retried up to 4 times as on a cluster).", metavar="URL")
-    spark: bool = _f(True, "Run the tasks on Spark; false runs them in this process without a JVM (small inputs, "
-                     "debugging).")
+    spark: bool | None = _f(None, "Run the tasks on Spark (true) or in this process without a JVM (false). "
+                            f"Unset: in this process below {SPARK_MIN_CELLS:,} cells, where Spark's start-up "
+                            "costs more than its second core gains (benchmarks/spark_choice_bench.py), on Spark "
+                            "above; always Spark under spark-submit or with --master.")
     log_level: str = _f("info", "Log level; debug also shows tracebacks and Spark's own logs.",
                         choices=["debug", "info", "warning", "error"])
     force: bool = _f(False, "Rebuild even when the manifest says the corpus is current.")
+    commit_sentences_only: bool = _f(False, "With --stages sentences over a corpus whose latest version has "
+                                     "samples: point latest at the new sentences-only version at once (training "
+                                     "on DIR then fails until the samples stage runs). Without it the version is "
+                                     "kept beside latest, and the next --stages samples builds on it.")
     incremental: bool = _f(False, "Over a changed source, rebuild only the datasets that changed (by Census "
                            "dataset_version_id or h5ad content) and reuse the others' parts where an earlier "
                            "version wrote them; the result equals a full build (jobs/refresh.py sets this).")

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 import schemas
 from etl import incremental, rowhash
-from etl.config import BuildConfig
+from etl.config import SPARK_MIN_CELLS, BuildConfig
 from etl.demo import ensure_demo_census
 from etl.manifest import code_version, formats, now, run_key
 from etl.sources import census, h5ad
@@ -120,6 +120,25 @@ class _LazySpark:
     def enabled(self) -> bool:
         return self._spark is not None
 
+    @property
+    def lazy(self) -> bool:
+        """A starter not yet called (the command line's), not a session the caller handed over."""
+        return callable(self._spark) and not hasattr(self._spark, "sparkContext")
+
+
+def spark_left_to_choose(cfg: BuildConfig) -> bool:
+    """--spark unset, no --master, and not under spark-submit (whose driver has the JVM's gateway port): the
+    build may run in this process when it is small."""
+    return cfg.spark is None and cfg.master is None and "PYSPARK_GATEWAY_PORT" not in os.environ
+
+
+def _choose_session(session: _LazySpark, cfg: BuildConfig, cells: int) -> _LazySpark:
+    if session.lazy and spark_left_to_choose(cfg) and cells < SPARK_MIN_CELLS:
+        log.info("%d cells: building in this process, below the %d where Spark starts to pay (--spark true runs "
+                 "it on Spark)", cells, SPARK_MIN_CELLS)
+        return _LazySpark(None)
+    return session
+
 
 def _inside(child: str, parent: str) -> bool:
     c, p = os.path.realpath(child), os.path.realpath(parent)
@@ -184,11 +203,15 @@ def build(cfg: BuildConfig, spark=None) -> dict:
         latest = versions.latest()
     except LegacyLayout as e:
         raise InputError(str(e)) from None
+    if staged := versions.staged():  # sentences a `--stages sentences` build left beside latest
+        log.info("building on version %s (sentences only, newer than latest %s)", staged.version, latest.version)
+        latest = staged
     vid: str | None = None  # the version this run writes, once it has something to write
     base: CorpusVersion | None = latest
     inputs = None
     if "sentences" in cfg.stages:
         plan = plan_source(cfg)
+        session = _choose_session(session, cfg, sum(sum(d.values()) for d in plan.planned.values()))
         if "samples" in cfg.stages:  # before hours of encoding: what the samples stage would refuse
 
             inputs = samples_plan.preflight(cfg, {d for ds in plan.planned.values() for d in ds}, {},
@@ -219,6 +242,7 @@ def build(cfg: BuildConfig, spark=None) -> dict:
                              "stage first (--stages sentences,samples)")
         manifest = latest.manifest
         _same_source(cfg, manifest)
+        session = _choose_session(session, cfg, int(manifest["counts"]["totals"]["written"]))
         if damage := _damage(latest, check_sentences):
             raise InputError(f"{cfg.output}: the committed sentences cannot be built on ({damage}); rebuild them: "
                              "--stages sentences,samples --force")
@@ -255,6 +279,15 @@ def build(cfg: BuildConfig, spark=None) -> dict:
     manifest = {**manifest, "version": vid, "created_at": now(), "stages": [
         s for s in ("sentences", "samples") if s == "sentences" or "samples" in manifest]}
     t = time.perf_counter()
+    pointed = versions.latest()
+    if "samples" not in manifest and pointed is not None and "samples" in pointed.manifest \
+            and not cfg.commit_sentences_only:  # latest keeps its samples: training on DIR goes on working
+        versions.commit(vid, manifest, validate, move_pointer=False)
+        log.warning("version %s holds sentences only, so latest still points to %s, which has samples; run "
+                    "`--stages samples` to build its samples and commit both, or pass --commit-sentences-only to "
+                    "point latest at it now", vid, pointed.version)
+        versions.remove_unfinished(keep=None)
+        return manifest
     versions.commit(vid, manifest, validate)
     log.info("validated and committed %s in %.1f s: %d cells, %d samples, content hash %s", vid,
              time.perf_counter() - t, manifest["counts"]["totals"]["written"],

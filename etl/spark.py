@@ -1,11 +1,16 @@
-"""The Spark session: whatever spark-submit configured, else a local one with the UI off."""
+"""The Spark session: whatever spark-submit configured, else a local one with the UI, the stage bars and the
+JVM's start-up chatter off (Spark's own log lines reach the terminal at SPARK_LOG_LEVEL: ERROR unless
+--log-level debug)."""
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 from etl.sources.base import InputError
+
+_OUR_JVM = False  # this process launched the JVM (plain python), rather than spark-submit
 
 
 def get_spark(app: str = "c2s-corpus", master: str | None = None):
@@ -20,11 +25,20 @@ def get_spark(app: str = "c2s-corpus", master: str | None = None):
         return active
     from pyspark import SparkConf, SparkContext
 
+    # under spark-submit the driver gets the JVM's gateway port; from plain python, pyspark launches the JVM as
+    # a "pyspark-shell", which spark-submit gives master local[*] (no retries) and the stage bars
+    global _OUR_JVM
+    if SparkContext._gateway is None:
+        _OUR_JVM = "PYSPARK_GATEWAY_PORT" not in os.environ
+    ours = _OUR_JVM
+    if ours and SparkContext._gateway is None and "PYSPARK_SUBMIT_ARGS" not in os.environ:
+        os.environ["PYSPARK_SUBMIT_ARGS"] = (f"--driver-java-options -Dlog4j2.configurationFile=file:{_log4j2()} "
+                                             "--conf spark.ui.showConsoleProgress=false pyspark-shell")
     # the JVM first: a SparkConf made before it exists has none of spark-submit's settings (its --master
     # would be ignored for local[*]); under spark-submit this connects to the JVM spark-submit started
     SparkContext._ensure_initialized()
     conf = SparkConf()  # picks up spark-submit's settings
-    if master or not conf.contains("spark.master"):
+    if master or ours or not conf.contains("spark.master"):
         # local[*, 4]: like a cluster, retry a task whose Python worker died (plain local[*] never retries)
         builder = builder.master(master or "local[*,4]")
         builder = builder.config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
@@ -38,6 +52,28 @@ def get_spark(app: str = "c2s-corpus", master: str | None = None):
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("SPARK_LOG_LEVEL", "WARN"))
     return spark
+
+
+def _log4j2() -> str:
+    """A log4j2 configuration at SPARK_LOG_LEVEL (default ERROR) to stderr, written once per level: without
+    one, the JVM prints its default-profile notice and WARN lines before setLogLevel can act."""
+    level = os.environ.get("SPARK_LOG_LEVEL", "ERROR").lower()
+    path = os.path.join(tempfile.gettempdir(), f"c2s-spark-log4j2-v3-{level}.properties")
+    if not os.path.isfile(path):
+        text = "\n".join([
+            f"rootLogger.level = {level}", "rootLogger.appenderRef.stderr.ref = console",
+            "appender.console.type = Console", "appender.console.name = console",
+            "appender.console.target = SYSTEM_ERR", "appender.console.layout.type = PatternLayout",
+            "appender.console.layout.pattern = %d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n%ex",
+            # the shell's logger at the root's level: Spark then prints no "Setting default log level" notice
+            *(f"logger.{k}.name = {n}\nlogger.{k}.level = {level}" for k, n in (
+                ("repl", "org.apache.spark.repl.Main"), ("gateway", "org.apache.spark.api.python.PythonGatewayServer"),
+                ("submit", "org.apache.spark.deploy.SparkSubmit"))), ""])
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    return path
 
 
 def task_cores(spark) -> int:

@@ -88,6 +88,16 @@ class Versions:
             raise CorpusInvalid(f"{self.out.uri}/{POINTER} is not valid JSON ({e}); point it at a version: "
                                 f"c2s versions use {self.out.uri} VERSION") from None
 
+    def staged(self) -> CorpusVersion | None:
+        """The newest committed version when it is newer than the pointer's and holds sentences only: what a
+        `--stages sentences` build left beside latest for the samples stage to build on."""
+        done = self.committed()
+        ptr = (self.pointer() or {}).get("version")
+        if not done or not ptr or done[-1] <= ptr:  # ids begin with their UTC creation time
+            return None
+        m = self.store(done[-1]).read_json(MANIFEST)
+        return None if "samples" in m else CorpusVersion(self.out.uri, self.store(done[-1]).uri, done[-1], m)
+
     def latest(self) -> CorpusVersion | None:
         """The committed version readers see; None for an empty DIR. A pre-versions corpus raises LegacyLayout."""
         if self.out.is_file(POINTER):
@@ -132,9 +142,10 @@ class Versions:
         self.store(vid).write_json(BUILD, {"key": key, "pid": os.getpid(), **info})
         return vid
 
-    def commit(self, vid: str, manifest: dict, validate) -> None:
+    def commit(self, vid: str, manifest: dict, validate, *, move_pointer: bool = True) -> None:
         """Finish version `vid`: drop its work files, write its manifest, validate it (re-read), then switch the
-        pointer to it (the commit). `validate(uri)` raises on any mismatch; the pointer is then unchanged."""
+        pointer to it (the commit). `validate(uri)` raises on any mismatch; the pointer is then unchanged.
+        move_pointer=False: a finished version kept beside latest (a staged sentences-only build)."""
         st = self.store(vid)
         st.remove(WORK)
         sid = manifest.get("sentences_version") or vid
@@ -145,6 +156,8 @@ class Versions:
         except BaseException:
             st.remove(MANIFEST)  # not a committed version: the next commit removes it
             raise
+        if not move_pointer:
+            return
         rel = f"{VERSIONS}/{vid}"
         self.out.write_json(POINTER, {"version": vid, "path": rel, "created_at": manifest.get("created_at"),
                                       "content_hash": manifest.get("content_hash"),
