@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -101,6 +102,8 @@ def test_annotate_reads_a_generated_h5ad(tiny_model, tmp_path):
 def test_a_split_the_corpus_lacks_is_an_error_naming_the_splits_it_has(tmp_path, caplog, capsys):
     """A one-dataset corpus has no test_ood samples: evaluating that split names the splits it has, exit 2,
     before any model loads (it used to print a report of nulls, exit 0; issue #21)."""
+    from safetensors.numpy import save_file
+
     from etl.build_corpus import main as build
     from evaluation.evaluate import main
     from language.corpus import open_corpus
@@ -112,7 +115,9 @@ def test_a_split_the_corpus_lacks_is_an_error_naming_the_splits_it_has(tmp_path,
                   "--cell-type-column", "celltype", "--tasks", "cell_type_prediction"]) == 0
     have = [s for s in ("train", "val", "test", "test_ood") if open_corpus(corpus).split_tasks(s)]
     assert "test_ood" not in have and have  # one dataset: none held out
-    (tmp_path / "model").mkdir()
+    (tmp_path / "model").mkdir()  # passes the cheap model check; loading it would fail
+    (tmp_path / "model" / "config.json").write_text("{}")
+    save_file({"w": np.zeros(1, np.float32)}, str(tmp_path / "model" / "model.safetensors"))
     with caplog.at_level("ERROR"):
         assert main(["--model", str(tmp_path / "model"), "--corpus", corpus, "--split", "test_ood",
                      "--out", str(tmp_path / "r.json")]) == 2

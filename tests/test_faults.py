@@ -111,6 +111,45 @@ def test_kill_a_worker_then_the_driver_mid_build_then_rerun(tmp_path):
 
 
 @pytest.mark.slow
+def test_ctrl_c_on_a_spark_build_is_one_line_and_the_rerun_resumes(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group: driver, JVM and workers) mid Spark job: our one line,
+    exit 130, none of py4j's tracebacks; the committed version stays what readers see; the rerun resumes."""
+    from etl.demo import build_demo_census
+
+    census = build_demo_census(str(tmp_path / "census"), n_cells=3000, n_genes=400, mean_nnz=90, seed=6)
+    out = str(tmp_path / "corpus")
+    build(BuildConfig(output=out, census_uri=census, cells_per_task=3000, stages=["sentences"], max_genes=50))
+    v1 = _pointer(out)
+    args = [str(Path(sys.executable).parent / "c2s"), "build", "--census-uri", census, "--spark", "true",
+            "--cells-per-task", "40", "--block-cells", "20", "--stages", "sentences", "--output-dir", out]
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    env.pop("PYSPARK_SUBMIT_ARGS", None)
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        t0 = time.monotonic()
+        while len(list(Path(out, "versions").glob("*/_work/tasks/*/*/*.npz"))) < 3:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() - t0 < 300, "the Spark build did not start its tasks in 300 s"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = err.decode()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "py4j" not in err, err[-3000:]
+    errors = [ln for ln in err.splitlines() if " ERROR " in ln]
+    assert len(errors) == 1 and "interrupted; the committed corpus is unchanged" in errors[0], errors
+    assert _pointer(out) == v1
+    validate(out)
+    rerun = build(BuildConfig(output=out, census_uri=census, cells_per_task=40, block_cells=20,
+                              stages=["sentences"]))
+    assert rerun["tasks"]["resumed"] >= 1 and _pointer(out) == rerun["version"] != v1
+
+
+@pytest.mark.slow
 def test_kill_a_training_run_mid_step_and_resume(train_corpus, tmp_path):
     """SIGKILL after a checkpoint (the run is mid-step, past it); resume from `latest`: the same step count
     and the same final loss as a run that never stopped."""

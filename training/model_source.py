@@ -107,7 +107,8 @@ def check_model_source(model: str, option: str = "--model", *, tiny: tuple[str, 
             inner = [p.name for p in (path / "final", *sorted(path.glob("checkpoint-*"))[-1:])
                      if (p / "config.json").is_file()]
             hint = f"did you mean {path / inner[0]}?" if inner else (
-                "give OUTPUT/final of `c2s train`, a hub id, or " + ", ".join(tiny) + " for a new tiny model")
+                "give OUTPUT/final of `c2s train` or a hub id"
+                + (f" ({', '.join(tiny)} for a new tiny model)" if tiny else ""))
             raise ModelError(f"{option} {model}: a folder without config.json, so not a model; {hint}")
         if not any((path / f).is_file() for f in WEIGHT_FILES) and not any(path.glob("model-*.safetensors")):
             raise ModelError(f"{option} {model}: has config.json but no weights ({WEIGHT_FILES[0]} or "

@@ -248,6 +248,10 @@ def read_task(task: Task, *, block_size: int, cores: int = 1, buffer_mib: int = 
 
 
 _FROZEN = False
+# tiledbsoma's eager blockwise read prefetches in its own thread pools, nested under our read-ahead thread; an
+# in-process census build once aborted in libtiledbsoma under them (and a Spark worker before it). Off: our
+# read-ahead thread alone overlaps reading with encoding (BENCHMARKS.md, ETL, has the cost).
+EAGER_BLOCKS = False
 
 
 def _freeze_heap() -> None:
@@ -278,7 +282,8 @@ def _read_piece(exp, coords: tuple, present: set[str], block_size: int, obs_filt
         cols["is_primary_data"] = (obs["is_primary_data"].combine_chunks() if "is_primary_data" in present
                                    else pa.array([True] * n))
         labels = pa.table(cols)
-        blocks = query.X("raw").blockwise(axis=0, size=block_size, reindex_disable_on_axis=[1]).scipy()
+        blocks = query.X("raw").blockwise(axis=0, size=block_size, reindex_disable_on_axis=[1],
+                                          eager=EAGER_BLOCKS).scipy()
         for csr, (row_ids, _col_ids) in blocks:
             row_ids = np.asarray(row_ids, dtype=np.int64)
             pos = np.searchsorted(obs_ids, row_ids)
