@@ -87,7 +87,8 @@ def setup_logging(level: str) -> None:
             handler.addFilter(_not_py4j)
     for noisy in ("py4j", "cellxgene_census", "numba", "botocore", "urllib3", "fsspec"):
         logging.getLogger(noisy).setLevel(max(quiet, logging.WARNING) if noisy == "numba" else quiet)
-    os.environ.setdefault("SPARK_LOG_LEVEL", "INFO" if level == "DEBUG" else "ERROR")
+    # Spark's own lines stay out of the terminal (our lines say what failed) unless --log-level debug
+    os.environ.setdefault("SPARK_LOG_LEVEL", "INFO" if level == "DEBUG" else "OFF")
 
 
 def main(argv: list[str] | None = None, prog: str | None = None, refresh: bool = False) -> int:

@@ -1,5 +1,5 @@
 """The Spark session: whatever spark-submit configured, else a local one with the UI, the stage bars and the
-JVM's start-up chatter off (Spark's own log lines reach the terminal at SPARK_LOG_LEVEL: ERROR unless
+JVM's start-up chatter off (Spark's own log lines reach the terminal at SPARK_LOG_LEVEL: none unless
 --log-level debug)."""
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ def get_spark(app: str = "c2s-corpus", master: str | None = None):
 
 
 def _log4j2() -> str:
-    """A log4j2 configuration at SPARK_LOG_LEVEL (default ERROR) to stderr, written once per level: without
+    """A log4j2 configuration at SPARK_LOG_LEVEL (default OFF; INFO with --log-level debug) to stderr, written once per level: without
     one, the JVM prints its default-profile notice and WARN lines before setLogLevel can act."""
-    level = os.environ.get("SPARK_LOG_LEVEL", "ERROR").lower()
+    level = os.environ.get("SPARK_LOG_LEVEL", "OFF").lower()
     path = os.path.join(tempfile.gettempdir(), f"c2s-spark-log4j2-v3-{level}.properties")
     if not os.path.isfile(path):
         text = "\n".join([

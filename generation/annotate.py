@@ -563,8 +563,8 @@ def run(cfg: AnnotateConfig) -> dict:
     started = time.time()
     if not os.path.isfile(cfg.h5ad):
         raise ConfigError(f"--h5ad {cfg.h5ad}: file not found")
-    check_model_source(cfg.model)
     check_output_file(cfg.out, "--out", inputs=(cfg.h5ad,))
+    check_model_source(cfg.model)
     speech = Speech.of_model(cfg.model, cfg.corpus)
     model_corpus = _try_corpus(speech)
     labels = None

@@ -121,7 +121,11 @@ assert main(["--corpus", {train_corpus!r}, "--model", "tiny-pythia", "--output-d
     assert r.returncode == 0, r.stderr[-3000:]
     model = str(out / "final")
     assert (out / "final" / "config.json").is_file()
-    write_h5ad(tmp_path / "cells.h5ad", n_cells=12, seed=3)
+    import pyarrow.parquet as pq
+
+    symbols = pq.read_table(Path(train_corpus) / "vocab" / "homo_sapiens.parquet",
+                            columns=["gene_symbol"]).column(0).to_pylist()[:120]
+    write_h5ad(tmp_path / "cells.h5ad", n_cells=12, seed=3, symbols=symbols)  # genes the model knows
     use = f"""
 from evaluation.evaluate import main as evaluate
 from generation.annotate import main as annotate
