@@ -52,6 +52,18 @@ def _sentence_globs(manifest: dict, sentences_prefix: str, versions_prefix: str)
     return globs
 
 
+def _templates_line(t: dict | None) -> list[str]:
+    """Which template pack worded which tasks: a model continued from a released checkpoint needs its format."""
+    if not t or t.get("pack") in (None, "c2s"):
+        return ["- Prompts: this project's templates (pack `c2s`)"
+                + (f", top {t['top_k_genes']} genes per cell" if t and t.get("top_k_genes") else "")]
+    theirs = sorted(k for k, v in t.get("per_task", {}).items() if v != "c2s")
+    ours = sorted(k for k, v in t.get("per_task", {}).items() if v == "c2s")
+    version = f" {t['version']}" if t.get("version") else ""
+    return [f"- Prompts: pack `{t['pack']}`{version}, top {t.get('top_k_genes')} genes per cell, for "
+            f"{', '.join(theirs) or 'no task'}; this project's templates for {', '.join(ours) or 'no other task'}"]
+
+
 def dataset_card(manifest: dict, *, prefix: str = "", sentences_prefix: str | None = None,
                  versions_prefix: str = "../") -> str:
     """README.md for the version `manifest` describes. Paths in `data_files` are relative to the folder the
@@ -133,6 +145,7 @@ def _body(manifest: dict, per: dict) -> str:
         f"- Splits drawn by {samples.get('split_key_used', samples.get('options', {}).get('split_key', '?'))}"
         + (f" ({split_note})" if split_note else "") + "; held-out datasets (test_ood): "
         + (", ".join(samples.get("ood_datasets", [])) or "none"),
+        *_templates_line(samples.get("templates")),
         "",
         "| task | " + " | ".join(SPLIT_NAMES[s] for s in SPLITS) + " |",
         "|---|" + "---|" * len(SPLITS),

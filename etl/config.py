@@ -122,6 +122,14 @@ class BuildConfig:
                             "set (knowledge); overrides the default mixture (repeatable).", metavar="TASK=RATE")
     max_tokens: int = _f(1024, "Token budget of prompt + response; gene lists are cut to fit (8192 supported).",
                          metavar="N")
+    templates: str = _f("c2s", "Template pack the prompts are worded in: c2s (this project's, every task), "
+                        "cell2sentence (the installed cell2sentence package's prompt files: the format the "
+                        "released C2S-Scale and C2S-Pythia checkpoints were trained on, for the five tasks they "
+                        "word; the others keep ours) or a folder of JSON files in that shape.",
+                        metavar="c2s|cell2sentence|DIR")
+    top_k_genes: int | None = _f(None, "Genes per cell a prompt carries, and the number its wording states "
+                                 "(default: as many as the token budget fits, at most 1,024; with a pack other "
+                                 "than c2s, 200, as C2S-Pythia-410m was trained).", metavar="K")
     tokenizer: str | None = _f(None, "tokenizer.json or a Hugging Face tokenizer folder: exact token counts "
                                "(default: 3.3 tokens per gene, 4 characters per token).", metavar="PATH")
     tokens_per_gene: float = _f(3.3, "Tokens per gene symbol when no --tokenizer is given.", metavar="X")
@@ -184,6 +192,8 @@ class BuildConfig:
             raise InputError("--buffer-mib must be at least 1")
         if self.tokens_per_gene <= 0:
             raise InputError("--tokens-per-gene must be > 0")
+        if self.top_k_genes is not None and self.top_k_genes < 1:
+            raise InputError(f"--top-k-genes must be >= 1, got {self.top_k_genes}")
         if self.max_tokens < 64:
             raise InputError("--max-tokens must be at least 64")
         if self.spatial_tile_cells < 20:
@@ -240,6 +250,7 @@ class BuildConfig:
     def samples_options(self) -> dict:
         """The options that shape the samples (they enter the samples run key and the manifest)."""
         return {"tasks": sorted(self.tasks), "mixture": sorted(self.mixture), "max_tokens": self.max_tokens,
+                "templates": self.templates, "top_k_genes": self.top_k_genes,
                 "tokens_per_gene": self.tokens_per_gene, "split_key": self.split_key,
                 "split_fractions": list(self.split_fractions), "ood_fraction": self.ood_fraction,
                 "ood_datasets": sorted(self.ood_datasets), "group_max": self.group_max, "multi_cell_genes": self.multi_cell_genes, "seed": self.seed,

@@ -20,6 +20,7 @@ from typing import NamedTuple
 from language import templates
 from language.budget import TokenBudget
 from language.organisms import ORGANISMS
+from language.packs import DEFAULT_TOP_K, TemplatePack
 from language.phrases import cell_kind, in_words, join_words
 from schemas import UNKNOWN
 from schemas.tasks import LABEL_FIELDS
@@ -188,6 +189,20 @@ def perturbation_words(targets: Sequence[str], kind: str | None = None) -> dict[
 # ---------------------------------------------------------------- the renderer
 
 
+def _pack_prompt(pack: TemplatePack, task: str, values: dict, sentences: Sequence[Sequence[str]],
+                 budget: TokenBudget, template: int) -> Rendered | None:
+    t = template % len(pack.tasks[task].prompts)
+    prompt, completion = pack.render(task, t, values, sentences)
+    k = pack.top_k_genes or DEFAULT_TOP_K
+    shown = [g for s in sentences for g in s[:k]]
+    est = budget.text(prompt) + budget.text(completion)
+    if shown and not budget.exact:  # gene symbols at tokens-per-gene instead of characters
+        est += round(budget.genes(shown) - budget.text(" ".join(shown)))
+    if est > budget.max_tokens:
+        return None
+    return Rendered(prompt, completion, max((min(k, len(s)) for s in sentences), default=0), max(est, 1), t)
+
+
 def fill(task: str, template: int, values: dict, sentences: Sequence[Sequence[str]],
          budget: TokenBudget) -> tuple[str, str, int]:
     """Template `template` of `task` filled with sentences already cut to the budget:
@@ -221,12 +236,18 @@ def n_templates(task: str) -> int:
 
 
 def prompt_for(task: str, values: dict, sentences: Sequence[Sequence[str]] | None, budget: TokenBudget, *,
-               template: int, max_genes: int = 1024, min_genes: int = 8) -> Rendered | None:
+               template: int, max_genes: int = 1024, min_genes: int = 8,
+               pack: TemplatePack | None = None) -> Rendered | None:
     """Task `task`'s prompt and answer with template number `template` (taken modulo the task's count), its
     fields filled from `values` (see `cell_values`) and, for a task about cells, the `sentences` cut to the
     token budget: each to at most `max_genes`, then as many genes per cell as fit. None when fewer than
     `min_genes` (or the cells' own length, if shorter) fit. A field the template needs and `values` lacks
-    raises KeyError naming it."""
+    raises KeyError naming it.
+
+    `pack`: a template pack (language/packs.py) that words `task` renders it instead, as cell2sentence does:
+    each cell's top-k genes, whatever the budget; None when that does not fit the budget."""
+    if pack is not None and pack.covers(task):
+        return _pack_prompt(pack, task, values, sentences or [], budget, template)
     t = template % n_templates(task)
     if sentences is None:
         prompt, completion, est = fill(task, t, values, [], budget)

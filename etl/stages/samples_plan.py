@@ -29,6 +29,7 @@ from etl.tasks import DEFAULT_MIXTURE, NOT_BUILT_REASON, TASKS, spatial
 from etl.tasks.common import SampleContext, SplitConfig, choose_ood
 from etl.tasks.perturbation import TASK as PERTURBATION_TASK
 from language.budget import TokenBudget, genes_cap, load_tokenizer_json
+from language.packs import OURS, TemplatePack, load_pack
 from schemas.layout import sentence_parts
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,7 @@ class SamplesJob:
     inputs: dict
     tok_json: str | None
     sentences: Store
+    pack: TemplatePack = field(default_factory=lambda: TemplatePack(OURS))
 
 
 _NEEDS_FLAG = {"biogrid": "--biogrid", "cellphonedb": "--cellphonedb", "abstracts": "--abstracts (or "
@@ -206,6 +208,7 @@ def preflight(cfg: BuildConfig, datasets: set[str], manifest: dict, samples_only
     if unknown:
         raise InputError(f"unknown task(s) {unknown}; tasks: {', '.join(TASKS)}")
     _mixture(cfg)
+    load_pack(cfg.templates, cfg.top_k_genes)  # a missing package or a malformed pack, before the sentences
     if cfg.tokenizer:
         load_tokenizer_json(cfg.tokenizer)
     if missing := sorted(set(cfg.ood_datasets) - set(datasets)):
@@ -248,6 +251,7 @@ def prepare(cfg: BuildConfig, manifest: dict, sentences_root: str, samples_only:
         raise InputError(f"unknown task(s) {unknown}; tasks: {', '.join(TASKS)}")
     inputs = inputs if inputs is not None else knowledge_inputs(cfg, manifest, samples_only)
     tok_json = load_tokenizer_json(cfg.tokenizer) if cfg.tokenizer else None
+    pack = load_pack(cfg.templates, cfg.top_k_genes)
     before = manifest.get("samples", {}).get("options")
     if samples_only and before:  # options come from the flags (defaults included), not from the corpus: say so
         now = cfg.samples_options()
@@ -258,8 +262,9 @@ def prepare(cfg: BuildConfig, manifest: dict, sentences_root: str, samples_only:
         "sentences": manifest["content_hash"], "options": cfg.samples_options(),
         "inputs": {k: ([_file_digest(p) for p in v] if isinstance(v, list) else (_file_digest(v) if v else None))
                    for k, v in inputs.items()},
-        "tokenizer": hashlib.sha256(tok_json.encode()).hexdigest()[:16] if tok_json else None})
-    return SamplesJob(key, inputs, tok_json, Store(sentences_root))
+        "tokenizer": hashlib.sha256(tok_json.encode()).hexdigest()[:16] if tok_json else None,
+        "templates": pack.key()})
+    return SamplesJob(key, inputs, tok_json, Store(sentences_root), pack)
 
 
 @dataclass
@@ -384,10 +389,20 @@ def sample_context(cfg: BuildConfig, job: SamplesJob, k: Knowledge, active: dict
     organisms = sorted(manifest["counts"]["organisms"])
     datasets = sorted({d for o in organisms for d in manifest["counts"]["organisms"][o]["datasets"]})
     budget = TokenBudget(max_tokens=cfg.max_tokens, tokens_per_gene=cfg.tokens_per_gene, tokenizer_json=job.tok_json)
-    group_max = group_max_for_budget(budget, cfg.group_max, cfg.multi_cell_genes, _symbols(src, organisms))
+    pack = job.pack
+    # a pack shows each cell's top-k genes whatever the budget: groups are sized so that k genes each fit
+    per_cell = max(cfg.multi_cell_genes, pack.top_k_genes or 0) if pack.name != OURS else cfg.multi_cell_genes
+    group_max = group_max_for_budget(budget, cfg.group_max, per_cell, _symbols(src, organisms))
     if group_max < cfg.group_max:
         log.info("multi-cell groups: at most %d cells (%d genes each fit %d tokens; --group-max %d)", group_max,
-                 cfg.multi_cell_genes, cfg.max_tokens, cfg.group_max)
+                 per_cell, cfg.max_tokens, cfg.group_max)
+    max_genes = genes_cap(budget)
+    if pack.name == OURS and pack.top_k_genes:
+        max_genes = min(max_genes, pack.top_k_genes)
+    elif pack.name != OURS:
+        max_genes = max(max_genes, pack.top_k_genes or 0)
+        log.info("templates: %s (%s) for %s; top %d genes per cell", pack.name, pack.source,
+                 ", ".join(t for t in active if pack.covers(t)) or "none of the chosen tasks", pack.top_k_genes)
     splits = SplitConfig(key=cfg.split_key, fractions=tuple(cfg.split_fractions), seed=cfg.seed)
     ood = (frozenset(cfg.ood_datasets) if cfg.ood_datasets else choose_ood(datasets, cfg.ood_fraction, cfg.seed))
     split_cfg, split_note = _assign_splits(splits, ood, cfg, src, manifest, session)
@@ -396,7 +411,7 @@ def sample_context(cfg: BuildConfig, job: SamplesJob, k: Knowledge, active: dict
         budget=budget,
         splits=split_cfg,
         seed=cfg.seed, abstracts=k.abstracts, lr_pairs=k.lr_pairs, biogrid=k.biogrid, group_max=group_max,
-        max_genes=genes_cap(budget),
+        max_genes=max_genes, templates=None if pack.name == OURS else pack,
         spatial=(spatial.sections(spatial_rows, cfg.spatial_tile_cells)
                  if any(TASKS[t].family == "spatial" for t in active) else {}),
     )
@@ -464,6 +479,7 @@ def run(cfg: BuildConfig, job: SamplesJob, out: Store, spark, manifest: dict) ->
         "options": cfg.samples_options(),
         "inputs": {key: v for key, v in inputs.items() if v},
         "tokenizer": cfg.tokenizer,
+        "templates": job.pack.describe(list(active)),
         "tasks": status,
         "mixture": active,
         **notes,

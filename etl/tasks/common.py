@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import xxhash
 
 from language.budget import TokenBudget
+from language.packs import TemplatePack
 from language.prompts import Rendered, bare, prompt_for
 from schemas.tasks import TASKS
 
@@ -99,6 +100,7 @@ class SampleContext:
     interaction_genes: int = 100  # top genes of a cell searched for BioGRID pairs
     max_pairs: int = 10
     spatial: dict = field(default_factory=dict)  # section key -> spatial.Section; empty: no spatial tasks
+    templates: TemplatePack | None = None  # a pack wording some tasks (None: this project's templates)
 
     def __post_init__(self):
         self._lr_index: dict[str, list[int]] = {}
@@ -189,7 +191,7 @@ def render(task: str, sample_id: str, values: dict, sentences: list[list[str]] |
     `template`) and the context's budget; None, counted as over_token_budget, when the cells do not fit."""
     t = h64("template", sample_id) if template is None else template
     out = prompt_for(task, values, sentences, ctx.budget, template=t, max_genes=ctx.max_genes,
-                     min_genes=ctx.min_genes)
+                     min_genes=ctx.min_genes, pack=ctx.templates)
     if out is None:
         counts.skip(task, "over_token_budget")
     return out

@@ -1,0 +1,190 @@
+"""Template packs (issue #22): a corpus built with `--templates cell2sentence` speaks the released C2S
+checkpoints' format. Checked against cell2sentence's own formatter (installed --no-deps in the dev extra) on the
+same cells: each prompt is one of the phrasings its formatter fills for that cell, each completion is its filled
+response, byte for byte (multi-cell blocks and their trailing ".\\n." included). Also: the manifest and the card
+say which pack worded which task, a lab's own pack folder is read, and a missing package or a malformed pack is
+one line."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+
+from etl.build_corpus import main as build
+from language.corpus import open_corpus
+from language.packs import CELL2SENTENCE_FILES, load_pack
+from tests.conftest import write_h5ad
+
+TOP_K = 20
+PACK_TASKS = ["cell_type_prediction", "cell_type_generation", "multi_cell_tissue_prediction",
+              "tissue_conditional_generation"]
+# this project's task -> cell2sentence's formatter task name
+THEIR_TASK = {"cell_type_prediction": "cell_type_prediction", "cell_type_generation": "cell_type_generation",
+              "multi_cell_tissue_prediction": "tissue_prediction",
+              "tissue_conditional_generation": "tissue_conditional_generation",
+              "dataset_interpretation": "natural_language_interpretation"}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("packs")
+    rng = np.random.default_rng(7)
+    n = 90
+    h5ad = write_h5ad(root / "cells.h5ad", n_cells=n, n_genes=60, seed=7,
+                      obs_extra={"organ": rng.choice(["lung", "blood"], n)})[0]
+    out = str(root / "corpus")
+    assert build(["--h5ad", h5ad, "--output", out, "--spark", "false", "--organism", "human",
+                  "--cell-type-column", "celltype", "--label-column", "tissue=organ", "--templates", "cell2sentence",
+                  "--top-k-genes", str(TOP_K), "--tasks", ",".join([*PACK_TASKS, "cell_lm"])]) == 0
+    return out
+
+
+def _sentences(corpus) -> dict[str, list[str]]:
+    t = pads.dataset(corpus.sentence_files(), format="parquet").to_table(columns=["cell_id", "genes"])
+    return dict(zip(t["cell_id"].to_pylist(), t["genes"].to_pylist(), strict=True))
+
+
+def _theirs(task: str, cells: list[list[str]], labels: dict, monkeypatch) -> list[tuple[str, str]]:
+    """(prompt, response) of cell2sentence's formatter for these cells, once per phrasing (its random choice
+    forced to each in turn)."""
+    import cell2sentence.prompt_formatter as pf
+    from datasets import Dataset
+
+    hf = Dataset.from_dict({"cell_sentence": [" ".join(c) for c in cells], "organism": ["Homo sapiens"] * len(cells),
+                            **{k: [v] * len(cells) for k, v in labels.items()}})
+    multi = THEIR_TASK[task] in pf.MULTICELL_SUPPORTED_TASKS
+    fmt = (pf.C2SMultiCellPromptFormatter if multi else pf.C2SPromptFormatter)(THEIR_TASK[task], TOP_K)
+    out = []
+    for i in range(len(fmt.prompts_dict["model_input"])):
+        monkeypatch.setattr(pf.random, "choice", lambda seq, i=i: seq[i])
+        if multi:
+            groups = Dataset.from_dict({"multi_cell_groupings": [list(range(len(cells)))],
+                                        "organism": ["Homo sapiens"], **{k: [v] for k, v in labels.items()}})
+            ds = fmt.format_hf_ds(hf, groups)
+        else:
+            ds = fmt.format_hf_ds(hf)
+        out.append((ds[0]["model_input"], ds[0]["response"]))
+    return out
+
+
+def test_prompts_and_completions_are_cell2sentences_own(built, monkeypatch):
+    corpus = open_corpus(built)
+    sentences = _sentences(corpus)
+    obs = _obs(corpus)
+    checked = 0
+    for task in PACK_TASKS:
+        rows = corpus.samples(task, "train", ["prompt", "completion", "cell_ids", "label"]).to_pylist()
+        assert rows, task
+        for r in rows[:6]:
+            cells = [sentences[c] for c in r["cell_ids"]]
+            first = obs[r["cell_ids"][0]]
+            labels = ({"cell_type": first["cell_type"]} if task.startswith("cell_type") else
+                      {"tissue": first["tissue"]})
+            if task in ("cell_type_prediction", "cell_type_generation"):
+                cells = cells[:1]
+            theirs = _theirs(task, cells, labels, monkeypatch)
+            assert (r["prompt"], r["completion"]) in theirs, (task, r["prompt"][:200], theirs[0][0][:200])
+            checked += 1
+    assert checked >= 16
+
+
+def _obs(corpus) -> dict[str, dict]:
+    t = pads.dataset(corpus.sentence_files(), format="parquet").to_table(columns=["cell_id", "cell_type", "tissue"])
+    return {c: {"cell_type": ct, "tissue": ti} for c, ct, ti in zip(t["cell_id"].to_pylist(),
+                                                                      t["cell_type"].to_pylist(),
+                                                                      t["tissue"].to_pylist(), strict=True)}
+
+
+def test_the_manifest_and_card_say_which_pack_worded_each_task(built):
+    corpus = open_corpus(built)
+    t = corpus.manifest["samples"]["templates"]
+    assert t["pack"] == "cell2sentence" and t["top_k_genes"] == TOP_K and t["version"]
+    assert {k: v for k, v in t["per_task"].items()} == {**dict.fromkeys(PACK_TASKS, "cell2sentence"),
+                                                        "cell_lm": "c2s"}
+    card = (Path(corpus.version.root) / "README.md").read_text()
+    assert "pack `cell2sentence`" in card and "this project's templates for cell_lm" in card
+    # cell_lm keeps this project's wording (cell2sentence has no such task)
+    lm = corpus.samples("cell_lm", "train", ["prompt"]).to_pylist()[0]["prompt"]
+    from language import templates
+
+    heads = [templates.parse(p)[0][0] for p in templates.load("cell_lm")["prompts"]]  # each wording's first words
+    assert any(h and lm.startswith(h) for h in heads), lm[:100]
+
+
+def test_dataset_interpretation_renders_as_cell2sentence_does(monkeypatch):
+    """The abstract task (a build needs abstracts matched to datasets): the pack's render against the formatter."""
+    from language.prompts import cell_values
+    from schemas.tasks import LABEL_FIELDS
+
+    pack = load_pack("cell2sentence", TOP_K)
+    cells = [[f"G{i}{j}" for j in range(TOP_K + 5)] for i in range(3)]
+    abstract = "We profiled lung cells."
+    values = {**cell_values({"organism": "homo_sapiens", **dict.fromkeys(LABEL_FIELDS, "x")}), "abstract": abstract}
+    theirs = _theirs("dataset_interpretation", cells, {"abstract": abstract}, monkeypatch)
+    ours = {pack.render("dataset_interpretation", i, values, cells) for i in range(len(theirs))}
+    assert ours == set(theirs)
+
+
+def test_a_labs_own_pack_folder_and_malformed_packs(tmp_path, monkeypatch):
+    folder = tmp_path / "pack"
+    folder.mkdir()
+    (folder / "cell_type_prediction.json").write_text(json.dumps(
+        {"model_input": ["Top {num_genes} genes of a {organism} cell: {cell_sentence}. Type:"],
+         "response": ["{cell_type}."]}))
+    pack = load_pack(str(folder), 5)
+    assert sorted(pack.tasks) == ["cell_type_prediction"]
+    from language.prompts import cell_values
+    from schemas.tasks import LABEL_FIELDS
+
+    values = cell_values({"organism": "mus_musculus", **dict.fromkeys(LABEL_FIELDS, "x"), "cell_type": "B cell"})
+    assert pack.render("cell_type_prediction", 0, values, [list("ABCDEFG")]) == (
+        "Top 5 genes of a Mus musculus cell: A B C D E. Type:", "B cell.")
+    (folder / "cell_type_prediction.json").write_text(json.dumps(
+        {"model_input": ["{num_genes} {tissue_name}"], "response": ["{cell_type}."]}))
+    from schemas.errors import InputError
+
+    with pytest.raises(InputError, match="tissue_name"):
+        load_pack(str(folder))
+    (folder / "cell_type_prediction.json").write_text("{not json")
+    with pytest.raises(InputError, match="not readable JSON"):
+        load_pack(str(folder))
+    with pytest.raises(InputError, match="holds none of the pack's files"):
+        load_pack(str(tmp_path))
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cell2sentence" else real(name, *a))
+    with pytest.raises(InputError, match="pip install cell2sentence --no-deps"):
+        load_pack("cell2sentence")
+
+
+def test_a_missing_package_is_one_line_before_the_sentences(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cell2sentence" else real(name, *a))
+    h5ad = write_h5ad(tmp_path / "c.h5ad", n_cells=20, n_genes=30)[0]
+    assert build(["--h5ad", h5ad, "--output", str(tmp_path / "o"), "--organism", "human", "--cell-type-column",
+                  "celltype", "--templates", "cell2sentence"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if " ERROR " in ln]
+    assert len(err) == 1 and "pip install cell2sentence --no-deps" in err[0]
+    assert not (tmp_path / "o" / "latest.json").exists()
+
+
+def test_top_k_caps_our_own_templates_too(tmp_path):
+    h5ad = write_h5ad(tmp_path / "c.h5ad", n_cells=30, n_genes=80, seed=3)[0]
+    out = str(tmp_path / "o")
+    assert build(["--h5ad", h5ad, "--output", out, "--spark", "false", "--organism", "human",
+                  "--cell-type-column", "celltype", "--tasks", "cell_type_prediction", "--top-k-genes", "7"]) == 0
+    rows = open_corpus(out).samples("cell_type_prediction", "train", ["prompt", "n_genes"]).to_pylist()
+    assert rows and max(r["n_genes"] for r in rows) <= 7
+
+
+def test_the_pack_files_map_to_tasks():
+    assert set(CELL2SENTENCE_FILES) == set(THEIR_TASK)
+    random.seed(0)  # nothing above may depend on the global RNG's state
