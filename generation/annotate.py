@@ -46,6 +46,7 @@ from language.budget import TokenBudget, genes_cap, load_tokenizer_json
 from language.cells import Cells, Ranker
 from language.corpus import Corpus, open_corpus
 from language.organisms import normalise_organism
+from language.packs import load_pack, pack_of
 from language.prompts import answer_budget, cell_values, fill, n_templates, predicted_label, prompt_for
 from language.symbols import var_words
 from schemas import UNKNOWN
@@ -97,23 +98,32 @@ class Speech:
     corpus: str | None = None
     max_length: int | None = None  # the trainer's longest sequence
     origin: str = ""  # where this was read from
+    templates: dict | None = None  # the template pack its prompts were worded in (TemplatePack.describe)
 
     @classmethod
-    def of_model(cls, model_dir: str, corpus: str | None = None) -> Speech:
+    def of_model(cls, model_dir: str, corpus: str | None = None, templates: str | None = None,
+                 top_k_genes: int | None = None) -> Speech:
         """From MODEL/c2s.json (training.sft_trainer.training_provenance), or from the manifest of `corpus` for a
-        model without one; `corpus` also replaces the corpus path c2s.json names."""
+        model without one; `corpus` also replaces the corpus path c2s.json names. A model with neither (a
+        released C2S checkpoint) is spoken to through `templates` (--templates cell2sentence --top-k-genes K);
+        given with a model that has its own, `templates` replaces its pack."""
 
         try:
             prov = read_provenance(model_dir)
         except (OSError, ValueError) as e:
             raise ModelError(f"--model {model_dir}: cannot read {PROVENANCE} ({e})") from None
+        chosen = load_pack(templates, top_k_genes).describe([TASK]) if templates else None
         if prov is not None:
             enc, samples = prov.get("encoding") or {}, prov.get("samples") or {}
             where = f"{Path(model_dir) / PROVENANCE}"
-            return cls._make(enc, samples, corpus or prov.get("corpus"), prov.get("max_length"), where)
+            return cls._make(enc, samples, corpus or prov.get("corpus"), prov.get("max_length"), where,
+                             chosen or prov.get("templates"))
+        if not corpus and chosen:
+            return cls.released(chosen)
         if not corpus:
             raise ModelError(f"--model {model_dir}: no {PROVENANCE} (a model not trained by `c2s train`); give "
-                                "--corpus DIR, the corpus it was trained on, to take the encoding and budget from")
+                             "--corpus DIR, the corpus it was trained on, or for a released C2S checkpoint "
+                             "--templates cell2sentence --top-k-genes 200")
         manifest = open_corpus(corpus).manifest
         samples = manifest.get("samples") or {}
         if not samples:
@@ -121,10 +131,21 @@ class Speech:
         opts = samples.get("options") or {}
         return cls._make(manifest.get("options") or {},
                          {"max_tokens": opts.get("max_tokens"), "tokens_per_gene": opts.get("tokens_per_gene"),
-                          "tokenizer": samples.get("tokenizer")}, corpus, None, f"{corpus} manifest.json")
+                          "tokenizer": samples.get("tokenizer")}, corpus, None, f"{corpus} manifest.json",
+                         chosen or samples.get("templates"))
 
     @classmethod
-    def _make(cls, enc: dict, samples: dict, corpus: str | None, max_length: int | None, where: str) -> Speech:
+    def released(cls, templates: dict) -> Speech:
+        """A released checkpoint's speech: its pack's top-k genes as the sentences hold them in the Census (symbols
+        as written, not upper-cased: mouse symbols keep their case), no budget beyond the pack's."""
+        k = int(templates.get("top_k_genes") or 200)
+        return cls(max_genes=k, uppercase=False, seed=0, max_tokens=1 << 20, tokens_per_gene=3.3,
+                   budget_tokenizer=None, corpus=None, origin=f"--templates {templates.get('pack')}",
+                   templates=templates)
+
+    @classmethod
+    def _make(cls, enc: dict, samples: dict, corpus: str | None, max_length: int | None, where: str,
+              templates: dict | None = None) -> Speech:
         missing = [k for k in ("max_genes", "uppercase", "seed") if enc.get(k) is None]
         missing += [k for k in ("max_tokens", "tokens_per_gene") if samples.get(k) is None]
         if missing:
@@ -132,7 +153,8 @@ class Speech:
                                 "give --corpus DIR to read them from the corpus")
         return cls(max_genes=int(enc["max_genes"]), uppercase=bool(enc["uppercase"]), seed=int(enc["seed"]),
                    max_tokens=int(samples["max_tokens"]), tokens_per_gene=float(samples["tokens_per_gene"]),
-                   budget_tokenizer=samples.get("tokenizer"), corpus=corpus, max_length=max_length, origin=where)
+                   budget_tokenizer=samples.get("tokenizer"), corpus=corpus, max_length=max_length, origin=where,
+                   templates=templates)
 
 
 def _try_corpus(speech: Speech):
@@ -150,7 +172,9 @@ class Prompter:
     """A cell's genes -> its cell_type_prediction prompt, by the builder's template, budget and render."""
 
     def __init__(self, speech: Speech, organism: str, template: int = 0, budget_tokenizer: str | None = None):
-        count = n_templates(TASK)
+        self.pack = pack_of(speech.templates)
+        worded = self.pack is not None and self.pack.covers(TASK)
+        count = len(self.pack.tasks[TASK].prompts) if worded else n_templates(TASK)
         if template >= count:
             raise ConfigError(f"--template {template}: {TASK} has {count} prompt wordings (0-{count - 1})")
         path = budget_tokenizer or speech.budget_tokenizer
@@ -165,6 +189,8 @@ class Prompter:
         self.budget = TokenBudget(max_tokens=speech.max_tokens, tokens_per_gene=speech.tokens_per_gene,
                                   tokenizer_json=tok_json)
         self.max_genes = genes_cap(self.budget)
+        if self.pack is not None and self.pack.top_k_genes:  # the pack's top-k: exactly k (theirs), at most k (ours)
+            self.max_genes = self.pack.top_k_genes if worded else min(self.max_genes, self.pack.top_k_genes)
         cell = {**dict.fromkeys(LABEL_FIELDS, UNKNOWN), "organism": organism}
         self.fields = cell_values(cell)  # no label is known: the answer counts as 'unknown' in the budget
         self.template = template
@@ -172,11 +198,13 @@ class Prompter:
     def __call__(self, genes: list[str]) -> tuple[str, int] | None:
         """(prompt, genes shown), or None when even a few genes do not fit the budget."""
         out = prompt_for(TASK, self.fields, [genes[: self.max_genes]], self.budget, template=self.template,
-                         max_genes=self.max_genes)
+                         max_genes=self.max_genes, pack=self.pack)
         return None if out is None else (out.prompt, out.n_genes)
 
     def completion(self, label: str) -> str:
-        """The training completion of `label` (" <label>.")."""
+        """The training completion of `label` (" <label>."; "<label>." in cell2sentence's pack)."""
+        if self.pack is not None and self.pack.covers(TASK):
+            return self.pack.render(TASK, self.template, {**self.fields, "cell_type": label}, [])[1]
         return fill(TASK, self.template, {**self.fields, "cell_type": label}, [], self.budget)[1]
 
 
@@ -565,7 +593,7 @@ def run(cfg: AnnotateConfig) -> dict:
         raise ConfigError(f"--h5ad {cfg.h5ad}: file not found")
     check_output_file(cfg.out, "--out", inputs=(cfg.h5ad,))
     check_model_source(cfg.model)
-    speech = Speech.of_model(cfg.model, cfg.corpus)
+    speech = Speech.of_model(cfg.model, cfg.corpus, cfg.templates, cfg.top_k_genes)
     model_corpus = _try_corpus(speech)
     labels = None
     if cfg.labels is not None:

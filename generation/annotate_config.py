@@ -35,6 +35,12 @@ class AnnotateConfig:
     budget_tokenizer: str | None = _f(None, "The tokenizer the corpus's token budget counted with, when the path "
                                       "in c2s.json is not readable here.", metavar="PATH")
     # prompts and answers
+    templates: str | None = _f(None, "The template pack to ask in (default: the one the model was trained "
+                               "with, from its c2s.json): for a released C2S-Scale or C2S-Pythia checkpoint, which "
+                               "has none, cell2sentence (needs pip install cell2sentence --no-deps).",
+                               metavar="c2s|cell2sentence|DIR")
+    top_k_genes: int | None = _f(None, "Genes per cell in the prompt with --templates (default 200; the C2S-Scale "
+                                 "card advises at least 200).", metavar="K")
     template: int = _f(0, "Which cell_type_prediction prompt wording (0-based).", metavar="N")
     labels: str | None = _f(None, "Pick the likeliest of known labels instead of generating: 'corpus' (the "
                             "corpus's train labels) or a file with one label per line.", metavar="FILE|corpus")
@@ -67,5 +73,7 @@ class AnnotateConfig:
             raise ConfigError(f"--max-cells must be >= 1, got {self.max_cells}")
         if not 0 <= self.min_gene_overlap <= 1:
             raise ConfigError(f"--min-gene-overlap must be between 0 and 1, got {self.min_gene_overlap}")
+        if self.top_k_genes is not None and self.top_k_genes < 1:
+            raise ConfigError(f"--top-k-genes must be >= 1, got {self.top_k_genes}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")

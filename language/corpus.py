@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from language.budget import TokenBudget, load_tokenizer_json
 from language.fit import FitStats
+from language.packs import TemplatePack, pack_of
 from schemas import SAMPLES, SchemaMismatch, check
 from schemas.errors import CorpusError, InputError
 from schemas.layout import CorpusVersion, filesystem, list_files, open_parquet, parse_sample_rel, resolve
@@ -227,6 +228,10 @@ class Corpus:
         out[f"pooled:{organism}"] = {"slope": slope, "intercept": intercept, "r2": r2, "n_cells": pooled.n_cells,
                                      "kind": "pooled", "normalize_target": target}
         return out
+
+    def templates(self) -> TemplatePack | None:
+        """The template pack the corpus's prompts were worded in (None: this project's own, uncapped)."""
+        return pack_of(self.manifest.get("samples", {}).get("templates"))
 
     def budget(self) -> TokenBudget:
         """The token budget the corpus's samples were cut to (an exact one when built with --tokenizer, if that

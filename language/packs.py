@@ -146,6 +146,22 @@ def _read_task(path: Path, task: str) -> PackTask:
     return PackTask(tuple(prompts), response[0], path.name)
 
 
+def pack_of(described: dict | None) -> TemplatePack | None:
+    """The pack a corpus manifest or a model's c2s.json describes (`TemplatePack.describe`), loaded again from
+    where it was read; None for this project's own templates without a top-k. A pack whose files changed since
+    is refused: the model would be asked in words it was not trained on."""
+    if not described or (described.get("pack") in (None, OURS) and not described.get("top_k_genes")):
+        return None
+    name = described.get("pack") or OURS
+    pack = load_pack(name if name in (OURS, CELL2SENTENCE) else (described.get("source") or name),
+                     described.get("top_k_genes"))
+    if described.get("key") and pack.key() != described["key"]:
+        raise InputError(f"template pack {name}: its files differ from those the corpus was built with (key "
+                         f"{pack.key()} here, {described['key']} recorded); install the same version "
+                         f"({described.get('version') or 'as built'}) or rebuild the corpus")
+    return pack
+
+
 def load_pack(spec: str | None, top_k_genes: int | None = None) -> TemplatePack:
     """The pack `spec` names: "c2s" (or None), "cell2sentence", or a folder of JSON files. InputError naming
     what is missing or malformed; a folder that words none of the five tasks is refused."""
@@ -174,4 +190,4 @@ def load_pack(spec: str | None, top_k_genes: int | None = None) -> TemplatePack:
 
 
 __all__ = ["CELL2SENTENCE", "CELL2SENTENCE_FILES", "DEFAULT_TOP_K", "OURS", "PackTask", "TemplatePack",
-           "cell2sentence_prompts", "load_pack"]
+           "cell2sentence_prompts", "load_pack", "pack_of"]

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
+import scipy.sparse as sp
 
 from etl.build_corpus import main as build
 from language.corpus import open_corpus
@@ -188,3 +189,54 @@ def test_top_k_caps_our_own_templates_too(tmp_path):
 def test_the_pack_files_map_to_tasks():
     assert set(CELL2SENTENCE_FILES) == set(THEIR_TASK)
     random.seed(0)  # nothing above may depend on the global RNG's state
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory) -> str:
+    """A tiny random GPT-NeoX saved as a hub checkpoint is: config, weights, tokenizer, and no c2s.json."""
+    from training.models import _build_tiny, build_word_tokenizer
+
+    folder = tmp_path_factory.mktemp("released") / "C2S-Pythia-tiny"
+    words = {f"Gene{i}" for i in range(40)} | {"T", "B", "cell", "monocyte", "."}
+    tok = build_word_tokenizer(words)
+    model = _build_tiny("tiny-pythia", tok, None, None, None, 0)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    assert not (folder / "c2s.json").exists()
+    return str(folder)
+
+
+def test_annotate_asks_a_released_checkpoint_as_cell2sentence_does(released, tmp_path, monkeypatch, capsys, caplog):
+    """No c2s.json: --templates cell2sentence --top-k-genes K asks in the format the checkpoint was trained on.
+    The prompt equals one that cell2sentence's formatter fills for the cell's top-k genes, ranked here by numpy
+    (distinct counts: no ties), symbols as the file writes them (mouse case kept)."""
+    from generation.annotate import Speech, cell_prompts
+    from generation.annotate import main as annotate
+
+    rng = np.random.default_rng(3)
+    n, g, k = 4, 40, 6
+    x = np.stack([rng.permutation(np.arange(1, g + 1)) for _ in range(n)]).astype(np.float32)  # distinct counts
+    symbols = [f"Gene{i}" for i in range(g)]
+    h5ad = write_h5ad(tmp_path / "mouse.h5ad", values=sp.csr_matrix(x), symbols=symbols)[0]
+    speech = Speech.of_model(released, None, "cell2sentence", k)
+    prompts = list(cell_prompts(h5ad, speech, "mus_musculus", template=2))
+    for row, (_, prompt, shown, why) in enumerate(prompts):
+        assert why is None and shown == k
+        top = [symbols[j] for j in np.argsort(-x[row], kind="stable")[:k]]
+        import cell2sentence.prompt_formatter as pf
+        from datasets import Dataset
+
+        fmt = pf.C2SPromptFormatter("cell_type_prediction", k)
+        monkeypatch.setattr(pf.random, "choice", lambda seq: seq[2])
+        theirs = fmt.format_hf_ds(Dataset.from_dict({"cell_sentence": [" ".join(top)], "organism": ["Mus musculus"],
+                                                     "cell_type": ["T cell"]}))[0]["model_input"]
+        assert prompt == theirs
+    out = tmp_path / "annotated.h5ad"
+    assert annotate(["--model", released, "--h5ad", h5ad, "--templates", "cell2sentence", "--top-k-genes", str(k),
+                     "--organism", "mouse", "--out", str(out), "--max-new-tokens", "3"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["annotated"] == n and out.is_file()
+    # without --templates, a model with no c2s.json says what to give
+    assert annotate(["--model", released, "--h5ad", h5ad, "--organism", "mouse",
+                     "--out", str(tmp_path / "o2.h5ad")]) == 2
+    assert "--templates cell2sentence --top-k-genes 200" in caplog.text

@@ -598,6 +598,7 @@ def training_provenance(cfg: SFTConfig, manifest: dict, mixture: dict, steps: in
             "encoding": manifest.get("options", {}),
             "samples": {k: samples.get("options", {}).get(k) for k in ("max_tokens", "tokens_per_gene")}
             | {"tokenizer": samples.get("tokenizer")},
+            "templates": samples.get("templates"),  # the pack its prompts were worded in, and the top-k
             "max_length": cfg.max_length}
 
 
