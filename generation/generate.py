@@ -197,7 +197,8 @@ def condition_prompts(cfg: GenerateConfig, corpus: Corpus, organism: str, vocab,
         if normalise_organism(cond["organism"]) != organism:
             raise ConfigError(f"--condition organism={cond['organism']} and --organism {organism} differ")
         cond.pop("organism")
-    count = n_templates(task)
+    pack = corpus.templates()  # the wording the corpus (and so the model) used for this task
+    count = len(pack.tasks[task].prompts) if pack is not None and pack.covers(task) else n_templates(task)
     if cfg.template >= count:
         raise ConfigError(f"--template {cfg.template}: task {task} has {count} templates (0-{count - 1})")
     record = {"organism": organism, **{k: cond.get(k, UNKNOWN) for k in LABELS}}
@@ -230,7 +231,7 @@ def condition_prompts(cfg: GenerateConfig, corpus: Corpus, organism: str, vocab,
     budget = corpus.budget()
     try:
         out = prompt_for(task, values, sentences, budget, template=cfg.template,
-                         max_genes=min(n_genes, genes_cap(budget)))
+                         max_genes=min(n_genes, genes_cap(budget)), pack=pack)
     except KeyError as e:
         raise InputError(f"task {task}: the template needs {{{e.args[0]}}}; pass --condition "
                             f"{FIELD_CONDITION.get(e.args[0], e.args[0])}=...") from None

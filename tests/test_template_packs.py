@@ -35,7 +35,7 @@ THEIR_TASK = {"cell_type_prediction": "cell_type_prediction", "cell_type_generat
 def built(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("packs")
     rng = np.random.default_rng(7)
-    n = 90
+    n = 300
     h5ad = write_h5ad(root / "cells.h5ad", n_cells=n, n_genes=60, seed=7,
                       obs_extra={"organ": rng.choice(["lung", "blood"], n)})[0]
     out = str(root / "corpus")
@@ -240,3 +240,44 @@ def test_annotate_asks_a_released_checkpoint_as_cell2sentence_does(released, tmp
     assert annotate(["--model", released, "--h5ad", h5ad, "--organism", "mouse",
                      "--out", str(tmp_path / "o2.h5ad")]) == 2
     assert "--templates cell2sentence --top-k-genes 200" in caplog.text
+
+
+def test_the_recipe_continue_a_released_checkpoint_on_a_cell2sentence_corpus(built, tmp_path, caplog, capsys):
+    """README's recipe, offline: build --templates cell2sentence (the fixture) -> evaluate the released model ->
+    train it with LoRA -> evaluate again; the trained model records its pack, and generate asks in it."""
+    from evaluation.evaluate import main as evaluate
+    from generation.generate import main as generate
+    from language.packs import load_pack
+    from training.models import _build_tiny, train_tokenizer
+    from training.sft import main as train
+
+    released = tmp_path / "C2S-Pythia-tiny"  # a hub checkpoint's layout: no c2s.json
+    tok = train_tokenizer(built)
+    _build_tiny("tiny-pythia", tok, None, None, None, 0).save_pretrained(released)
+    tok.save_pretrained(released)
+    ask = ["--corpus", built, "--split", "test", "--tasks", "cell_type_prediction", "--max-samples", "4", "--no-plots",
+           "--no-progress"]
+    assert evaluate(["--model", str(released), *ask, "--out", str(tmp_path / "before.json")]) == 0
+    before = json.loads((tmp_path / "before.json").read_text())
+    assert train(["--model", str(released), "--corpus", built, "--peft", "lora", "--max-steps", "3",
+                  "--per-device-batch-size", "4", "--max-length", "1024", "--eval-steps", "0", "--save-steps", "0",
+                  "--eval-cells", "0", "--tasks", "cell_type_prediction,cell_type_generation",
+                  "--output-dir", str(tmp_path / "run")]) == 0
+    final = tmp_path / "run" / "final"
+    prov = json.loads((final / "c2s.json").read_text())
+    assert prov["templates"]["pack"] == "cell2sentence" and prov["templates"]["top_k_genes"] == TOP_K
+    assert evaluate(["--model", str(final), *ask, "--out", str(tmp_path / "after.json")]) == 0
+    after = json.loads((tmp_path / "after.json").read_text())
+    for report in (before, after):
+        assert "cell_type_prediction" in json.dumps(report)
+    capsys.readouterr()
+    out = tmp_path / "g.h5ad"
+    assert generate(["--model", str(final), "--task", "cell_type_generation", "--condition", "cell_type=T cell",
+                     "--organism", "homo_sapiens", "--n", "1", "--max-new-tokens", "4", "--no-progress",
+                     "--template", "1", "--out", str(out)]) == 0
+    import anndata as ad
+
+    pack = load_pack("cell2sentence", TOP_K)
+    wording = pack.tasks["cell_type_generation"].prompts[1]
+    expected = wording.format(num_genes=str(TOP_K), organism="Homo sapiens", cell_type="T cell")
+    assert ad.read_h5ad(out).obs["prompt"].iloc[0] == expected  # the pack's own wording, filled
