@@ -44,6 +44,10 @@ SHAPES = {
                                "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": 151936}),
     "gemma2-410m": ("tiny-gemma2", {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
                                     "num_key_value_heads": 8, "intermediate_size": 4096, "vocab_size": 256000}),
+    # Gemma-2-2B (C2S-Scale-Gemma-2-2B's shape): LoRA and QLoRA steps, as the released-checkpoint recipe runs
+    "gemma2-2b": ("tiny-gemma2", {"hidden_size": 2304, "num_hidden_layers": 26, "num_attention_heads": 8,
+                                  "num_key_value_heads": 4, "head_dim": 256, "query_pre_attn_scalar": 256,
+                                  "intermediate_size": 9216, "vocab_size": 256000}),
     "tiny": ("tiny-pythia", {}),
     "tiny-llama": ("tiny-llama", {}),
     "tiny-gemma2": ("tiny-gemma2", {}),
@@ -86,16 +90,33 @@ def _shape_params(corpus: str, shape: str) -> int:
         return _matmul_params(AutoModelForCausalLM.from_config(config))
 
 
+def _saved_random(a, name: str, over: dict) -> str:
+    """A random model of the shape saved as a checkpoint folder (with its tokenizer), for --peft qlora."""
+    import torch
+
+    from training.models import _build_tiny
+
+    folder = os.path.join(a.out, f"random_{a.shape}")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        tok = train_tokenizer(a.corpus)
+        _build_tiny(name, tok, torch.bfloat16, None, over or None, 0).save_pretrained(folder)
+        tok.save_pretrained(folder)
+    return folder
+
+
 def run_ours(a) -> dict:
     import torch
 
     name, over = SHAPES[a.shape]
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
-    cfg = SFTConfig(model=name, corpus=a.corpus, output_dir=os.path.join(a.out, f"ours_{a.shape}_{a.attention}_{a.batch}"),
+    model, tiny = name, [f"{k}={v}" for k, v in over.items()]
+    if a.peft == "qlora":  # 4-bit loading needs a saved checkpoint: the random model of this shape, saved once
+        model, tiny = _saved_random(a, name, over), []
+    cfg = SFTConfig(model=model, corpus=a.corpus, output_dir=os.path.join(a.out, f"ours_{a.shape}_{a.attention}_{a.batch}_{a.peft}"),
                     max_steps=a.steps, per_device_batch_size=a.batch, max_length=a.max_length, logging_steps=a.log_every,
                     eval_steps=0, save_steps=0, eval_cells=0, eval_samples_per_task=1, report_to="none",
                     attention=a.attention, fused_loss=a.fused_loss, learning_rate=3e-4, torch_compile=a.compile,
-                    tiny_config=[f"{k}={v}" for k, v in over.items()], save_total_limit=1)
+                    tiny_config=tiny, save_total_limit=1, peft=a.peft)
     mode, _ = resolve_attention(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"), name)
     t0 = time.perf_counter()
     res = train(cfg)
@@ -111,7 +132,8 @@ def run_ours(a) -> dict:
     tps = tokens / secs if secs else 0.0
     params = _shape_params(a.corpus, a.shape)
     losses = [r["loss"] for r in res.metrics if "loss" in r]
-    return {"run": "ours", "attention": a.attention, "attention_used": mode, "fused_loss": a.fused_loss, "torch_compile": a.compile,
+    return {"run": "ours", "shape": a.shape, "peft": a.peft, "attention": a.attention, "attention_used": mode,
+            "fused_loss": a.fused_loss, "torch_compile": a.compile,
             "useful_tokens_per_s": round(tps), "mfu": _mfu(tps, params, a), "matmul_params": params,
             "peak_memory_gib": _peak_gib(), "loss_first": losses[0], "loss_last": losses[-1],
             "timed_steps": a.steps - a.warmup, "wall_s": round(wall, 1)}
@@ -217,6 +239,7 @@ def main() -> None:
     p.add_argument("--attention", default="auto")
     p.add_argument("--fused-loss", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--compile", action="store_true", help="ours with --torch-compile")
+    p.add_argument("--peft", choices=["none", "lora", "qlora"], default="none", help="ours: full, LoRA or QLoRA")
     p.add_argument("--packing", choices=["bfd", "none"], default="bfd", help="TRL: bfd packing or padded rows")
     p.add_argument("--liger", action="store_true", help="TRL with use_liger_kernel=True")
     p.add_argument("--prompts", type=int, default=64, help="generate: prompts generated in batches")

@@ -49,9 +49,9 @@ print(json.dumps(info))
 EOF
 
 if [[ $dry == 1 ]]; then
-  neox=tiny; llama=tiny-llama; gemma=tiny-gemma2; steps=(--steps 4 --warmup 1 --log-every 1); gen=(--prompts 8 --single-prompts 2 --max-new-tokens 16); limit=300
+  neox=tiny; llama=tiny-llama; gemma=tiny-gemma2; gemma2b=tiny-gemma2; steps=(--steps 4 --warmup 1 --log-every 1); gen=(--prompts 8 --single-prompts 2 --max-new-tokens 16); limit=300
 else
-  neox=pythia410m; llama=qwen05b; gemma=gemma2-410m; steps=(--steps 30 --warmup 10 --log-every 5); gen=(); limit=120
+  neox=pythia410m; llama=qwen05b; gemma=gemma2-410m; gemma2b=gemma2-2b; steps=(--steps 30 --warmup 10 --log-every 5); gen=(); limit=120
 fi
 
 run() {  # one figure: its own process, its own time limit; a failure becomes a line naming it
@@ -82,6 +82,8 @@ run trl --shape "$llama" --batch 8 --packing bfd --liger "${steps[@]}" # TRL + L
 run ours --shape "$llama" --batch 8 "${steps[@]}"                      # ours on that same shape
 run ours --shape "$gemma" --batch 8 "${steps[@]}"                      # Gemma-2: auto = flex (soft-capping kept)
 run ours --shape "$gemma" --batch 8 --attention 4d "${steps[@]}"       # against eager with 4d masks
+run ours --shape "$gemma2b" --batch 4 --peft lora "${steps[@]}"      # the released-checkpoint recipe: LoRA
+if [[ $dry == 0 ]]; then run ours --shape "$gemma2b" --batch 4 --peft qlora "${steps[@]}"; fi  # QLoRA (bitsandbytes, CUDA)
 run generate --shape "$neox" "${gen[@]}"
 run grpo --shape "$neox"
 echo "gpu_bench: $(wc -l < "$results") lines in $results"

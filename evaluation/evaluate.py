@@ -275,6 +275,17 @@ def perturbation(model, tok, corpus, cfg: EvaluateConfig) -> dict:
 # ---------------------------------------------------------------------------------------- the report
 
 
+def _check_wording(prov: dict, corpus) -> None:
+    """A model is scored on the corpus's prompts: say so when they are worded in another pack than its own
+    (a released checkpoint on this project's templates, or the reverse)."""
+    trained = (prov.get("templates") or {}).get("pack") or "c2s"
+    here = (corpus.manifest.get("samples", {}).get("templates") or {}).get("pack") or "c2s"
+    if prov and trained != here:
+        log.warning("the model was trained on prompts worded by the %s pack, this corpus's are worded by %s: the "
+                    "scores measure it on a format it was not trained on (build with --templates %s)", trained,
+                    here, trained)
+
+
 def evaluate(cfg: EvaluateConfig) -> dict:
     t0 = time.perf_counter()
     check_output_file(cfg.out, "--out", inputs=(cfg.embedder_path,))  # before the model loads
@@ -285,6 +296,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if not corpus_uri:
         raise ModelError(f"{cfg.model}: no c2s.json naming the corpus it was trained on; give --corpus DIR")
     corpus = open_corpus(corpus_uri)
+    _check_wording(prov, corpus)
     if not corpus.split_tasks(cfg.split):  # before the model loads: every metric would be null
         have = [split for split in SPLITS if corpus.split_tasks(split)]
         raise CorpusError(f"--split {cfg.split}: corpus {corpus_uri} has no samples there; splits with samples: "

@@ -242,18 +242,29 @@ def test_annotate_asks_a_released_checkpoint_as_cell2sentence_does(released, tmp
     assert "--templates cell2sentence --top-k-genes 200" in caplog.text
 
 
-def test_the_recipe_continue_a_released_checkpoint_on_a_cell2sentence_corpus(built, tmp_path, caplog, capsys):
+@pytest.mark.parametrize("shape", ["tiny-pythia", "tiny-gemma2"])
+def test_the_recipe_continue_a_released_checkpoint_on_a_cell2sentence_corpus(shape, built, tmp_path, caplog, capsys):
     """README's recipe, offline: build --templates cell2sentence (the fixture) -> evaluate the released model ->
-    train it with LoRA -> evaluate again; the trained model records its pack, and generate asks in it."""
+    train it with LoRA -> evaluate again; the trained model records its pack, and generate asks in it. The
+    Gemma-2 checkpoint's tokenizer adds a BOS to every text, as Gemma's does: its samples carry one BOS, first,
+    and none between prompt and answer."""
     from evaluation.evaluate import main as evaluate
     from generation.generate import main as generate
     from language.packs import load_pack
+    from tests.test_train_data import _bos_tokenizer
+    from training.data import tokenize_sample
     from training.models import _build_tiny, train_tokenizer
     from training.sft import main as train
 
-    released = tmp_path / "C2S-Pythia-tiny"  # a hub checkpoint's layout: no c2s.json
+    released = tmp_path / f"C2S-{shape}"  # a hub checkpoint's layout: no c2s.json
     tok = train_tokenizer(built)
-    _build_tiny("tiny-pythia", tok, None, None, None, 0).save_pretrained(released)
+    if shape == "tiny-gemma2":
+        tok = _bos_tokenizer(tok)
+        row = open_corpus(built).samples("cell_type_prediction", "train", ["prompt", "completion"]).to_pylist()[0]
+        ids, labels = tokenize_sample(tok, row["prompt"], row["completion"], 4096)
+        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1  # one BOS, first
+        assert tok.bos_token_id not in [t for t in labels if t >= 0]  # the answer is not led by another
+    _build_tiny(shape, tok, None, None, None, 0).save_pretrained(released)
     tok.save_pretrained(released)
     ask = ["--corpus", built, "--split", "test", "--tasks", "cell_type_prediction", "--max-samples", "4", "--no-plots",
            "--no-progress"]

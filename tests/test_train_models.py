@@ -395,3 +395,14 @@ def test_fsdp_config_wraps_each_decoder_layer_of_both_architectures(tok_dir, mon
         policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
         wrapped = [type(m).__name__ for m in model.modules() if policy(m)]
         assert wrapped == [layer] * model.config.num_hidden_layers
+
+
+def test_a_reshaped_tiny_gemma2_has_one_layer_type_per_layer(train_corpus):
+    """The GPU benchmark's Gemma-2 shapes override the depth: the sliding/full layer pattern follows it, as
+    Gemma2Config itself lays it out (a 24- or 26-layer shape used to fail on the 2-entry pattern)."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    tok = tm.train_tokenizer(train_corpus)
+    config = tm.tiny_config("tiny-gemma2", tok, {"num_hidden_layers": 5})
+    assert config.layer_types == Gemma2Config(num_hidden_layers=5).layer_types
+    assert len(AutoModelForCausalLM.from_config(config).model.layers) == 5

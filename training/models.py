@@ -263,6 +263,9 @@ def tiny_config(model: str, tokenizer, overrides: dict | None = None):
         for key in ("head_dim", "query_pre_attn_scalar") if model == "tiny-gemma2" else ("head_dim",):
             if key not in (overrides or {}):
                 setattr(config, key, config.hidden_size // config.num_attention_heads)
+    if model == "tiny-gemma2" and "layer_types" not in (overrides or {}):  # one per layer, as Gemma2Config makes
+        config.layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                              for i in range(config.num_hidden_layers)]
     return config
 
 
