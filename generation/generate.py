@@ -35,6 +35,7 @@ from language.budget import genes_cap
 from language.corpus import Corpus, open_corpus
 from language.inverse import c2s_postprocess, ranked_to_matrix
 from language.organisms import normalise_organism
+from language.packs import pack_of
 from language.prompts import (
     cell_type_list,
     cell_values,
@@ -186,8 +187,10 @@ def check_known_labels(cond: dict[str, str], corpus: Corpus, organism: str) -> N
                                   + "; pass --allow-new-conditions to generate for it all the same")
 
 
-def condition_prompts(cfg: GenerateConfig, corpus: Corpus, organism: str, vocab, n_genes: int) -> list[Prompt]:
-    """cfg.n copies of the prompt of cfg.task filled with the conditions, cut to the corpus budget."""
+def condition_prompts(cfg: GenerateConfig, corpus: Corpus, organism: str, vocab, n_genes: int,
+                      provenance: dict | None = None) -> list[Prompt]:
+    """cfg.n copies of the prompt of cfg.task filled with the conditions, cut to the corpus budget, worded in the
+    pack the model was trained with (its c2s.json; else the corpus's)."""
     task = cfg.task
     cond = parse_conditions(cfg.condition)
     check_conditions(task, cond)
@@ -197,7 +200,7 @@ def condition_prompts(cfg: GenerateConfig, corpus: Corpus, organism: str, vocab,
         if normalise_organism(cond["organism"]) != organism:
             raise ConfigError(f"--condition organism={cond['organism']} and --organism {organism} differ")
         cond.pop("organism")
-    pack = corpus.templates()  # the wording the corpus (and so the model) used for this task
+    pack = pack_of(provenance["templates"]) if (provenance or {}).get("templates") else corpus.templates()
     count = len(pack.tasks[task].prompts) if pack is not None and pack.covers(task) else n_templates(task)
     if cfg.template >= count:
         raise ConfigError(f"--template {cfg.template}: task {task} has {count} templates (0-{count - 1})")
@@ -499,7 +502,7 @@ def run(cfg: GenerateConfig) -> GenerateResult:
     encoding = {**((provenance or {}).get("encoding") or {}), **corpus.manifest.get("options", {})}
     if source == "conditions":
         n_genes = cfg.n_genes or int(encoding.get("max_genes") or 200)
-        prompts = condition_prompts(cfg, corpus, organism, vocab, n_genes)
+        prompts = condition_prompts(cfg, corpus, organism, vocab, n_genes, provenance)
     fits = corpus.fits(organism)
     pooled_key = f"pooled:{organism}"
     for p in prompts:
