@@ -6,6 +6,7 @@ project installed (`pip install ".[etl]"`, or `make setup`); nothing here edits 
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None, prog: str | None = None, refresh: bool =
     1 with one line for anything else (the traceback with --log-level debug). `refresh`: the scheduled
     refresh (jobs/refresh.py): incremental, and the last line says what changed."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not faulthandler.is_enabled():  # a native crash in a reader (TileDB, HDF5) names its Python frame
+        faulthandler.enable(all_threads=True)
     debug = _log_level(argv).lower() == "debug"
     setup_logging(_log_level(argv))
     log = logging.getLogger("etl")
