@@ -35,8 +35,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Pythia's (width, depth, heads) for 70M, 160M, 410M and 1B, the family's own progression
-PYTHIA = {"70m": (512, 6, 8), "160m": (768, 12, 12), "410m": (1024, 24, 16), "1b": (2048, 16, 8)}
+# Pythia's (width, depth, heads) from 14M to 1B, the family's own progression
+PYTHIA = {"14m": (128, 6, 4), "31m": (256, 6, 8), "70m": (512, 6, 8), "160m": (768, 12, 12),
+          "410m": (1024, 24, 16), "1b": (2048, 16, 8)}
 QUICK_WIDTH, QUICK_DEPTH = 8, 2  # --quick divides widths and depths by these (heads keep head_dim = width/heads)
 
 
@@ -204,7 +205,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / ".bench" / "scaling"))
     ap.add_argument("--tokens", choices=["fixed", "optimal"], default="fixed",
                     help="fixed: every size sees --train-tokens; optimal: 20 tokens per parameter, capped by it")
-    ap.add_argument("--train-tokens", type=int, default=None, help="default 300k (--quick) or 50M")
+    ap.add_argument("--train-tokens", type=int, default=None, help="default 600k (--quick) or 50M")
     ap.add_argument("--seeds", type=int, default=2, help="seeds of the two smallest sizes (the noise)")
     ap.add_argument("--lora", action="store_true", help="also LoRA beside full fine-tuning for the two largest")
     ap.add_argument("--batch", type=int, default=8)
@@ -213,7 +214,7 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=48, help="held-out samples per task and split")
     ap.add_argument("--eval-cells", type=int, default=64, help="test cells for the accuracy")
     a = ap.parse_args()
-    a.train_tokens = a.train_tokens or (300_000 if a.quick else 50_000_000)
+    a.train_tokens = a.train_tokens or (600_000 if a.quick else 50_000_000)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     from language.corpus import open_corpus
@@ -258,6 +259,8 @@ def main() -> None:
     for name, rs in by_size.items():
         vals = [r["val_loss"] for r in rs if r["val_loss"] is not None]
         summary.append({"name": name, "params": rs[0]["params"], "params_non_embedding": rs[0]["params_non_embedding"],
+                        "flops": rs[0]["flops"], "tokens": rs[0]["tokens"], "wall_s": rs[0]["wall_s"],
+                        "tokens_per_s": rs[0]["tokens_per_s"],
                         "val_loss": round(float(np.mean(vals)), 5) if vals else None,
                         "val_loss_seed_spread": round(float(np.ptp(vals)), 5) if len(vals) > 1 else None,
                         "test_ood_loss": rs[0].get("test_ood_loss"), "test_accuracy": rs[0].get("test_accuracy"),
