@@ -105,3 +105,13 @@ def train_corpus(tmp_path_factory) -> str:
                       abstracts=[str(demo)], gene_sets=[str(demo / "hallmark_demo.gmt")])
     build(cfg, None)
     return corpus_path(cfg.output)  # the version folder: manifest.json, samples/, sentences/ and vocab/ in one place
+
+
+@pytest.fixture(scope="session")
+def symbols(train_corpus) -> list[str]:
+    """The human gene symbols of the training corpus's vocabulary: cells written in them hold words a model
+    trained on that corpus has seen."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(os.path.join(train_corpus, "vocab", "homo_sapiens.parquet"),
+                         columns=["gene_symbol"]).column(0).to_pylist()

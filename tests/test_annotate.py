@@ -18,7 +18,6 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 import torch
@@ -46,12 +45,6 @@ def model_dir(train_corpus, tmp_path_factory) -> str:
                           tasks=["cell_type_prediction"]))
     assert (Path(res.final_dir) / "c2s.json").is_file()
     return res.final_dir
-
-
-@pytest.fixture(scope="module")
-def symbols(train_corpus) -> list[str]:
-    return pq.read_table(Path(train_corpus) / "vocab" / "homo_sapiens.parquet",
-                         columns=["gene_symbol"]).column(0).to_pylist()
 
 
 @pytest.fixture(scope="module")

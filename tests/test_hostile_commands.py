@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
@@ -57,12 +56,6 @@ def model(train_corpus, tmp_path_factory) -> str:
                         eval_cells=0, eval_samples_per_task=0, report_to="none", logging_steps=1,
                         tasks=["cell_type_prediction", "cell_type_generation"]))
     return res.final_dir
-
-
-@pytest.fixture(scope="module")
-def symbols(train_corpus) -> list[str]:
-    return pq.read_table(Path(train_corpus) / "vocab" / "homo_sapiens.parquet",
-                         columns=["gene_symbol"]).column(0).to_pylist()
 
 
 @pytest.fixture(scope="module")

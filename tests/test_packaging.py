@@ -105,7 +105,8 @@ assert not loaded, loaded
 
 
 @pytest.mark.slow
-def test_a_train_install_trains_and_a_train_eval_install_generates_evaluates_and_annotates(train_corpus, tmp_path):
+def test_a_train_install_trains_and_a_train_eval_install_generates_evaluates_and_annotates(train_corpus, symbols,
+                                                                                         tmp_path):
     """`[train]` alone trains (SFT, end to end); `[train,eval]` generates, evaluates and annotates with that model:
     each in a process where the packages such an install lacks cannot be imported."""
     from tests.conftest import write_h5ad
@@ -121,11 +122,7 @@ assert main(["--corpus", {train_corpus!r}, "--model", "tiny-pythia", "--output-d
     assert r.returncode == 0, r.stderr[-3000:]
     model = str(out / "final")
     assert (out / "final" / "config.json").is_file()
-    import pyarrow.parquet as pq
-
-    symbols = pq.read_table(Path(train_corpus) / "vocab" / "homo_sapiens.parquet",
-                            columns=["gene_symbol"]).column(0).to_pylist()[:120]
-    write_h5ad(tmp_path / "cells.h5ad", n_cells=12, seed=3, symbols=symbols)  # genes the model knows
+    write_h5ad(tmp_path / "cells.h5ad", n_cells=12, seed=3, symbols=symbols[:120])  # genes the model knows
     use = f"""
 from evaluation.evaluate import main as evaluate
 from generation.annotate import main as annotate
