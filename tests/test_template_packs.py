@@ -110,7 +110,9 @@ def test_the_manifest_and_card_say_which_pack_worded_each_task(built):
     card = (Path(corpus.version.root) / "README.md").read_text()
     assert "pack `cell2sentence`" in card and "this project's templates for cell_lm" in card
     # cell_lm keeps this project's wording (cell2sentence has no such task)
-    lm = corpus.samples("cell_lm", "train", ["prompt"]).to_pylist()[0]["prompt"]
+    lm_rows = corpus.samples("cell_lm", "train", ["prompt", "n_genes"]).to_pylist()
+    assert max(r["n_genes"] for r in lm_rows) <= TOP_K  # --top-k-genes caps our tasks' prompts too
+    lm = lm_rows[0]["prompt"]
     from language import templates
 
     heads = [templates.parse(p)[0][0] for p in templates.load("cell_lm")["prompts"]]  # each wording's first words

@@ -399,8 +399,8 @@ def sample_context(cfg: BuildConfig, job: SamplesJob, k: Knowledge, active: dict
     max_genes = genes_cap(budget)
     if pack.name == OURS and pack.top_k_genes:
         max_genes = min(max_genes, pack.top_k_genes)
-    elif pack.name != OURS:
-        max_genes = max(max_genes, pack.top_k_genes or 0)
+    elif pack.name != OURS:  # the pack's tasks show exactly k genes per cell; ours at most k (the budget may cut)
+        max_genes = pack.top_k_genes or max_genes
         log.info("templates: %s (%s) for %s; top %d genes per cell", pack.name, pack.source,
                  ", ".join(t for t in active if pack.covers(t)) or "none of the chosen tasks", pack.top_k_genes)
     splits = SplitConfig(key=cfg.split_key, fractions=tuple(cfg.split_fractions), seed=cfg.seed)
