@@ -29,7 +29,7 @@ from pathlib import Path
 from language.corpus import open_corpus
 from training.decode import decode
 from training.grpo import main as grpo_main
-from training.models import load_model_and_tokenizer, tiny_config, train_tokenizer
+from training.models import _build_tiny, load_model_and_tokenizer, tiny_config, train_tokenizer
 from training.sft_config import SFTConfig
 from training.sft_trainer import resolve_attention, train
 
@@ -93,8 +93,6 @@ def _shape_params(corpus: str, shape: str) -> int:
 def _saved_random(a, name: str, over: dict) -> str:
     """A random model of the shape saved as a checkpoint folder (with its tokenizer), for --peft qlora."""
     import torch
-
-    from training.models import _build_tiny
 
     folder = os.path.join(a.out, f"random_{a.shape}")
     if not os.path.isfile(os.path.join(folder, "config.json")):

@@ -26,14 +26,24 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+
+from c2s import build_corpus
+from evaluation import metrics
+from language.corpus import open_corpus
+from schemas.layout import CorpusNotFound
+from training.data import tokenize_sample
+from training.models import load_model_and_tokenizer
+from training.periodic_eval import cell_type_accuracy
+from training.sft_config import SFTConfig
+from training.sft_trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # Pythia's (width, depth, heads) from 14M to 1B, the family's own progression
 PYTHIA = {"14m": (128, 6, 4), "31m": (256, 6, 8), "70m": (512, 6, 8), "160m": (768, 12, 12),
@@ -57,8 +67,6 @@ def ladder(quick: bool) -> list[dict]:
 
 def _params(model) -> tuple[int, int, int]:
     """(all, non-embedding, matmul) parameters: non-embedding leaves out the input embedding table."""
-    import torch
-
     total = sum(p.numel() for p in model.parameters())
     emb = model.get_input_embeddings().weight.numel()
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -67,10 +75,6 @@ def _params(model) -> tuple[int, int, int]:
 
 def heldout_loss(model, tok, rows: list[dict], max_length: int, batch: int = 16) -> tuple[float, int]:
     """Mean NLL over the answer tokens (and eos) of `rows`, computed here from logits: prompt tokens masked."""
-    import torch
-    import torch.nn.functional as F
-
-    from training.data import tokenize_sample
 
     enc = [tokenize_sample(tok, r["prompt"], r["completion"], max_length) for r in rows]
     enc = [e for e in enc if e is not None]
@@ -95,9 +99,6 @@ def heldout_loss(model, tok, rows: list[dict], max_length: int, batch: int = 16)
 
 def measure(final: str, corpus, a) -> dict:
     """Held-out loss per task (val; test_ood apart) and cell-type accuracy on test beside the majority baseline."""
-    from evaluation import metrics
-    from training.models import load_model_and_tokenizer
-    from training.periodic_eval import cell_type_accuracy
 
     model, tok = load_model_and_tokenizer(final)
     out: dict = {}
@@ -122,8 +123,6 @@ def measure(final: str, corpus, a) -> dict:
 
 
 def train_one(size: dict, seed: int, steps: int, a, peft: str = "none") -> dict:
-    from training.sft_config import SFTConfig
-    from training.sft_trainer import train
 
     over = [f"hidden_size={size['width']}", f"num_hidden_layers={size['depth']}",
             f"num_attention_heads={size['heads']}", f"intermediate_size={size['ffn']}"]
@@ -217,17 +216,13 @@ def main() -> None:
     a.train_tokens = a.train_tokens or (600_000 if a.quick else 50_000_000)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    from language.corpus import open_corpus
-    from schemas.layout import CorpusNotFound
 
     try:
         corpus = open_corpus(a.corpus)
     except CorpusNotFound:
-        from c2s import build_corpus
 
         build_corpus(a.corpus, demo=True)
         corpus = open_corpus(a.corpus)
-    from training.models import load_model_and_tokenizer
 
     sizes = ladder(a.quick)
     rows = []

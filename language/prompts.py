@@ -195,9 +195,7 @@ def _pack_prompt(pack: TemplatePack, task: str, values: dict, sentences: Sequenc
     prompt, completion = pack.render(task, t, values, sentences)
     k = pack.top_k_genes or DEFAULT_TOP_K
     shown = [g for s in sentences for g in s[:k]]
-    est = budget.text(prompt) + budget.text(completion)
-    if shown and not budget.exact:  # gene symbols at tokens-per-gene instead of characters
-        est += round(budget.genes(shown) - budget.text(" ".join(shown)))
+    est = _estimate(budget, prompt, completion, shown)
     if est > budget.max_tokens:
         return None
     return Rendered(prompt, completion, max((min(k, len(s)) for s in sentences), default=0), max(est, 1), t)
@@ -213,11 +211,15 @@ def fill(task: str, template: int, values: dict, sentences: Sequence[Sequence[st
               "cells": cells_block(sentences)}
     prompt = templates.fill(spec["prompts"][template], values)
     completion = templates.fill(spec["response"], values).rstrip("\n")
-    genes = [g for s in sentences for g in s]
+    return prompt, completion, max(_estimate(budget, prompt, completion, [g for s in sentences for g in s]), 1)
+
+
+def _estimate(budget: TokenBudget, prompt: str, completion: str, genes: Sequence[str]) -> int:
+    """A sample's tokens: its text, with gene symbols at tokens-per-gene instead of characters (estimates)."""
     est = budget.text(prompt) + budget.text(completion)
-    if genes and not budget.exact:  # gene symbols at tokens-per-gene instead of characters
+    if genes and not budget.exact:
         est += round(budget.genes(genes) - budget.text(" ".join(genes)))
-    return prompt, completion, max(est, 1)
+    return est
 
 
 def fixed_cost(task: str, template: int, values: dict, n_sentences: int, budget: TokenBudget,
